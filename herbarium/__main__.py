@@ -1,0 +1,3 @@
+from herbarium.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""``herbarium`` command: one subcommand per job, each delegating to its module's ``main``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+# subcommand -> (module with main(argv), one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-demo-data": ("herbarium.demo", "write the synthetic demo dataset (Herbarium 2020 layout)"),
+    "collect-stats": ("herbarium.stats", "exact mean/std and class counts of a split"),
+    "train": ("herbarium.train_cli", "train a trunk with one head per rank"),
+    "evaluate": ("herbarium.evaluation.cli", "TTA evaluation, report and submission"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: herbarium COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {description}" for name, (_, description) in COMMANDS.items()]
+    lines += ["", "Run 'herbarium COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"herbarium: unknown command {command!r}; choose one of {list(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Epoch samplers: shuffled, class-balanced or square-root balanced, sharded, resumable.
+
+One sampler covers the three needs torch's own samplers split between them:
+class-rebalanced draws (WeightedRandomSampler), sharding across DDP ranks
+(DistributedSampler) and resuming in the middle of an epoch (neither). The
+order of an epoch is a pure function of ``(seed, epoch)``, so a resumed run
+sees exactly the samples an uninterrupted run would have seen.
+
+Each yielded key is ``(index, augmentation_seed)``: the dataset seeds its
+random augmentation with it, so what a sample looks like is a pure function
+of ``(seed, epoch, position)``, whatever the number of workers and however
+often the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+SAMPLERS = ("none", "balanced", "sqrt")
+
+
+def sample_weights(labels: Sequence[int] | torch.Tensor, mode: str) -> torch.Tensor | None:
+    """Per-sample draw weights: 1/n_c (balanced) or 1/sqrt(n_c) (sqrt) for a sample of class c."""
+    if mode not in SAMPLERS:
+        raise ValueError(f"unknown sampler {mode!r}; choose one of {list(SAMPLERS)}")
+    if mode == "none":
+        return None
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    counts = torch.bincount(labels.clamp(min=0)).double()
+    per_class = counts.reciprocal() if mode == "balanced" else counts.rsqrt()
+    return per_class[labels.clamp(min=0)]
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields this rank's indices for one epoch; call :meth:`set_epoch` before each epoch."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        weights: torch.Tensor | None = None,
+        *,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.num_samples = num_samples
+        self.weights = weights
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.start = 0
+        self.per_replica = math.ceil(num_samples / num_replicas)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order and skip its first ``start`` indices (of this rank) on resume."""
+        self.epoch, self.start = epoch, start
+
+    def epoch_order(self) -> torch.Tensor:
+        """All ranks' indices for the epoch, padded by wrapping so every rank gets as many."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        padding = self.per_replica * self.num_replicas - self.num_samples
+        return torch.cat([order, order[:padding]]) if padding else order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.epoch_order().tolist()
+        for position in range(self.rank + self.start * self.num_replicas, len(order), self.num_replicas):
+            yield order[position], hash((self.seed, self.epoch, position)) & 0x7FFFFFFF
+
+    def __len__(self) -> int:
+        return self.per_replica - self.start

@@ -1,0 +1,468 @@
+"""The training loop: epochs, validation, checkpoints, exact resume, DDP, logging.
+
+``train(cfg)`` owns the run directory (see the README): it writes the
+resolved config, the taxonomy and the normalisation first, then one
+``log.jsonl`` line and a ``last.pt`` checkpoint per epoch, and ``best.pt``
+whenever the finest rank's validation macro-F1 improves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from herbarium.config import TrainConfig
+from herbarium.data.augment import build_train_transform
+from herbarium.data.dataset import ImageDataset
+from herbarium.data.loader import build_loader
+from herbarium.data.readers import DatasetSplit, read_split
+from herbarium.data.samplers import EpochSampler, sample_weights
+from herbarium.data.splits import stratified_holdout
+from herbarium.data.transforms import eval_transform, resize_size
+from herbarium.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from herbarium.losses import build_multi_rank_loss
+from herbarium.models import build_model
+from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
+from herbarium.stats import default_workers
+from herbarium.stats_file import Normalization, default_stats_path, read_normalization
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------ devices
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA by default (no loss scaling needed), full precision on CPU."""
+    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision not in choices:
+        raise ValueError(f"unknown precision {precision!r}; choose one of ['auto', *{list(choices)}]")
+    return choices[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------- data
+def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit]:
+    """The training split and its validation split (named, or held out of train)."""
+    data = cfg.data
+    train = read_split(data.data, data.train_split, data.ranks)
+    if data.val_split:
+        return train, read_split(data.data, data.val_split, data.ranks, taxonomy=train.taxonomy)
+    return stratified_holdout(train, data.holdout, cfg.seed)
+
+
+def resolve_normalization(cfg: TrainConfig) -> Normalization:
+    path = cfg.data.stats or default_stats_path(cfg.data.data, cfg.data.train_split)
+    return read_normalization(path)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    sampler: EpochSampler
+
+
+def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit, normalization: Normalization,
+                  context: DistributedContext, pin_memory: bool) -> Loaders:
+    data, levels = cfg.data, cfg.loss.levels
+    workers = default_workers() if data.workers is None else data.workers
+    mean, std = normalization.mean, normalization.std
+    train_set = ImageDataset(train, levels, build_train_transform(data.augment, data.size, mean, std),
+                             decode_min_side=2 * data.size, skip_bad_images=data.skip_bad_images)
+    val_set = ImageDataset(val, levels, eval_transform(data.size, mean, std),
+                           decode_min_side=resize_size(data.size), skip_bad_images=data.skip_bad_images)
+    finest_column = max(range(len(levels)), key=lambda i: train.taxonomy.rank_index(levels[i]))
+    finest_labels = train_set.targets[:, finest_column]
+    sampler = EpochSampler(len(train_set), sample_weights(finest_labels, data.sampler), seed=cfg.seed,
+                           num_replicas=context.world_size, rank=context.rank)
+    val_shard = Subset(val_set, range(context.rank, len(val_set), context.world_size))
+    return Loaders(
+        train=build_loader(train_set, data.batch_size, workers, sampler, drop_last=len(train_set) > data.batch_size * context.world_size, pin_memory=pin_memory),
+        val=build_loader(val_shard, data.batch_size, workers, pin_memory=pin_memory),
+        sampler=sampler,
+    )
+
+
+# ------------------------------------------------------------------ metrics
+def classification_metrics(targets: np.ndarray, predictions: np.ndarray, levels: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Per-rank top-1 and macro-F1 (scikit-learn's, the Herbarium competitions' metric)."""
+    metrics = {}
+    for column, rank in enumerate(levels):
+        labelled = targets[:, column] >= 0
+        y_true, y_pred = targets[labelled, column], predictions[labelled, column]
+        metrics[rank] = {
+            "top1": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro")) if len(y_true) else float("nan"),
+        }
+    return metrics
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: DataLoader, levels: tuple[str, ...], device: torch.device,
+             dtype: torch.dtype | None, context: DistributedContext) -> dict[str, dict[str, float]]:
+    """Top-1 and macro-F1 per rank over the whole validation split (gathered across ranks)."""
+    model.eval()
+    indices, targets, predictions = [], [], []
+    for batch in loader:
+        if "image" not in batch:
+            continue
+        images = batch["image"].to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(images)
+        predictions.append(torch.stack([logits[rank].argmax(dim=1) for rank in levels], dim=1).cpu())
+        targets.append(batch["targets"])
+        indices.append(batch["index"])
+    local = (torch.cat(indices).numpy(), torch.cat(targets).numpy(), torch.cat(predictions).numpy()) if indices else None
+    parts = [part for part in all_gather_objects(local, context) if part is not None]
+    index = np.concatenate([p[0] for p in parts])
+    _, first = np.unique(index, return_index=True)  # drop duplicates of any padding
+    all_targets = np.concatenate([p[1] for p in parts])[first]
+    all_predictions = np.concatenate([p[2] for p in parts])[first]
+    return classification_metrics(all_targets, all_predictions, levels)
+
+
+# -------------------------------------------------------------------- steps
+@dataclass
+class StepResult:
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    finite: torch.Tensor
+
+
+class NanGuard:
+    """Finds a non-finite loss without a host sync on every step.
+
+    With ``policy='stop'`` each step records whether its loss was finite on
+    the device, and the flag of the *previous* step is read after the next
+    one is queued, when it is already computed: the run stops naming the bad
+    step, and no checkpoint written after it exists. With ``policy='skip'``
+    the flag is read at once (one sync per step) so the update can be
+    skipped; skipped steps are counted.
+    """
+
+    def __init__(self, policy: str) -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"unknown NaN policy {policy!r}; choose 'stop' or 'skip'")
+        self.policy = policy
+        self.pending: tuple[int, torch.Tensor] | None = None
+        self.skipped = 0
+
+    def should_skip(self, step: int, finite: torch.Tensor) -> bool:
+        if self.policy == "skip":
+            if not bool(finite):
+                self.skipped += 1
+                return True
+            return False
+        self.check_pending()
+        self.pending = (step, finite)
+        return False
+
+    def check_pending(self) -> None:
+        if self.pending is not None:
+            step, finite = self.pending
+            self.pending = None
+            if not bool(finite):
+                raise NonFiniteLossError(
+                    f"the training loss became NaN or infinite at optimizer step {step}; lower the learning rate, "
+                    "check the input data, or pass --nan-policy skip to skip such steps and count them"
+                )
+
+
+def forward_loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any], levels: tuple[str, ...],
+                 device: torch.device, dtype: torch.dtype | None, channels_last: bool) -> StepResult:
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = batch["targets"].to(device, non_blocking=True)  # [B, len(levels)]
+    with autocast(device, dtype):
+        logits = model(images)
+    logits = {rank: value.float() for rank, value in logits.items()}
+    total, terms = loss_fn(logits, {rank: targets[:, i] for i, rank in enumerate(levels)})
+    return StepResult(total, terms, torch.isfinite(total.detach()))
+
+
+# -------------------------------------------------------------------- train
+@dataclass
+class RunState:
+    """Counters that a checkpoint saves and a resume restores."""
+
+    epoch: int = 0
+    batches_done: int = 0  # batches of `epoch` already trained (mid-epoch checkpoints)
+    global_step: int = 0
+    best_metric: float = -math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """Holds what one training run needs; :meth:`fit` runs it to the end."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.context = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.context.enabled:
+            self.device = torch.device("cuda", self.context.local_rank)
+            torch.cuda.set_device(self.device)
+        self.dtype = autocast_dtype(cfg.precision, self.device)
+        self.run_dir = Path(cfg.out)
+        self.levels = tuple(cfg.loss.levels)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+
+        self.train_split, self.val_split = read_train_val(cfg)
+        self.taxonomy = self.train_split.taxonomy
+        for rank in self.levels:
+            self.taxonomy.check_rank(rank)
+        self.finest_level = max(self.levels, key=self.taxonomy.rank_index)  # best.pt is chosen on its macro-F1
+        self.normalization = resolve_normalization(cfg)
+        self.loaders = build_loaders(cfg, self.train_split, self.val_split, self.normalization, self.context,
+                                     pin_memory=self.device.type == "cuda")
+        self.model = self._build_model()
+        self.loss_fn = self._build_loss().to(self.device)
+        steps_per_epoch = max(1, len(self.loaders.train) // cfg.optim.accum_steps)
+        self.optimizer = PhasedOptimizer(
+            [p for p in self.model.parameters() if p.requires_grad],
+            self._phases(),
+            parse_schedule(cfg.optim.schedule), steps_per_epoch, cfg.epochs, cfg.optim.plateau_patience,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.state = RunState()
+        self.skipped_images = 0
+        self.nan_guard = NanGuard(cfg.nan_policy)
+        if resume:
+            self._resume(resume)
+        self.train_model = self._wrap_model()
+        self.writer = SummaryWriter(self.run_dir / "tb") if self.context.is_main else None
+
+    # ------------------------------------------------------------- building
+    def _build_model(self) -> nn.Module:
+        classes = {rank: self.taxonomy.num_classes(rank) for rank in self.levels}
+        model = build_model(self.cfg.model, classes).to(self.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _phases(self):
+        phases = parse_phases(self.cfg.optim.optim)
+        if self.cfg.optim.weight_decay is None:
+            return phases
+        return parse_phases(self.cfg.optim.optim, weight_decays={p.name: self.cfg.optim.weight_decay for p in phases})
+
+    def _wrap_model(self) -> nn.Module:
+        model = self.model
+        if self.context.enabled:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return model
+
+    def _build_loss(self) -> nn.Module:
+        loss = self.cfg.loss
+        category_ids = self.train_split.category_ids()
+        counts = {rank: self.taxonomy.counts(category_ids, rank) for rank in self.levels}
+        return build_multi_rank_loss(
+            loss.loss_by_rank(), counts, {rank: loss.weight_of(rank) for rank in self.levels}, loss.class_weights,
+            gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta,
+        )
+
+    # ----------------------------------------------------------- checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "run": self.state.to_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "levels": list(self.levels),
+            "classes": {rank: self.taxonomy.num_classes(rank) for rank in self.levels},
+        }
+
+    def save(self, name: str) -> None:
+        if self.context.is_main:
+            save_checkpoint(self.checkpoint_state(), self.run_dir / "checkpoints" / f"{name}.pt")
+
+    def _resume(self, resume: str | Path) -> None:
+        path = Path(resume)
+        if path.is_dir():
+            path = path / "checkpoints" / "last.pt"
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = RunState(**state["run"])
+        set_rng_state(state["rng"])
+
+    def write_run_files(self) -> None:
+        if not self.context.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.run_dir / "config.json")
+        (self.run_dir / "taxonomy.json").write_text(json.dumps(self.taxonomy.to_dict()))
+        normalization = {"mean": list(self.normalization.mean), "std": list(self.normalization.std),
+                         "source": self.normalization.source,
+                         "train_counts": {rank: self.taxonomy.counts(self.train_split.category_ids(), rank) for rank in self.taxonomy.ranks}}
+        (self.run_dir / "stats.json").write_text(json.dumps(normalization, indent=2))
+
+    # ----------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        """Train from the current state to ``cfg.epochs``; returns the last epoch's record."""
+        self.write_run_files()
+        record: dict[str, Any] = {}
+        try:
+            while self.state.epoch < self.cfg.epochs:
+                record = self.run_epoch()
+                if self.cfg.stop_after_epoch is not None and record["epoch"] >= self.cfg.stop_after_epoch:
+                    break
+        finally:
+            if self.writer:
+                self.writer.close()
+            cleanup(self.context)
+        return record
+
+    def run_epoch(self) -> dict[str, Any]:
+        epoch = self.state.epoch
+        self.optimizer.start_epoch(epoch)
+        train_record = self.train_one_epoch(epoch)
+        metrics = validate(self.train_model, self.loaders.val, self.levels, self.device, self.dtype, self.context)
+        score = metrics[self.finest_level]["macro_f1"]
+        self.optimizer.report_metric(score)
+        self.state.epoch, self.state.batches_done = epoch + 1, 0
+        improved = score > self.state.best_metric
+        if improved:
+            self.state.best_metric = score
+        self.save("last")
+        if improved:
+            self.save("best")
+        record = {"epoch": epoch + 1, **train_record, "val": metrics, "best_macro_f1": self.state.best_metric}
+        self.log_epoch(record)
+        return record
+
+    def train_one_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, model = self.cfg, self.train_model
+        model.train()
+        batch_size = cfg.data.batch_size
+        self.loaders.sampler.set_epoch(epoch, start=self.state.batches_done * batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        term_sums = {rank: torch.zeros((), device=self.device) for rank in self.levels}
+        batches, images_seen, started = 0, 0, time.perf_counter()
+        progress = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                        disable=not self.context.is_main, leave=False, dynamic_ncols=True)
+        for batch in progress:
+            self.skipped_images += batch["skipped"]
+            if "image" not in batch:
+                continue
+            accumulating = (self.state.batches_done + 1) % cfg.optim.accum_steps != 0
+            result = self._micro_step(model, batch, accumulating)
+            loss_sum += result.total.detach()
+            for rank, term in result.terms.items():
+                term_sums[rank] += term
+            batches += 1
+            images_seen += len(batch["image"])
+            self.state.batches_done += 1
+            if not accumulating:
+                self._optimizer_step(result)
+                if cfg.log_every and self.state.global_step % cfg.log_every == 0:
+                    self._log_step(progress, result, images_seen, started)
+                if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
+                    self.nan_guard.check_pending()
+                    self.save("last")
+        self.nan_guard.check_pending()
+        seconds = time.perf_counter() - started
+        counts = all_reduce_sum(torch.tensor([float(batches), float(images_seen)], device=self.device), self.context)
+        losses = all_reduce_sum(torch.stack([loss_sum, *term_sums.values()]), self.context) / counts[0].clamp(min=1)
+        return {
+            "loss": float(losses[0]),
+            "loss_terms": {rank: float(value) for rank, value in zip(self.levels, losses[1:])},
+            "lr": self.optimizer.current_lr(),
+            "optimizer": self.optimizer.active_phase.name,
+            "images_per_s": float(counts[1]) / seconds if seconds > 0 else 0.0,
+            "skipped_bad_images": self.skipped_images,
+            "skipped_nonfinite_steps": self.nan_guard.skipped,
+        }
+
+    def _micro_step(self, model: nn.Module, batch: dict[str, Any], accumulating: bool) -> StepResult:
+        sync = model.no_sync() if accumulating and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+        with sync:
+            result = forward_loss(model, self.loss_fn, batch, self.levels, self.device, self.dtype, self.cfg.channels_last)
+            if self.nan_guard.policy == "skip" and not bool(result.finite):
+                return result
+            self.scaler.scale(result.total / self.cfg.optim.accum_steps).backward()
+        return result
+
+    def _optimizer_step(self, result: StepResult) -> None:
+        if self.nan_guard.should_skip(self.state.global_step, result.finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        if self.cfg.optim.clip_grad:
+            self.scaler.unscale_(self.optimizer.active)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step(self.scaler)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+
+    # -------------------------------------------------------------- logging
+    def _log_step(self, progress: tqdm, result: StepResult, images_seen: int, started: float) -> None:
+        if not self.context.is_main:
+            return
+        loss = float(result.total.detach())
+        rate = images_seen * self.context.world_size / max(time.perf_counter() - started, 1e-9)
+        progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", opt=self.optimizer.active_phase.name)
+        step = self.state.global_step
+        self.writer.add_scalar("train/loss", loss, step)
+        for rank, term in result.terms.items():
+            self.writer.add_scalar(f"train/loss_{rank}", float(term), step)
+        self.writer.add_scalar("train/lr", self.optimizer.current_lr(), step)
+        self.writer.add_scalar("train/optimizer_phase", self.optimizer.active_index, step)
+        self.writer.add_scalar("train/images_per_s", rate, step)
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        if not self.context.is_main:
+            return
+        epoch = record["epoch"]
+        for rank, values in record["val"].items():
+            for name, value in values.items():
+                self.writer.add_scalar(f"val/{rank}_{name}", value, epoch)
+        self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], epoch)
+        with open(self.run_dir / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        scores = "  ".join(f"{rank} F1 {v['macro_f1']:.3f} top1 {v['top1']:.3f}" for rank, v in record["val"].items())
+        tqdm.write(f"epoch {epoch}/{self.cfg.epochs}  loss {record['loss']:.4f}  {record['optimizer']} lr {record['lr']:.2e}  "
+                   f"{record['images_per_s']:.0f} img/s  val: {scores}")
+        if record["skipped_bad_images"]:
+            tqdm.write(f"skipped {record['skipped_bad_images']} unreadable images so far")
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train (or resume) a run as configured; returns the last epoch's record."""
+    return Trainer(cfg, resume).fit()

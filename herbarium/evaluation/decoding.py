@@ -1,0 +1,181 @@
+"""Turning per-rank scores into predictions, independently or along the tree.
+
+Each rank has its own head, and their argmaxes need not agree: the species
+head may pick a species whose genus is not the genus head's choice.
+*Consistent decoding* scores every root-to-leaf path (one per finest
+category) by a weighted sum of the heads' log-probabilities along it,
+
+    score(path) = sum over ranks r with a head of  w_r * log_softmax(head_r)[path[r]]
+
+and returns the best path's class at every rank. The answer is always a
+valid path, ranks without a head included, and the coarse heads can overrule
+a species head that is unsure between species of different genera.
+
+Memory: the path scores are a [batch, num_categories] matrix per rank term,
+512 x 65,000 floats (133 MB) at Herbarium 2021 scale. They are computed for
+a block of images at a time, with at most ``max_elements`` entries per block,
+so the peak extra memory is about ``2 * max_elements * 4`` bytes (64 MiB by
+default) whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from herbarium.taxonomy import Taxonomy
+
+DEFAULT_MAX_ELEMENTS = 2**23
+
+
+def independent_predictions(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each head's own argmax: ``{rank: LongTensor [B]}`` from ``{rank: [B, C]}``."""
+    return {rank: rank_scores.argmax(dim=-1) for rank, rank_scores in scores.items()}
+
+
+def available_ranks(scores: Mapping[str, Tensor], taxonomy: Taxonomy) -> list[str]:
+    """The ranks of ``scores`` in the taxonomy's coarse-to-fine order; fails on unknown ranks."""
+    for rank in scores:
+        taxonomy.check_rank(rank)
+    ranks = [rank for rank in taxonomy.ranks if rank in scores]
+    if not ranks:
+        raise ValueError(f"no scores given; expected some of the ranks {list(taxonomy.ranks)}")
+    return ranks
+
+
+class PathDecoder:
+    """Consistent decoding over a fixed taxonomy.
+
+    Holds the path table (and a copy per device), so that decoding many
+    batches does not rebuild it each time.
+
+    Args:
+        taxonomy: the label tree.
+        rank_weights: weight ``w_r`` of each rank's log-probability; ranks
+            not named weigh 1.0.
+        max_elements: path-score entries computed at once (bounds memory).
+    """
+
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        rank_weights: Mapping[str, float] | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+    ) -> None:
+        for rank in rank_weights or {}:
+            taxonomy.check_rank(rank)
+        self.taxonomy = taxonomy
+        self.rank_weights = {rank: float((rank_weights or {}).get(rank, 1.0)) for rank in taxonomy.ranks}
+        self.max_elements = int(max_elements)
+        self._tables: dict[torch.device, Tensor] = {}
+
+    def path_table(self, device: torch.device) -> Tensor:
+        """LongTensor [num_categories, num_ranks] on ``device``, all ranks coarse to fine."""
+        if device not in self._tables:
+            self._tables[device] = self.taxonomy.path_table().to(device)
+        return self._tables[device]
+
+    def path_score_blocks(self, log_probs: Mapping[str, Tensor]) -> Iterator[tuple[slice, Tensor]]:
+        """Yield ``(image slice, FloatTensor [b, num_categories])`` path scores, block by block."""
+        ranks = available_ranks(log_probs, self.taxonomy)
+        batch_size = self._check_shapes(log_probs, ranks)
+        device = log_probs[ranks[0]].device
+        table = self.path_table(device)  # [N, R]
+        # log_softmax is idempotent, so log-probabilities and raw logits both work.
+        normalised = {rank: torch.log_softmax(log_probs[rank].float(), dim=-1) for rank in ranks}
+        num_paths = table.shape[0]
+        block = max(1, self.max_elements // num_paths)
+        for start in range(0, batch_size, block):
+            rows = slice(start, min(start + block, batch_size))
+            scores = torch.zeros(rows.stop - rows.start, num_paths, device=device)  # [b, N]
+            for rank in ranks:
+                column = table[:, self.taxonomy.rank_index(rank)]  # [N]
+                scores.add_(normalised[rank][rows].index_select(1, column), alpha=self.rank_weights[rank])
+            yield rows, scores
+
+    def predictions(self, log_probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Best path's class at every taxonomy rank: ``{rank: LongTensor [B]}``."""
+        best_paths = torch.cat([scores.argmax(dim=1) for _, scores in self.path_score_blocks(log_probs)])  # [B]
+        table = self.path_table(best_paths.device)
+        return {rank: table[best_paths, i] for i, rank in enumerate(self.taxonomy.ranks)}
+
+    def rank_scores(self, log_probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per rank, the best path score through each class: ``{rank: FloatTensor [B, C_rank]}``.
+
+        Their argmax at every rank is the consistent prediction (up to ties),
+        so top-k accuracy of the consistent variant can be read from them.
+        These are sums of weighted log-probabilities, not normalised.
+        """
+        blocks: dict[str, list[Tensor]] = {rank: [] for rank in self.taxonomy.ranks}
+        for _, scores in self.path_score_blocks(log_probs):
+            table = self.path_table(scores.device)
+            for i, rank in enumerate(self.taxonomy.ranks[:-1]):
+                blocks[rank].append(_max_per_class(scores, table[:, i], self.taxonomy.num_classes(rank)))
+            blocks[self.taxonomy.finest].append(scores)  # one path per finest class, in class order
+        return {rank: torch.cat(parts) for rank, parts in blocks.items()}
+
+    def _check_shapes(self, log_probs: Mapping[str, Tensor], ranks: list[str]) -> int:
+        batch_sizes = {log_probs[rank].shape[0] for rank in ranks}
+        if len(batch_sizes) != 1:
+            raise ValueError(f"heads disagree on the batch size: {sorted(batch_sizes)}")
+        for rank in ranks:
+            expected = self.taxonomy.num_classes(rank)
+            if log_probs[rank].dim() != 2 or log_probs[rank].shape[1] != expected:
+                raise ValueError(
+                    f"{rank!r} scores have shape {tuple(log_probs[rank].shape)}; expected [batch, {expected}]"
+                )
+        return batch_sizes.pop()
+
+
+def _max_per_class(path_scores: Tensor, classes: Tensor, num_classes: int) -> Tensor:
+    """Max over the paths through each class: [b, N] -> [b, num_classes]."""
+    out = torch.full((path_scores.shape[0], num_classes), float("-inf"), device=path_scores.device)
+    index = classes.unsqueeze(0).expand_as(path_scores)  # [b, N]
+    return out.scatter_reduce_(1, index, path_scores, reduce="amax")
+
+
+def consistent_predictions(
+    log_probs: Mapping[str, Tensor],
+    taxonomy: Taxonomy,
+    rank_weights: Mapping[str, float] | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> dict[str, Tensor]:
+    """Best valid taxonomy path for each image: ``{rank: LongTensor [B]}`` for every rank.
+
+    One-off convenience over :class:`PathDecoder`; build a decoder once
+    when decoding many batches.
+    """
+    return PathDecoder(taxonomy, rank_weights, max_elements).predictions(log_probs)
+
+
+def consistent_scores(
+    log_probs: Mapping[str, Tensor],
+    taxonomy: Taxonomy,
+    rank_weights: Mapping[str, float] | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> dict[str, Tensor]:
+    """Best path score through each class, per rank (see :meth:`PathDecoder.rank_scores`)."""
+    return PathDecoder(taxonomy, rank_weights, max_elements).rank_scores(log_probs)
+
+
+def inconsistent_mask(predictions: Mapping[str, Tensor], taxonomy: Taxonomy) -> Tensor:
+    """BoolTensor [B]: True where the predicted classes do not lie on one path.
+
+    Checks each predicted rank against the next coarser predicted rank (a
+    rank without a prediction is skipped, e.g. species against family).
+    """
+    ranks = available_ranks(predictions, taxonomy)
+    first = predictions[ranks[0]]
+    mask = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
+    for parent, child in zip(ranks, ranks[1:]):
+        to_parent = taxonomy.ancestor_map(child, parent).to(first.device)  # [C_child]
+        mask |= to_parent[predictions[child]] != predictions[parent]
+    return mask
+
+
+def taxonomy_disagreement(predictions: Mapping[str, Tensor], taxonomy: Taxonomy) -> float:
+    """Fraction of images whose per-rank predictions are not one valid path (0.0 when empty)."""
+    mask = inconsistent_mask(predictions, taxonomy)
+    return float(mask.float().mean()) if mask.numel() else 0.0

@@ -1,0 +1,143 @@
+"""Kaggle submission and per-image prediction files.
+
+A submission is ``Id,Predicted`` with one row per test image, ``Predicted``
+being the category id as the metadata gives it (not the model's class
+index). Files are written to a temporary file beside the target and renamed
+into place, so an interrupted run never leaves a half-written CSV that looks
+complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from herbarium.evaluation.metrics import ArrayLike, as_numpy
+from herbarium.taxonomy import Taxonomy
+
+SCORE_BLOCK_ROWS = 4096  # rows of [N, C] scores turned into probabilities at once
+
+
+def write_atomic(path: Path | str, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+        os.chmod(temp_name, 0o644)  # mkstemp makes it private; outputs are for everyone to read
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    return path
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _check_image_ids(image_ids: Sequence[Any], count: int) -> list[Any]:
+    image_ids = list(image_ids)
+    if len(image_ids) != count:
+        raise ValueError(f"{len(image_ids)} image ids but {count} predictions")
+    repeated = [image_id for image_id, n in Counter(image_ids).items() if n > 1]
+    if repeated:
+        raise ValueError(f"image ids repeat ({len(repeated)} of them, e.g. {repeated[:5]})")
+    return image_ids
+
+
+def _check_indices(indices: ArrayLike, num_classes: int, rank: str) -> list[int]:
+    values = [int(i) for i in as_numpy(indices).ravel()]
+    bad = [i for i in values if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(f"{rank} class indices outside [0, {num_classes}): {bad[:5]}")
+    return values
+
+
+def write_submission(
+    path: Path | str, image_ids: Sequence[Any], finest_pred_indices: ArrayLike, taxonomy: Taxonomy
+) -> Path:
+    """Write ``Id,Predicted`` with each finest-rank class index mapped back to its category id.
+
+    Args:
+        image_ids: [N] test image ids, in the order of the predictions; unique.
+        finest_pred_indices: [N] finest-rank class indices.
+    """
+    indices = _check_indices(finest_pred_indices, taxonomy.num_categories, taxonomy.finest)
+    image_ids = _check_image_ids(image_ids, len(indices))
+    rows = [(image_id, taxonomy.category_ids[index]) for image_id, index in zip(image_ids, indices)]
+    return write_atomic(path, _csv_text(["Id", "Predicted"], rows))
+
+
+def _top_k_probabilities(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Softmax top-k of [N, C] scores, block by block: (probabilities [N, k], indices [N, k])."""
+    values, indices = [], []
+    for start in range(0, scores.shape[0], SCORE_BLOCK_ROWS):
+        block = torch.softmax(scores[start : start + SCORE_BLOCK_ROWS].float(), dim=1)
+        top = block.topk(k, dim=1)
+        values.append(top.values)
+        indices.append(top.indices)
+    if not values:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(values), torch.cat(indices)
+
+
+def write_predictions(
+    path: Path | str,
+    image_ids: Sequence[Any],
+    preds_by_rank: Mapping[str, ArrayLike],
+    scores: Tensor | Mapping[str, Tensor],
+    taxonomy: Taxonomy,
+    top_k: int = 5,
+) -> Path:
+    """Write a CSV for people to inspect: each rank's predicted name and the finest top-k.
+
+    Columns: ``image_id``, ``<rank>`` (predicted name) for each predicted
+    rank coarse to fine, ``category_id`` (the finest prediction's id), then
+    ``top<i>_category_id`` and ``top<i>_prob`` for i = 1..k. Probabilities
+    are the softmax of the finest-rank scores (log-probabilities or logits;
+    a dict is read at the finest rank); the top-k need not start with the
+    predicted category when the predictions come from consistent decoding.
+    """
+    finest_scores = torch.as_tensor(scores[taxonomy.finest] if isinstance(scores, Mapping) else scores)
+    finest_scores = finest_scores.detach().cpu()  # [N, C]
+    if finest_scores.dim() != 2 or finest_scores.shape[1] != taxonomy.num_categories:
+        raise ValueError(f"finest scores must be [images, {taxonomy.num_categories}], got {tuple(finest_scores.shape)}")
+    ranks = [rank for rank in taxonomy.ranks if rank in preds_by_rank]
+    if taxonomy.finest not in preds_by_rank:
+        raise ValueError(f"predictions need the finest rank {taxonomy.finest!r}; got {sorted(preds_by_rank)}")
+    preds = {rank: _check_indices(preds_by_rank[rank], taxonomy.num_classes(rank), rank) for rank in ranks}
+    count = len(preds[taxonomy.finest])
+    image_ids = _check_image_ids(image_ids, count)
+    if finest_scores.shape[0] != count:
+        raise ValueError(f"{finest_scores.shape[0]} score rows but {count} predictions")
+    k = min(top_k, taxonomy.num_categories)
+    probabilities, top_indices = _top_k_probabilities(finest_scores, k)
+    header = ["image_id", *ranks, "category_id"]
+    header += [f"top{i}_{field}" for i in range(1, k + 1) for field in ("category_id", "prob")]
+    rows = []
+    for row, image_id in enumerate(image_ids):
+        names = [taxonomy.names[rank][preds[rank][row]] for rank in ranks]
+        top = [
+            value
+            for index, probability in zip(top_indices[row].tolist(), probabilities[row].tolist())
+            for value in (taxonomy.category_ids[index], f"{probability:.6f}")
+        ]
+        rows.append([image_id, *names, taxonomy.category_ids[preds[taxonomy.finest][row]], *top])
+    return write_atomic(path, _csv_text(header, rows))

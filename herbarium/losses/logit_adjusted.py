@@ -1,0 +1,83 @@
+"""Logit-adjusted cross-entropy (Menon et al. 2021) and balanced softmax (Ren et al. 2020).
+
+On long-tailed data a softmax trained on the raw training distribution learns
+p(y | x) under that distribution, i.e. it bakes the class prior into the
+logits and under-predicts tail species.  Adding tau * log(prior) to the logits
+during training makes the network fit the prior-free part only; at evaluation
+the raw logits are then close to balanced, with no post-hoc correction.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .class_weights import counts_tensor, sample_weights, weighted_mean
+
+__all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss"]
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy on logits + tau * log(prior) in training mode, on raw logits in eval mode.
+
+    The prior is the training class frequency (counts of 0 raised to 1) and is
+    kept as the ``log_prior`` buffer, so it moves with ``.to(device)`` and is
+    saved in the state dict.  ``module.train()`` / ``module.eval()`` select the
+    behaviour, so a validation loss computed in eval mode measures the
+    predictions the model will actually make.
+
+    Args:
+        class_counts: [C] training counts of each class.
+        tau: strength of the adjustment; 1 is balanced softmax.
+        weight: optional [C] class weights (usually left None: the adjustment
+            already re-balances, and both together over-correct).
+        ignore_index: target value of samples without a label at this rank.
+    """
+
+    def __init__(
+        self,
+        class_counts: Sequence[int] | Tensor,
+        tau: float = 1.0,
+        weight: Tensor | None = None,
+        ignore_index: int = -1,
+    ) -> None:
+        super().__init__()
+        counts = counts_tensor(class_counts)  # [C]
+        self.tau = float(tau)
+        self.ignore_index = ignore_index
+        self.register_buffer("log_prior", torch.log(counts / counts.sum()).to(torch.float32))  # [C]
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    def adjust(self, logits: Tensor) -> Tensor:
+        """logits [B, C] -> logits + tau * log_prior [B, C]."""
+        if logits.shape[-1] != self.log_prior.shape[0]:
+            raise ValueError(f"logits have {logits.shape[-1]} classes, class_counts {self.log_prior.shape[0]}")
+        return logits + self.tau * self.log_prior.to(logits.dtype)
+
+    def forward(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+        """logits [B, C], target [B], sample_weight [B] or None -> scalar."""
+        if self.training:
+            logits = self.adjust(logits)
+        nll = F.cross_entropy(logits, target, reduction="none", ignore_index=self.ignore_index)  # [B]
+        weight = sample_weights(target, self.weight, sample_weight, self.ignore_index, nll.dtype)  # [B]
+        return weighted_mean(weight * nll, weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.log_prior.shape[0]}, tau={self.tau}, "
+            f"ignore_index={self.ignore_index}, weighted={self.weight is not None}"
+        )
+
+
+class BalancedSoftmaxLoss(LogitAdjustedLoss):
+    """Balanced softmax: logit adjustment with tau = 1 (Ren et al. 2020)."""
+
+    def __init__(
+        self,
+        class_counts: Sequence[int] | Tensor,
+        weight: Tensor | None = None,
+        ignore_index: int = -1,
+    ) -> None:
+        super().__init__(class_counts, tau=1.0, weight=weight, ignore_index=ignore_index)

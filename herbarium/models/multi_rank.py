@@ -1,0 +1,91 @@
+"""One trunk, one head per taxonomic rank: images -> ``{rank: logits}``."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .heads import build_head
+from .pretrained import load_packaged_weights, load_trunk_weights, packaged_weights_for
+from .trunks import create_trunk
+
+
+class MultiRankModel(nn.Module):
+    """A shared trunk and one classification head per rank (species, genus, family, ...).
+
+    All ranks share one trunk because the coarse ranks are cheap extra
+    supervision for the same image: a genus head sees far more images per
+    class than a species head, which helps the long tail.
+
+    Args:
+        trunk: maps images [B, 3, H, W] to pooled features [B, num_features].
+        num_features: F, the trunk's output size.
+        classes_by_rank: number of classes per rank; the order given is the
+            order of the output dict.
+        cfg: embedding size, head kind and dropout are read from it.
+    """
+
+    def __init__(
+        self, trunk: nn.Module, num_features: int, classes_by_rank: Mapping[str, int], cfg: ModelConfig
+    ) -> None:
+        super().__init__()
+        if not classes_by_rank:
+            raise ValueError("classes_by_rank is empty: at least one rank needs a head")
+        for rank, num_classes in classes_by_rank.items():
+            if not isinstance(rank, str) or not rank or "." in rank:
+                raise ValueError(f"rank names must be non-empty strings without '.', got {rank!r}")
+            if int(num_classes) < 1:
+                raise ValueError(f"rank {rank!r} needs at least one class, got {num_classes}")
+        self.trunk = trunk
+        self.ranks: tuple[str, ...] = tuple(classes_by_rank)
+        self.classes_by_rank: dict[str, int] = {rank: int(n) for rank, n in classes_by_rank.items()}
+        if cfg.embedding_dim > 0:
+            # Linear + BatchNorm, no activation: a compact, normalised
+            # descriptor, as in the landmark-retrieval solutions.
+            self.embedding: nn.Module = nn.Sequential(
+                nn.Linear(num_features, cfg.embedding_dim), nn.BatchNorm1d(cfg.embedding_dim)
+            )
+            self.num_features = cfg.embedding_dim
+        else:
+            self.embedding = nn.Identity()
+            self.num_features = num_features
+        self.heads = nn.ModuleDict()
+        for rank, num_classes in self.classes_by_rank.items():
+            try:
+                self.heads[rank] = build_head(cfg.head, self.num_features, num_classes, cfg.dropout)
+            except KeyError as err:
+                raise ValueError(f"rank name {rank!r} cannot name a module: {err}") from err
+        # Same precision policy as the trunk: with tens of thousands of species
+        # the species head is a large share of the parameters.
+        trunk_dtype = next(trunk.parameters()).dtype
+        self.embedding.to(trunk_dtype)
+        self.heads.to(trunk_dtype)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> features [B, num_features] (pooled, then embedded if configured)."""
+        return self.embedding(self.trunk(images))
+
+    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features [B, num_features] -> ``{rank: logits [B, classes_by_rank[rank]]}``."""
+        return {rank: head(features) for rank, head in self.heads.items()}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_head(self.forward_features(images))
+
+
+def build_model(cfg: ModelConfig, classes_by_rank: Mapping[str, int]) -> MultiRankModel:
+    """Build the trunk named by ``cfg``, load its starting weights, add the heads.
+
+    Starting weights come from ``cfg.weights`` (a local file) or, with
+    ``cfg.pretrained``, from a pip package; nothing is downloaded.
+    """
+    if cfg.pretrained:
+        packaged_weights_for(cfg.trunk)  # fail before spending time on the build
+    trunk, num_features = create_trunk(cfg)
+    if cfg.weights:
+        load_trunk_weights(trunk, cfg.weights)
+    elif cfg.pretrained:
+        load_packaged_weights(trunk, cfg.trunk)
+    return MultiRankModel(trunk, num_features, classes_by_rank, cfg)

@@ -1,0 +1,187 @@
+"""``collect-stats``: exact per-channel mean/std of a split, and class counts per rank.
+
+Pixels are measured as the model sees them: decoded, resized so the shorter
+side is ``size`` and centre-cropped to ``size`` x ``size``, in [0, 1]. Each
+image contributes its own float64 mean and sum of squared deviations, and
+the per-image moments are merged with Chan et al.'s parallel update, which
+stays accurate over millions of images where a running sum of squares in
+float32 would not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from herbarium.data.dataset import ImageDataset
+from herbarium.data.readers import DatasetSplit, read_split
+from herbarium.stats_file import default_stats_path
+from herbarium.taxonomy import DEFAULT_RANKS
+
+
+@dataclass
+class ChannelMoments:
+    """Count, mean and sum of squared deviations per channel (float64)."""
+
+    count: float = 0.0
+    mean: np.ndarray = None  # [3]
+    m2: np.ndarray = None  # [3]
+
+    def merge(self, count: float, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Chan et al. (1979) pairwise update."""
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean.copy(), m2.copy()
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.count = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.count)
+
+
+def stats_transform(size: int) -> v2.Compose:
+    """The pixels collect-stats measures: shorter side to ``size``, centre crop, [0, 1] float64."""
+    return v2.Compose([
+        v2.Resize(size, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+class _ImageMoments:
+    """Turns an image tensor into its (count, mean, m2) per channel, inside the workers."""
+
+    def __init__(self, size: int) -> None:
+        self.transform = stats_transform(size)
+
+    def __call__(self, image) -> torch.Tensor:
+        pixels = self.transform(image).double().flatten(1)  # [3, H*W]
+        mean = pixels.mean(dim=1)
+        m2 = ((pixels - mean[:, None]) ** 2).sum(dim=1)
+        count = torch.full((3,), float(pixels.shape[1]), dtype=torch.float64)
+        return torch.stack([count, mean, m2])  # [3 (count, mean, m2), 3 channels]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def compute_stats(split: DatasetSplit, size: int = 224, workers: int | None = None, batch_size: int = 64,
+                  skip_bad_images: bool = False, progress: bool = True) -> dict:
+    """Exact mean/std over every image of ``split`` plus class counts per rank."""
+    workers = default_workers() if workers is None else workers
+    dataset = ImageDataset(split, split.taxonomy.ranks, _ImageMoments(size), decode_min_side=size, skip_bad_images=skip_bad_images)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_moments,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    moments, skipped, seen = ChannelMoments(), 0, 0
+    start = time.perf_counter()
+    with tqdm(total=len(dataset), unit="img", desc=f"collect-stats {split.name}", disable=not progress) as bar:
+        for batch, batch_skipped in loader:
+            for count, mean, m2 in batch.numpy():
+                moments.merge(count[0], mean, m2)
+            skipped += batch_skipped
+            seen += len(batch) + batch_skipped
+            bar.update(len(batch) + batch_skipped)
+    seconds = time.perf_counter() - start
+    if moments.count == 0:
+        raise ValueError(f"no readable image in split {split.name!r} of {split.source}")
+    return {
+        "mean": moments.mean.tolist(),
+        "std": moments.std.tolist(),
+        "size": size,
+        "split": split.name,
+        "source": str(split.source),
+        "num_images": seen - skipped,
+        "skipped_bad_images": skipped,
+        "ranks": list(split.taxonomy.ranks),
+        "class_counts": _class_counts(split),
+        "images_per_s": seen / seconds if seconds > 0 else None,
+        "seconds": seconds,
+        "workers": workers,
+        "hardware": f"{platform.processor() or platform.machine()}, {default_workers()} cores",
+    }
+
+
+def _collate_moments(items):
+    kept = [item["image"] for item in items if item is not None]
+    stacked = torch.stack(kept) if kept else torch.zeros(0, 3, 3, dtype=torch.float64)
+    return stacked, len(items) - len(kept)
+
+
+def _class_counts(split: DatasetSplit) -> dict[str, dict[str, int]]:
+    """{rank: {class name: count}} over the labelled images of the split."""
+    labelled = [cid for cid in split.category_ids() if cid is not None]
+    taxonomy = split.taxonomy
+    return {rank: dict(zip(taxonomy.names[rank], taxonomy.counts(labelled, rank))) for rank in taxonomy.ranks}
+
+
+def write_stats(stats: dict, out: Path) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=2))
+    os.replace(tmp, out)
+
+
+def summary(stats: dict, out: Path) -> str:
+    fmt = lambda values: "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+    lines = [
+        f"{stats['num_images']} images of split {stats['split']!r} at {stats['size']} px"
+        + (f", {stats['skipped_bad_images']} unreadable skipped" if stats["skipped_bad_images"] else ""),
+        f"mean {fmt(stats['mean'])}  std {fmt(stats['std'])}",
+        f"{stats['images_per_s']:.0f} images/s with {stats['workers']} workers ({stats['seconds']:.1f} s)",
+    ]
+    for rank, counts in stats["class_counts"].items():
+        values = sorted(counts.values())
+        lines.append(f"{rank:>10}: {len(values)} classes, per class min {values[0]} / median {values[len(values) // 2]} / max {values[-1]}")
+    lines.append(f"written to {out}")
+    return "\n".join(lines)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="collect-stats", description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", help="dataset folder (or a split folder holding metadata.json)")
+    parser.add_argument("--split", default="train", help="split to measure (default: train)")
+    parser.add_argument("--size", type=int, default=224, help="side the images are resized and centre-cropped to (default: 224)")
+    parser.add_argument("--out", type=Path, default=None, help="output JSON (default: DATA/<split>/stats.json)")
+    parser.add_argument("--ranks", default=",".join(DEFAULT_RANKS), help=f"rank names, coarse to fine (default: {','.join(DEFAULT_RANKS)})")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per worker batch (default: 64)")
+    parser.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing (default: off)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    split = read_split(args.data, args.split, tuple(args.ranks.split(",")))
+    stats = compute_stats(split, args.size, args.workers, args.batch_size, args.skip_bad_images, progress=not args.quiet)
+    out = args.out or default_stats_path(args.data, args.split)
+    write_stats(stats, out)
+    print(summary(stats, out))
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

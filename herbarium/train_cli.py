@@ -1,0 +1,121 @@
+"""The ``train`` command line: argparse groups whose defaults come from :mod:`herbarium.config`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.models import ModelConfig
+
+D, M, L, O, T = DataConfig(), ModelConfig(), LossConfig(), OptimConfig(), TrainConfig()
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _weights(value: str) -> dict[str, float]:
+    """``species=1.5,genus=1`` -> {'species': 1.5, 'genus': 1.0}."""
+    try:
+        return {rank: float(weight) for rank, weight in (part.split("=") for part in _csv(value))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rank=weight pairs like species=1.5,genus=1, got {value!r}") from None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("data", nargs="?", default=D.data, help="dataset folder (Herbarium 2020/2021/2022 layout or CSV manifests)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-split", default=D.train_split, help=f"training split (default: {D.train_split})")
+    data.add_argument("--val-split", default=D.val_split, help="validation split (default: hold out --holdout of train, stratified)")
+    data.add_argument("--holdout", type=float, default=D.holdout, help=f"fraction of train held out when no --val-split (default: {D.holdout})")
+    data.add_argument("--ranks", type=_csv, default=D.ranks, help=f"the taxonomy's ranks, coarse to fine (default: {','.join(D.ranks)})")
+    data.add_argument("--stats", default=D.stats, help="stats JSON from collect-stats (default: DATA/<train-split>/stats.json if present, else ImageNet mean/std)")
+    data.add_argument("--size", type=int, default=D.size, help=f"input side in pixels (default: {D.size})")
+    data.add_argument("--batch-size", type=int, default=D.batch_size, help=f"images per step per process (default: {D.batch_size})")
+    data.add_argument("--workers", type=int, default=D.workers, help="decoding processes (default: all cores)")
+    data.add_argument("--sampler", choices=("none", "balanced", "sqrt"), default=D.sampler, help=f"class rebalancing of the draws (default: {D.sampler})")
+    data.add_argument("--augment", default=D.augment, help=f"augmentation preset (default: {D.augment})")
+    data.add_argument("--skip-bad-images", action="store_true", default=D.skip_bad_images, help="skip and count unreadable images instead of stopping (default: off)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--trunk", default=M.trunk, help=f"timm model name, or pretrainedmodels:NAME (default: {M.trunk})")
+    model.add_argument("--pretrained", action="store_true", default=M.pretrained, help="start from the trunk's packaged offline ImageNet weights (default: off)")
+    model.add_argument("--weights", default=M.weights, help="local trunk weights: .pth/.pt or .safetensors (default: none)")
+    model.add_argument("--pool", default=M.pool, help=f"pooling: avg, max or gem (default: {M.pool})")
+    model.add_argument("--dropout", type=float, default=M.dropout, help=f"dropout before each head (default: {M.dropout})")
+    model.add_argument("--embedding-dim", type=int, default=M.embedding_dim, help=f"embedding layer before the heads, 0 for none (default: {M.embedding_dim})")
+
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--levels", type=_csv, default=L.levels, help=f"ranks that get a head (default: {','.join(L.levels)})")
+    loss.add_argument("--level-weights", type=_weights, default=L.level_weights, help="loss weight per rank, e.g. species=1.5,genus=1 (default: species=1.5, others 1)")
+    loss.add_argument("--loss", default=L.loss, help=f"focal, ce, label_smoothing, logit_adjusted, balanced_softmax or sce; one for all ranks or rank=name,... (default: {L.loss})")
+    loss.add_argument("--class-weights", default=L.class_weights, help=f"none, inverse, sqrt_inverse or effective (default: {L.class_weights})")
+    loss.add_argument("--gamma", type=float, default=L.gamma, help=f"focal loss gamma (default: {L.gamma})")
+    loss.add_argument("--beta", type=float, default=L.beta, help=f"effective-number beta (default: {L.beta})")
+    loss.add_argument("--tau", type=float, default=L.tau, help=f"logit adjustment strength (default: {L.tau})")
+    loss.add_argument("--smoothing", type=float, default=L.smoothing, help=f"label smoothing (default: {L.smoothing})")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=T.epochs, help=f"epochs (default: {T.epochs})")
+    optim.add_argument("--optim", default=O.optim, help=f"optimizer phases name[@lr]:start_epoch, e.g. adam:0,sgd:10,adam:20 (default: {O.optim})")
+    optim.add_argument("--schedule", default=O.schedule, help=f"LR schedule: step:N[:gamma], cosine[:warmup=N], sgdr:N[:mult=M], constant (default: {O.schedule})")
+    optim.add_argument("--weight-decay", type=float, default=O.weight_decay, help="weight decay for every phase (default: each optimizer's own: adam 0, adamw 0.01, sgd 1e-4)")
+    optim.add_argument("--plateau-patience", type=int, default=O.plateau_patience, help="switch to the next optimizer phase after this many epochs without gain (default: off)")
+    optim.add_argument("--accum-steps", type=int, default=O.accum_steps, help=f"gradient accumulation steps (default: {O.accum_steps})")
+    optim.add_argument("--clip-grad", type=float, default=O.clip_grad, help="clip the gradient norm (default: off)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=T.out, help=f"run directory (default: {T.out})")
+    run.add_argument("--resume", default=None, help="resume from a run directory or checkpoint; its saved config is used (default: off)")
+    run.add_argument("--seed", type=int, default=T.seed, help=f"random seed (default: {T.seed})")
+    run.add_argument("--device", default=T.device, help=f"cpu, cuda, cuda:N or auto (default: {T.device})")
+    run.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=T.precision, help=f"autocast precision (default: {T.precision}: bf16 on CUDA, fp32 on CPU)")
+    run.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=T.channels_last, help="keep NCHW memory format (default: channels_last)")
+    run.add_argument("--compile", action="store_true", default=T.compile, help="torch.compile the model (default: off)")
+    run.add_argument("--log-every", type=int, default=T.log_every, help=f"optimizer steps between logged values (default: {T.log_every})")
+    run.add_argument("--checkpoint-every", type=int, default=T.checkpoint_every, help="optimizer steps between mid-epoch checkpoints (default: 0, epoch ends only)")
+    run.add_argument("--nan-policy", choices=("stop", "skip"), default=T.nan_policy, help=f"on a NaN/inf loss: stop naming the step, or skip and count (default: {T.nan_policy})")
+    run.add_argument("--stop-after-epoch", type=int, default=T.stop_after_epoch, help="end the process after this epoch, resumable later (default: off)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train one trunk with a head per taxonomic rank.")
+    return add_train_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Build the run's config once from the parsed arguments; with --resume, the run's own config."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent.parent
+        cfg = TrainConfig.load(run_dir / "config.json")
+        cfg.epochs, cfg.stop_after_epoch = args.epochs, args.stop_after_epoch
+        return cfg
+    if not args.data:
+        raise SystemExit("train: the DATA folder is required (or --resume RUN_DIR)")
+    return TrainConfig(
+        out=args.out, epochs=args.epochs, seed=args.seed, device=args.device, precision=args.precision,
+        channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every, nan_policy=args.nan_policy, stop_after_epoch=args.stop_after_epoch,
+        data=DataConfig(data=str(args.data), train_split=args.train_split, val_split=args.val_split, holdout=args.holdout,
+                        ranks=args.ranks, stats=args.stats, size=args.size, batch_size=args.batch_size, workers=args.workers,
+                        sampler=args.sampler, augment=args.augment, skip_bad_images=args.skip_bad_images),
+        model=ModelConfig(trunk=args.trunk, pretrained=args.pretrained, weights=args.weights, pool=args.pool,
+                          dropout=args.dropout, embedding_dim=args.embedding_dim),
+        loss=LossConfig(levels=args.levels, level_weights=args.level_weights, loss=args.loss, class_weights=args.class_weights,
+                        gamma=args.gamma, beta=args.beta, tau=args.tau, smoothing=args.smoothing),
+        optim=OptimConfig(optim=args.optim, schedule=args.schedule, weight_decay=args.weight_decay,
+                          plateau_patience=args.plateau_patience, accum_steps=args.accum_steps, clip_grad=args.clip_grad),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from herbarium.engine import train
+
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    train(cfg, resume=args.resume)
+    return 0
