@@ -103,9 +103,13 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit, norm
     sampler = EpochSampler(len(train_set), sample_weights(finest_labels, data.sampler), seed=cfg.seed,
                            num_replicas=context.world_size, rank=context.rank)
     val_shard = Subset(val_set, range(context.rank, len(val_set), context.world_size))
+    # Loaders get their own generator so creating an iterator never draws from the global RNG
+    # (dropout's), which a mid-epoch resume could not replay; augmentation is seeded per sample.
+    own_generator = lambda: torch.Generator().manual_seed(cfg.seed)
     return Loaders(
-        train=build_loader(train_set, data.batch_size, workers, sampler, drop_last=len(train_set) > data.batch_size * context.world_size, pin_memory=pin_memory),
-        val=build_loader(val_shard, data.batch_size, workers, pin_memory=pin_memory),
+        train=build_loader(train_set, data.batch_size, workers, sampler, drop_last=len(train_set) > data.batch_size * context.world_size,
+                           pin_memory=pin_memory, generator=own_generator()),
+        val=build_loader(val_shard, data.batch_size, workers, pin_memory=pin_memory, generator=own_generator()),
         sampler=sampler,
     )
 

@@ -153,6 +153,8 @@ def test_block_size_does_not_change_the_decoding():
     whole = PathDecoder(taxonomy).predictions(logits)
     blocked = PathDecoder(taxonomy, max_elements=1).predictions(logits)  # one image per block
     assert all(torch.equal(whole[rank], blocked[rank]) for rank in RANKS)
+    empty = PathDecoder(taxonomy).predictions({rank: logits[rank][:0] for rank in RANKS})
+    assert all(empty[rank].shape == (0,) for rank in RANKS)
 
 
 def test_disagreement_counts_images_whose_heads_leave_the_tree():

@@ -217,12 +217,12 @@ def _read_csv_manifest(path: Path, ranks: Sequence[str], taxonomy: Taxonomy | No
     if path_column not in frame.columns:
         raise DatasetError(f"{path}: no path column {columns.path!r}; columns: {list(frame.columns)}")
     rank_columns = {rank: columns.rank_column(rank) for rank in ranks}
-    labelled = all(column in frame.columns for column in rank_columns.values()) or columns.category_id in frame.columns
-    if not labelled and taxonomy is None:
-        missing = [c for c in rank_columns.values() if c not in frame.columns]
+    missing = [c for c in rank_columns.values() if c not in frame.columns]
+    if taxonomy is None and missing and len(missing) < len(rank_columns):
         raise DatasetError(f"{path}: rank column(s) {missing} not found; columns: {list(frame.columns)}")
-    if taxonomy is None:
+    if taxonomy is None and not missing:
         taxonomy = _taxonomy_from_rows(frame, rank_columns, columns, path)
+    # With no rank column at all (a test manifest) the taxonomy comes from the train split.
     finest_column = rank_columns[ranks[-1]]
     samples = []
     for line, row in enumerate(frame.to_dict("records"), start=2):
@@ -237,7 +237,8 @@ def _taxonomy_from_rows(frame: pd.DataFrame, rank_columns: Mapping[str, str], co
     """One category per distinct finest value; a finest value with two parents is an error."""
     ranks = list(rank_columns)
     id_column = columns.category_id if columns.category_id in frame.columns else rank_columns[ranks[-1]]
-    table = frame[[id_column, *rank_columns.values()]].drop_duplicates()
+    # The id column is the finest rank's own column when there is no category id column.
+    table = frame[list(dict.fromkeys([id_column, *rank_columns.values()]))].drop_duplicates()
     conflicts = table[table.duplicated(subset=[id_column], keep=False)]
     if len(conflicts):
         culprits = sorted(conflicts[id_column].unique())

@@ -87,12 +87,14 @@ class PathDecoder:
         normalised = {rank: torch.log_softmax(log_probs[rank].float(), dim=-1) for rank in ranks}
         num_paths = table.shape[0]
         block = max(1, self.max_elements // num_paths)
-        for start in range(0, batch_size, block):
+        for start in range(0, max(batch_size, 1), block):  # an empty batch still yields one (empty) block
             rows = slice(start, min(start + block, batch_size))
             scores = torch.zeros(rows.stop - rows.start, num_paths, device=device)  # [b, N]
             for rank in ranks:
-                column = table[:, self.taxonomy.rank_index(rank)]  # [N]
-                scores.add_(normalised[rank][rows].index_select(1, column), alpha=self.rank_weights[rank])
+                rank_log_probs = normalised[rank][rows]  # [b, C_rank]
+                if rank != self.taxonomy.finest:  # finest class i is path i: no gather needed
+                    rank_log_probs = rank_log_probs.index_select(1, table[:, self.taxonomy.rank_index(rank)])
+                scores.add_(rank_log_probs, alpha=self.rank_weights[rank])
             yield rows, scores
 
     def predictions(self, log_probs: Mapping[str, Tensor]) -> dict[str, Tensor]:

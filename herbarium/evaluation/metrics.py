@@ -195,26 +195,32 @@ def confusion_subset(
     max_classes: int,
     class_names: Sequence[str] | None,
 ) -> dict[str, Any]:
-    """Confusion counts among the classes most involved in mistakes, for a readable heat-map.
+    """Confusion counts among the classes of the most frequent mistakes, for a readable heat-map.
+
+    Classes are taken pair by pair from the most frequent (true, predicted)
+    mistakes until ``max_classes`` are chosen, in that order, so each
+    confused pair sits close to the diagonal.
 
     Returns ``{"classes": [k], "names": [k], "matrix": [k][k]}`` with
     ``matrix[i][j]`` = images of ``classes[i]`` predicted as ``classes[j]``
     (the diagonal holds the correct ones).
     """
     wrong = y_true != y_pred
-    involvement = np.bincount(y_true[wrong], minlength=num_classes) + np.bincount(y_pred[wrong], minlength=num_classes)
-    ranked = np.lexsort((np.arange(num_classes), -involvement))
-    classes = np.sort(ranked[: max_classes][involvement[ranked[:max_classes]] > 0])
-    position = {int(c): i for i, c in enumerate(classes)}
+    true, pred, counts = _pair_counts(y_true[wrong], y_pred[wrong], num_classes)
+    chosen: list[int] = []
+    for i in np.lexsort((pred, true, -counts)):  # most frequent mistakes first
+        for label in (int(true[i]), int(pred[i])):
+            if label not in chosen and len(chosen) < max_classes:
+                chosen.append(label)
+        if len(chosen) >= max_classes:
+            break
+    classes = np.array(chosen, dtype=np.int64)
+    position = {c: i for i, c in enumerate(chosen)}
     matrix = [[0] * len(classes) for _ in classes]
     keep = np.isin(y_true, classes) & np.isin(y_pred, classes)
-    for true, pred, count in zip(*_pair_counts(y_true[keep], y_pred[keep], num_classes)):
-        matrix[position[int(true)]][position[int(pred)]] = int(count)
-    return {
-        "classes": [int(c) for c in classes],
-        "names": [_name(class_names, int(c)) for c in classes],
-        "matrix": matrix,
-    }
+    for t, p, n in zip(*_pair_counts(y_true[keep], y_pred[keep], num_classes)):
+        matrix[position[int(t)]][position[int(p)]] = int(n)
+    return {"classes": chosen, "names": [_name(class_names, c) for c in chosen], "matrix": matrix}
 
 
 # ---------------------------------------------------------------- hierarchy

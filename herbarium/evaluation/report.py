@@ -8,7 +8,7 @@ and how fast it ran.
 
 ``metrics`` is shaped::
 
-    {"variants": {name: {rank: rank_metrics(...)}},   # absent/empty for unlabelled splits
+    {"variants": {name: {rank: rank_metrics(...)}},   # ranks coarse to fine; absent/empty if unlabelled
      "primary": name,                                 # the variant to headline
      "baseline": name,                                # optional; gains are against it
      "taxonomy_disagreement": {name: fraction, ...},  # optional
@@ -50,6 +50,8 @@ DEFAULT_BASELINE = "single_view_heads"
 WORST_CLASSES = 20
 CONFUSED_PAIRS = 15
 MISSING = "—"
+LIST_ITEMS_SHOWN = 10
+NO_LABELS = "No labels for this split: predictions and throughput only."
 
 
 # --------------------------------------------------------------- JSON
@@ -98,7 +100,8 @@ def fmt_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4f}"
     if isinstance(value, list):
-        return ", ".join(fmt_value(item) for item in value)
+        shown = ", ".join(fmt_value(item) for item in value[:LIST_ITEMS_SHOWN])
+        return shown if len(value) <= LIST_ITEMS_SHOWN else f"{shown}, … ({len(value):,} in all)"
     return str(value)
 
 
@@ -132,7 +135,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
-def _key_value_table(rows: list[tuple[str, Any]], headers: tuple[str, str] = ("", "")) -> Table:
+def _key_value_table(rows: list[tuple[str, Any]], headers: tuple[str, str] = ("field", "value")) -> Table:
     return Table(list(headers), [[key, fmt_value(value)] for key, value in rows])
 
 
@@ -159,12 +162,18 @@ def summary_section(variants: Mapping[str, Any], primary: str) -> Section:
         for rank, m in ranks.items()
     ]
     headers = ["rank", "images", "top-1", "top-5", "macro-F1", "many-shot", "medium-shot", "few-shot"]
-    intro = f"Variant {primary}. Macro-F1 as Kaggle scores it (scikit-learn, over classes in the answers or the predictions)."
-    thresholds = [f"{rank}: {_threshold_text(*m['shot_thresholds'])}" for rank, m in ranks.items() if m.get("shot_thresholds")]
+    intro = (
+        f"Variant {primary}. Macro-F1 as Kaggle scores it "
+        "(scikit-learn, over the classes in the answers or the predictions)."
+    )
+    thresholds = [
+        f"{rank}: {_threshold_text(*m['shot_thresholds'])}" for rank, m in ranks.items() if m.get("shot_thresholds")
+    ]
     notes = []
     if thresholds:
         notes.append(
-            "Shot groups by training images of the true class (accuracy, n = test images); " + "; ".join(thresholds) + "."
+            "Shot groups by training images of the true class (accuracy, n = test images); "
+            + "; ".join(thresholds) + "."
         )
     return Section("Summary", [intro], [Table(headers, rows)], ["per_rank"], notes)
 
@@ -174,9 +183,8 @@ def _threshold_text(low: int, high: int) -> str:
     return f"many > {high}, medium {medium}, few < {low}"
 
 
-def variants_section(document: Mapping[str, Any], baseline: str) -> Section:
+def variants_section(variants: Mapping[str, Any], baseline: str) -> Section:
     """Every variant side by side, with the gain over the baseline variant."""
-    variants = document["variants"]
     rows = []
     for rank in _all_ranks(variants):
         reference = variants.get(baseline, {}).get(rank, {})
@@ -184,10 +192,14 @@ def variants_section(document: Mapping[str, Any], baseline: str) -> Section:
             m = ranks.get(rank)
             if m is None:
                 continue
-            rows.append([rank, name, fmt_fraction(m.get("top1")), _gain(m, reference, "top1", name == baseline),
-                         fmt_fraction(m.get("top5")), fmt_fraction(m.get("macro_f1")),
-                         _gain(m, reference, "macro_f1", name == baseline),
-                         _shot_cell(_groups(m).get("few"))])
+            is_baseline = name == baseline
+            rows.append([
+                rank, name,
+                fmt_fraction(m.get("top1")), _gain(m, reference, "top1", is_baseline),
+                fmt_fraction(m.get("top5")),
+                fmt_fraction(m.get("macro_f1")), _gain(m, reference, "macro_f1", is_baseline),
+                _shot_cell(_groups(m).get("few")),
+            ])
     headers = ["rank", "variant", "top-1", "gain", "top-5", "macro-F1", "gain", "few-shot"]
     paragraph = (
         f"Gains are against {baseline}. tta = scores averaged over the TTA views, single_view = one plain view; "
@@ -251,7 +263,10 @@ def distance_section(ranks: Mapping[str, Any]) -> Section:
             f"{summary['levels'][d]} {n / mistakes:.1%}" for d, n in summary["histogram"].items() if mistakes
         )
         rows.append([rank, f"{mistakes:,}", fmt_fraction(summary["mean"]), spread or MISSING])
-    paragraph = "Distance = ranks up to the first shared ancestor: 1 = same parent; one more than the ranks above when none is shared."
+    paragraph = (
+        "Distance = ranks up to the first shared ancestor: 1 = same parent; "
+        "one more than the ranks above when none is shared."
+    )
     headers = ["rank", "mistakes", "mean distance", "first shared rank (share of mistakes)"]
     return Section("Hierarchical distance of mistakes", [paragraph], [Table(headers, rows)])
 
@@ -265,26 +280,32 @@ def throughput_section(throughput: Mapping[str, Any]) -> Section:
 def build_sections(document: Mapping[str, Any]) -> list[Section]:
     """The report's sections, in reading order, from the JSON document: the answer first."""
     variants = document.get("variants") or {}
-    if not variants:
-        sections = [Section("Summary", ["No labels for this split: predictions and throughput only."])]
-        sections.append(run_section(document.get("context") or {}))
-    else:
+    if variants:
         primary = primary_variant(document)
-        finest, finest_metrics = list(variants[primary].items())[-1]
         sections = [summary_section(variants, primary), run_section(document.get("context") or {})]
-        sections.append(variants_section(document, baseline_variant(document)))
+        sections.append(variants_section(variants, baseline_variant(document)))
+    else:
+        sections = [Section("Summary", [NO_LABELS]), run_section(document.get("context") or {})]
     if document.get("taxonomy_disagreement"):
         sections.append(disagreement_section(document["taxonomy_disagreement"]))
     if variants:
-        sections.append(worst_classes_section(finest, finest_metrics))
-        sections.append(confused_pairs_section(finest, finest_metrics))
-        sections.append(distance_section(variants[primary]))
+        sections += failure_sections(variants[primary])
     if document.get("throughput"):
         sections.append(throughput_section(document["throughput"]))
     others = {key: value for key, value in document.items() if key not in KNOWN_KEYS + ("title", "context")}
     if others:
         sections.append(Section("Other figures", tables=[_key_value_table(flatten(others))]))
     return sections
+
+
+def failure_sections(ranks: Mapping[str, Any]) -> list[Section]:
+    """Where the primary variant fails: worst and most confused finest classes, distance of mistakes."""
+    finest, finest_metrics = list(ranks.items())[-1]
+    return [
+        worst_classes_section(finest, finest_metrics),
+        confused_pairs_section(finest, finest_metrics),
+        distance_section(ranks),
+    ]
 
 
 def primary_variant(document: Mapping[str, Any]) -> str:
@@ -337,7 +358,9 @@ def plot_variants(variants: Mapping[str, Any]) -> bytes:
     ranks = _all_ranks(variants)
     figure = _new_figure(max(7.0, 0.8 * len(ranks) * len(variants)), 3.8)
     for axes, key, label in zip(figure.subplots(1, 2, sharey=True), ("top1", "macro_f1"), ("top-1", "macro-F1")):
-        series = {name: [_value(by_rank.get(rank, {}).get(key)) for rank in ranks] for name, by_rank in variants.items()}
+        series = {
+            name: [_value(by_rank.get(rank, {}).get(key)) for rank in ranks] for name, by_rank in variants.items()
+        }
         _grouped_bars(axes, ranks, series, label)
     _legend_below(figure)
     return _png(figure)
@@ -361,7 +384,10 @@ def _legend_below(figure: Figure) -> None:
 
 
 def plot_f1_vs_count(rank: str, per_class: list[Mapping[str, Any]]) -> bytes | None:
-    """Per-class F1 against training count (log x), with the mean F1 per count bin."""
+    """Per-class F1 against training count (log x), with the mean F1 per count bin.
+
+    Classes without training images have no place on a log axis and are left out.
+    """
     points = [(c["train_count"], c["f1"]) for c in per_class if c["support"] > 0 and c.get("train_count")]
     if not points:
         return None
@@ -381,7 +407,7 @@ def plot_f1_vs_count(rank: str, per_class: list[Mapping[str, Any]]) -> bytes | N
     axes.set_xlabel("training images of the class")
     axes.set_ylabel("F1")
     axes.set_title(f"{rank}: F1 against training count")
-    axes.legend(fontsize="small")
+    _legend_below(figure)
     return _png(figure)
 
 
@@ -419,7 +445,9 @@ def draw_plots(document: Mapping[str, Any]) -> dict[str, tuple[str, bytes]]:
         "variants": ("Variants compared", lambda: plot_variants(variants)),
         "f1_vs_count": (f"{finest} F1 against training count",
                         lambda: plot_f1_vs_count(finest, finest_metrics.get("per_class", []))),
-        "confusion": (f"Most confused {finest} classes", lambda: plot_confusion(finest, finest_metrics.get("confusion"))),
+        "confusion": (
+            f"Most confused {finest} classes", lambda: plot_confusion(finest, finest_metrics.get("confusion"))
+        ),
     }
     plots = {}
     for key, (caption, draw) in drawers.items():
@@ -516,7 +544,10 @@ def _html_table(table: Table) -> str:
     numeric = [_is_numeric_column(table, i) for i in range(len(table.headers))]
     css = [' class="num"' if is_numeric else "" for is_numeric in numeric]
     head = "".join(f"<th{c}>{html.escape(h)}</th>" for c, h in zip(css, table.headers))
-    rows = ["<tr>" + "".join(f"<td{c}>{html.escape(cell)}</td>" for c, cell in zip(css, row)) + "</tr>" for row in table.rows]
+    rows = [
+        "<tr>" + "".join(f"<td{c}>{html.escape(cell)}</td>" for c, cell in zip(css, row)) + "</tr>"
+        for row in table.rows
+    ]
     return "<table>\n<thead><tr>" + head + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
 
 
