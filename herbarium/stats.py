@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -126,10 +127,21 @@ def _collate_moments(items):
 
 
 def _class_counts(split: DatasetSplit) -> dict[str, dict[str, int]]:
-    """{rank: {class name: count}} over the labelled images of the split."""
+    """{rank: {class name: count}} over the labelled images of the split.
+
+    Finest-rank names may repeat (one epithet under two genera); those classes
+    are keyed ``"name [category id]"`` so that none is lost.
+    """
     labelled = [cid for cid in split.category_ids() if cid is not None]
     taxonomy = split.taxonomy
-    return {rank: dict(zip(taxonomy.names[rank], taxonomy.counts(labelled, rank))) for rank in taxonomy.ranks}
+    counts = {}
+    for rank in taxonomy.ranks:
+        names = taxonomy.names[rank]
+        if rank == taxonomy.finest:
+            repeated = {name for name, n in Counter(names).items() if n > 1}
+            names = [f"{name} [{cid}]" if name in repeated else name for name, cid in zip(names, taxonomy.category_ids)]
+        counts[rank] = dict(zip(names, taxonomy.counts(labelled, rank)))
+    return counts
 
 
 def write_stats(stats: dict, out: Path) -> None:

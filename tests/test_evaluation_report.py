@@ -15,6 +15,7 @@ from herbarium.evaluation import (
     evaluate_predictions,
     independent_predictions,
     taxonomy_disagreement,
+    top_k_probabilities,
     write_predictions,
     write_report,
     write_submission,
@@ -176,7 +177,8 @@ def test_predictions_file_lists_names_and_the_finest_top_k(tmp_path):
     taxonomy = taxonomy_with_awkward_names()
     finest_scores = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.03, 0.02], [0.0, 0.0, 0.0, 0.1, 0.2, 0.7]]) + 1e-12)
     preds = {"genus": torch.tensor([2, 0]), "species": torch.tensor([0, 5])}
-    path = write_predictions(tmp_path / "p.csv", ["a", "b"], preds, {"species": finest_scores}, taxonomy, top_k=2)
+    probabilities, indices = top_k_probabilities(finest_scores, 2)
+    path = write_predictions(tmp_path / "p.csv", ["a", "b"], preds, indices, probabilities, taxonomy)
     rows = list(csv.DictReader(path.open()))
     assert list(rows[0]) == ["image_id", "genus", "species", "category_id",
                              "top1_category_id", "top1_prob", "top2_category_id", "top2_prob"]

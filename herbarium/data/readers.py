@@ -218,11 +218,12 @@ def _read_csv_manifest(path: Path, ranks: Sequence[str], taxonomy: Taxonomy | No
         raise DatasetError(f"{path}: no path column {columns.path!r}; columns: {list(frame.columns)}")
     rank_columns = {rank: columns.rank_column(rank) for rank in ranks}
     missing = [c for c in rank_columns.values() if c not in frame.columns]
+    # No rank column at all is a test manifest: read_split takes the taxonomy from the
+    # train split beside it. Some rank columns but not all is a mistake.
     if taxonomy is None and missing and len(missing) < len(rank_columns):
         raise DatasetError(f"{path}: rank column(s) {missing} not found; columns: {list(frame.columns)}")
     if taxonomy is None and not missing:
         taxonomy = _taxonomy_from_rows(frame, rank_columns, columns, path)
-    # With no rank column at all (a test manifest) the taxonomy comes from the train split.
     finest_column = rank_columns[ranks[-1]]
     samples = []
     for line, row in enumerate(frame.to_dict("records"), start=2):

@@ -67,8 +67,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
-        padding = self.per_replica * self.num_replicas - self.num_samples
-        return torch.cat([order, order[:padding]]) if padding else order
+        total = self.per_replica * self.num_replicas
+        if total > len(order) > 0:
+            # Wrap as often as needed: with more replicas than samples one copy is not enough.
+            order = order.repeat(math.ceil(total / len(order)))[:total]
+        return order
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order().tolist()

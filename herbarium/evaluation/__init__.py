@@ -27,7 +27,7 @@ from herbarium.evaluation.metrics import (
     top_k_accuracy,
 )
 from herbarium.evaluation.report import to_jsonable, write_report
-from herbarium.evaluation.submission import write_atomic, write_predictions, write_submission
+from herbarium.evaluation.submission import top_k_probabilities, write_atomic, write_predictions, write_submission
 
 __all__ = [
     "AVERAGING_MODES",
@@ -49,6 +49,7 @@ __all__ = [
     "to_jsonable",
     "top_k_accuracy",
     "write_atomic",
+    "top_k_probabilities",
     "write_predictions",
     "write_report",
     "write_submission",

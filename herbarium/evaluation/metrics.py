@@ -47,7 +47,9 @@ def top_k_accuracy(y_true: ArrayLike, scores: ArrayLike, k: int) -> float | None
 
     Args:
         y_true: [N] class indices.
-        scores: [N, C] scores, higher is better.
+        scores: [N, C] float scores, higher is better; or [N, K] integer
+            class indices already ranked best first (what a streaming
+            evaluation keeps instead of every score at 65k classes).
     """
     labels = torch.as_tensor(as_numpy(y_true), dtype=torch.long)
     scores = torch.as_tensor(as_numpy(scores))
@@ -55,7 +57,10 @@ def top_k_accuracy(y_true: ArrayLike, scores: ArrayLike, k: int) -> float | None
         raise ValueError(f"scores must be [{labels.shape[0]}, classes], got {tuple(scores.shape)}")
     if labels.numel() == 0:
         return None
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [N, k]
+    if not torch.is_floating_point(scores):
+        top = scores[:, :k]
+    else:
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [N, k]
     return float((top == labels.unsqueeze(1)).any(dim=1).float().mean())
 
 
@@ -313,7 +318,7 @@ def rank_metrics(
         "num_classes": num_classes,
         "top1": _fraction(int((y_true == y_pred).sum()), y_true.size),
         "top5": top_k_accuracy(y_true, scores, 5) if has_scores else None,
-        "top5_k": min(5, num_classes) if has_scores else None,
+        "top5_k": min(5, num_classes, int(as_numpy(scores).shape[1])) if has_scores else None,
         "macro_f1": macro_f1(y_true, y_pred),
         "shot_thresholds": list(thresholds) if counts is not None else None,
         "shot_groups": shot_group_metrics(y_true, y_pred, counts, thresholds, class_f1) if counts is not None else None,
@@ -337,7 +342,7 @@ def _num_classes(
 ) -> int:
     """The class count all inputs agree on; fails on labels out of range."""
     sizes = {len(x) for x in (train_counts, class_names) if x is not None}
-    if scores is not None:
+    if scores is not None and np.issubdtype(as_numpy(scores).dtype, np.floating):
         sizes.add(int(scores.shape[1]) if hasattr(scores, "shape") else len(scores[0]))
     if len(sizes) > 1:
         raise ValueError(f"scores, train_counts and class_names disagree on the class count: {sorted(sizes)}")

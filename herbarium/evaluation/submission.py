@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -85,7 +86,7 @@ def write_submission(
     return write_atomic(path, _csv_text(["Id", "Predicted"], rows))
 
 
-def _top_k_probabilities(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_k_probabilities(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Softmax top-k of [N, C] scores, block by block: (probabilities [N, k], indices [N, k])."""
     values, indices = [], []
     for start in range(0, scores.shape[0], SCORE_BLOCK_ROWS):
@@ -102,33 +103,30 @@ def write_predictions(
     path: Path | str,
     image_ids: Sequence[Any],
     preds_by_rank: Mapping[str, ArrayLike],
-    scores: Tensor | Mapping[str, Tensor],
+    top_indices: ArrayLike,
+    top_probabilities: ArrayLike,
     taxonomy: Taxonomy,
-    top_k: int = 5,
 ) -> Path:
     """Write a CSV for people to inspect: each rank's predicted name and the finest top-k.
 
     Columns: ``image_id``, ``<rank>`` (predicted name) for each predicted
     rank coarse to fine, ``category_id`` (the finest prediction's id), then
-    ``top<i>_category_id`` and ``top<i>_prob`` for i = 1..k. Probabilities
-    are the softmax of the finest-rank scores (log-probabilities or logits;
-    a dict is read at the finest rank); the top-k need not start with the
-    predicted category when the predictions come from consistent decoding.
+    ``top<i>_category_id`` and ``top<i>_prob`` for i = 1..k, from
+    ``top_indices`` / ``top_probabilities`` ([N, k], best first). The top-k
+    need not start with the predicted category when the predictions come
+    from consistent decoding.
     """
-    finest_scores = torch.as_tensor(scores[taxonomy.finest] if isinstance(scores, Mapping) else scores)
-    finest_scores = finest_scores.detach().cpu()  # [N, C]
-    if finest_scores.dim() != 2 or finest_scores.shape[1] != taxonomy.num_categories:
-        raise ValueError(f"finest scores must be [images, {taxonomy.num_categories}], got {tuple(finest_scores.shape)}")
     ranks = [rank for rank in taxonomy.ranks if rank in preds_by_rank]
     if taxonomy.finest not in preds_by_rank:
         raise ValueError(f"predictions need the finest rank {taxonomy.finest!r}; got {sorted(preds_by_rank)}")
     preds = {rank: _check_indices(preds_by_rank[rank], taxonomy.num_classes(rank), rank) for rank in ranks}
     count = len(preds[taxonomy.finest])
     image_ids = _check_image_ids(image_ids, count)
-    if finest_scores.shape[0] != count:
-        raise ValueError(f"{finest_scores.shape[0]} score rows but {count} predictions")
-    k = min(top_k, taxonomy.num_categories)
-    probabilities, top_indices = _top_k_probabilities(finest_scores, k)
+    top_indices = torch.as_tensor(np.asarray(top_indices)).long()
+    top_probabilities = torch.as_tensor(np.asarray(top_probabilities)).float()
+    if top_indices.shape != top_probabilities.shape or top_indices.shape[0] != count:
+        raise ValueError(f"top-k indices {tuple(top_indices.shape)} and probabilities {tuple(top_probabilities.shape)} must both be [{count}, k]")
+    k = top_indices.shape[1]
     header = ["image_id", *ranks, "category_id"]
     header += [f"top{i}_{field}" for i in range(1, k + 1) for field in ("category_id", "prob")]
     rows = []
@@ -136,7 +134,7 @@ def write_predictions(
         names = [taxonomy.names[rank][preds[rank][row]] for rank in ranks]
         top = [
             value
-            for index, probability in zip(top_indices[row].tolist(), probabilities[row].tolist())
+            for index, probability in zip(top_indices[row].tolist(), top_probabilities[row].tolist())
             for value in (taxonomy.category_ids[index], f"{probability:.6f}")
         ]
         rows.append([image_id, *names, taxonomy.category_ids[preds[taxonomy.finest][row]], *top])

@@ -1,0 +1,127 @@
+"""TTA evaluation end to end on a tiny trained run: views, ensembles, safety, report and submission."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from herbarium import engine
+from herbarium.checkpoint import CheckpointError
+from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.data.dataset import ImageDataset
+from herbarium.data.readers import read_split
+from herbarium.data.transforms import eval_transform
+from herbarium.demo import make_demo_data
+from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
+from herbarium.evaluation.tta import parse_views
+from herbarium.models.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "demo"
+    make_demo_data(data, seed=1, image_size=32, max_per_class=20, min_per_class=2, test_per_class=3)
+    cfg = TrainConfig(
+        out=str(root / "run"), epochs=2, seed=0, device="cpu",
+        data=DataConfig(data=str(data), val_split="test", size=32, batch_size=16, workers=0),
+        model=ModelConfig(trunk="resnet10t", dropout=0.0),
+        loss=LossConfig(levels=("species", "genus", "family")),
+        optim=OptimConfig(optim="adam@2e-3:0", schedule="constant"),
+    )
+    engine.train(cfg)
+    return data, Path(cfg.out)
+
+
+def settings(**changes) -> EvaluationSettings:
+    return EvaluationSettings(**{"workers": 0, "device": "cpu", "batch_size": 8, **changes})
+
+
+def test_parse_views():
+    assert parse_views("4") == ("train", "train", "train", "plain")
+    assert parse_views("plain,flip") == ("plain", "flip")
+    with pytest.raises(ValueError):
+        parse_views("0")
+
+
+def test_one_plain_view_equals_plain_evaluation(trained, tmp_path):
+    data, run = trained
+    result = evaluate([run], data, "test", out=tmp_path, settings=settings(views=("plain",)))
+    loaded = load_run(run, torch.device("cpu"))
+    split = read_split(data, "test", taxonomy=loaded.taxonomy)
+    dataset = ImageDataset(split, ("species",), eval_transform(32, loaded.profile.mean, loaded.profile.std))
+    with torch.no_grad():
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        expected = loaded.model(images)["species"].argmax(dim=1)
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(rows) == len(split)
+    heads = json.loads((tmp_path / "metrics.json").read_text())["variants"]["tta_heads"]["species"]
+    assert heads["top1"] == pytest.approx(float((expected == dataset.targets[:, 0]).float().mean()))
+    assert "single_view_heads" not in result["metrics"]["variants"]
+
+
+def test_four_views_report_submission_and_consistency(trained, tmp_path):
+    data, run = trained
+    result = evaluate([run], data, "test", out=tmp_path, settings=settings())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    variants = metrics["variants"]
+    assert set(variants) == {"tta_heads", "tta_consistent", "single_view_heads", "single_view_consistent"}
+    species_f1 = variants["tta_consistent"]["species"]["macro_f1"]
+    assert f"{species_f1:.3f}" in (tmp_path / "report.md").read_text()
+    assert f"{species_f1:.3f}" in (tmp_path / "report.html").read_text()
+    rows = list(csv.reader((tmp_path / "submission.csv").open()))
+    split = read_split(data, "test")
+    assert rows[0] == ["Id", "Predicted"] and len(rows) == len(split) + 1
+    assert {int(r[1]) for r in rows[1:]} <= set(split.taxonomy.category_ids)
+    assert metrics["throughput"]["images_per_s"] > 0 and metrics["throughput"]["views"] == 4
+    # consistent decoding: every prediction is a valid path (genus of the species = predicted genus)
+    predictions = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    taxonomy = load_run(run, torch.device("cpu")).taxonomy
+    genus_of = {taxonomy.names["species"][i]: taxonomy.names["genus"][g] for i, g in enumerate(taxonomy.ancestor_map("species", "genus").tolist())}
+    assert all(genus_of[row["species"]] == row["genus"] for row in predictions)
+
+
+def test_ensemble_of_a_model_with_itself_equals_the_model(trained, tmp_path):
+    data, run = trained
+    single = evaluate([run], data, "test", out=tmp_path / "one", settings=settings(views=("plain", "flip")))
+    double = evaluate([run, run], data, "test", out=tmp_path / "two", settings=settings(views=("plain", "flip"), model_weights=(0.3, 0.7)))
+    one = single["metrics"]["variants"]["tta_heads"]["species"]
+    two = double["metrics"]["variants"]["tta_heads"]["species"]
+    assert one["top1"] == two["top1"] and one["macro_f1"] == two["macro_f1"]
+
+
+def test_unlabelled_split_gets_a_submission_and_a_report(trained, tmp_path):
+    data, run = trained
+    meta = json.loads((data / "test" / "metadata.json").read_text())
+    unlabelled = tmp_path / "data" / "test"
+    unlabelled.mkdir(parents=True)
+    (unlabelled / "images").symlink_to((data / "test" / "images").resolve())
+    (unlabelled / "metadata.json").write_text(json.dumps({"images": meta["images"], "info": {}, "licenses": []}))
+    result = evaluate([run], tmp_path / "data", "test", out=tmp_path / "out", settings=settings(views=("plain",)))
+    assert "variants" not in result["metrics"]
+    rows = list(csv.reader((tmp_path / "out" / "submission.csv").open()))
+    assert len(rows) == len(meta["images"]) + 1
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(trained, tmp_path):
+    _, run = trained
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    state["extra"] = Payload()
+    bad_run = tmp_path / "bad"
+    (bad_run / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "taxonomy.json", "stats.json"):
+        (bad_run / name).write_text((run / name).read_text())
+    torch.save(state, bad_run / "checkpoints" / "last.pt", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_run(bad_run, torch.device("cpu"))
