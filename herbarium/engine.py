@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +230,10 @@ class RunState:
 class Trainer:
     """Holds what one training run needs; :meth:`fit` runs it to the end."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> None:
         self.cfg = cfg
+        self.resuming = bool(resume)
+        self.overwrite = overwrite
         self.device = resolve_device(cfg.device)
         self.context = init_distributed(self.device.type)
         if self.device.type == "cuda" and self.context.enabled:
@@ -265,7 +268,7 @@ class Trainer:
         if resume:
             self._resume(resume)
         self.train_model = self._wrap_model()
-        self.writer = SummaryWriter(self.run_dir / "tb") if self.context.is_main else None
+        self.writer: SummaryWriter | None = None
 
     # ------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
@@ -329,6 +332,13 @@ class Trainer:
     def write_run_files(self) -> None:
         if not self.context.is_main:
             return
+        if not self.resuming and (self.run_dir / "checkpoints").is_dir():
+            if not self.overwrite:
+                raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it, "
+                                      "--overwrite to start again, or another --out")
+            shutil.rmtree(self.run_dir / "checkpoints")
+            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.run_dir / "config.json")
         (self.run_dir / "taxonomy.json").write_text(json.dumps(self.taxonomy.to_dict()))
@@ -341,6 +351,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the current state to ``cfg.epochs``; returns the last epoch's record."""
         self.write_run_files()
+        self.writer = SummaryWriter(self.run_dir / "tb") if self.context.is_main else None
         record: dict[str, Any] = {}
         try:
             while self.state.epoch < self.cfg.epochs:
@@ -467,6 +478,6 @@ class Trainer:
             tqdm.write(f"skipped {record['skipped_bad_images']} unreadable images so far")
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume) a run as configured; returns the last epoch's record."""
-    return Trainer(cfg, resume).fit()
+    return Trainer(cfg, resume, overwrite).fit()

@@ -69,6 +69,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=T.out, help=f"run directory (default: {T.out})")
     run.add_argument("--resume", default=None, help="resume from a run directory or checkpoint; its saved config is used (default: off)")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in --out instead of refusing (default: off)")
     run.add_argument("--seed", type=int, default=T.seed, help=f"random seed (default: {T.seed})")
     run.add_argument("--device", default=T.device, help=f"cpu, cuda, cuda:N or auto (default: {T.device})")
     run.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=T.precision, help=f"autocast precision (default: {T.precision}: bf16 on CUDA, fp32 on CPU)")
@@ -117,5 +118,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
