@@ -79,6 +79,8 @@ def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit]:
 
 
 def resolve_normalization(cfg: TrainConfig) -> Normalization:
+    if cfg.data.stats and not Path(cfg.data.stats).is_file():
+        raise FileNotFoundError(f"--stats {cfg.data.stats}: no such file (write it with collect-stats)")
     path = cfg.data.stats or default_stats_path(cfg.data.data, cfg.data.train_split)
     return read_normalization(path)
 

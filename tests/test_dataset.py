@@ -14,7 +14,9 @@ from fixtures import truncate, write_jpeg
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import UNLABELLED, ImageDataset, collate
 from herbarium.data.images import BadImageError, load_rgb
+from herbarium.data.loader import build_loader
 from herbarium.data.readers import read_split
+from herbarium.data.samplers import EpochSampler
 from herbarium.data.transforms import eval_transform, resize_size
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -101,6 +103,26 @@ def test_skip_bad_images_drops_and_counts_them(herbarium2020, train_split):
     assert collate([None, None]) == {"skipped": 2}
 
 
+def test_loader_with_sampler_counts_skipped_and_replays_an_epoch(herbarium2020, train_split):
+    written = herbarium2020["train"]
+    truncate(written.files[written.image_ids[4]])
+    dataset = _dataset(train_split, transform=build_train_transform("crop_flip", SIZE, MEAN, STD), skip_bad_images=True)
+    sampler = EpochSampler(len(dataset), seed=0)
+
+    def one_epoch():
+        sampler.set_epoch(1)
+        batches = list(build_loader(dataset, batch_size=4, workers=0, sampler=sampler))
+        return (torch.cat([b["index"] for b in batches]), torch.cat([b["image"] for b in batches]),
+                sum(b["skipped"] for b in batches))
+
+    indices, images, skipped = one_epoch()
+    assert skipped == 1
+    assert sorted(indices.tolist()) == [i for i in range(9) if i != 4]
+    torch.manual_seed(77)  # the global RNG plays no part
+    again = one_epoch()
+    assert torch.equal(again[0], indices) and torch.equal(again[1], images)
+
+
 # ---------------------------------------------------------- augmentation
 def test_augmentation_is_a_function_of_the_key_only(train_split):
     dataset = _dataset(train_split, transform=build_train_transform("crop_flip", SIZE, MEAN, STD))
@@ -124,7 +146,7 @@ def test_unkeyed_access_uses_the_global_rng(train_split):
 
 
 def test_unknown_augmentation_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"'nope'.*\['crop_flip'\]"):
+    with pytest.raises(ValueError, match=r"unknown augmentation preset 'nope'; choose one of \[.*'crop_flip'"):
         build_train_transform("nope", SIZE, MEAN, STD)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -308,8 +309,6 @@ def test_missing_split_lists_what_was_looked_for(herbarium2020):
 
 
 def test_test_split_without_a_train_split_beside_it(herbarium2020):
-    import shutil
-
     shutil.rmtree(herbarium2020["train"].root)
     with pytest.raises(DatasetError, match="no category records and no train split"):
         read_split(herbarium2020["test"].root.parent, "test")

@@ -36,8 +36,9 @@ def test_order_is_a_permutation_and_a_pure_function_of_seed_and_epoch():
     torch.manual_seed(12345)
     sampler.set_epoch(2)
     assert list(sampler) == reference
-    assert _keys(50, 3, seed=3) != reference
-    assert _keys(50, 2, seed=4) != reference
+    indices = [index for index, _ in reference]
+    assert [index for index, _ in _keys(50, 3, seed=3)] != indices
+    assert [index for index, _ in _keys(50, 2, seed=4)] != indices
 
 
 def test_augmentation_seeds_differ_by_position_and_fit_in_31_bits():
@@ -74,8 +75,8 @@ def test_two_replicas_partition_the_order_with_wrap_padding():
 
 
 def test_more_replicas_than_samples_still_fills_every_replica():
-    per_rank = [_keys(3, 0, seed=0, num_replicas=4, rank=rank) for rank in range(4)]
-    assert [len(keys) for keys in per_rank] == [1, 1, 1, 1]
+    per_rank = [_keys(3, 0, seed=0, num_replicas=8, rank=rank) for rank in range(8)]  # padding 5 > 3 samples
+    assert [len(keys) for keys in per_rank] == [1] * 8
     assert {keys[0][0] for keys in per_rank} == {0, 1, 2}
 
 
@@ -137,6 +138,13 @@ def test_holdout_is_stratified_and_keeps_singletons_in_train(long_tail):
     assert {"D0", "E0"} <= {s.image_id for s in train.samples}
     assert val.name == "train-holdout" and train.name == "train"
     assert train.taxonomy is long_tail.taxonomy and val.image_root == long_tail.image_root
+
+
+def test_holdout_never_takes_a_class_s_last_image(long_tail):
+    train, val = stratified_holdout(long_tail, 0.7, seed=0)
+    # round(0.7) = 1 for a singleton and round(1.4) = 1 for a pair: the last image always stays.
+    assert Counter(s.category_id for s in val.samples) == {"A": 7, "B": 4, "C": 1}
+    assert Counter(s.category_id for s in train.samples) == {"A": 3, "B": 1, "C": 1, "D": 1, "E": 1}
 
 
 def test_holdout_is_disjoint_and_complete(long_tail):

@@ -95,6 +95,13 @@ def test_bad_image_skipped_and_counted(herbarium2020, train_split):
     np.testing.assert_allclose(stats["std"], std, rtol=0, atol=1e-9)
 
 
+def test_no_readable_image_at_all(herbarium2020, train_split):
+    for path in herbarium2020["train"].files.values():
+        path.unlink()
+    with pytest.raises(ValueError, match=r"no readable image in split 'train'"):
+        compute_stats(train_split, SIZE, workers=0, skip_bad_images=True, progress=False)
+
+
 # ------------------------------------------------------------ collect-stats
 def _args(data: Path, *extra: str) -> list[str]:
     return [str(data), "--size", str(SIZE), "--workers", "0", "--quiet", *extra]

@@ -265,6 +265,9 @@ def _locate(data: Path, split: str) -> _Located:
         (data / "metadata.json", data, _read_coco),
     ]
     for metadata, image_root, read in candidates:
+        # DATA/metadata.json is DATA being the split folder itself: only for its own split name (or train).
+        if metadata == data / "metadata.json" and split not in (data.name, "train"):
+            continue
         if metadata.is_file():
             return _Located(metadata, image_root, read)
     tried = ", ".join(str(c[0]) for c in candidates)
