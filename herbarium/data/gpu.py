@@ -1,0 +1,511 @@
+"""The GPU input path: CPU workers read JPEG bytes, the device decodes and augments them.
+
+A PIL DataLoader decodes about 1,000 Herbarium-sized JPEGs per second on 16
+cores, a quarter of what one H100 trains on. Here the workers only read file
+bytes; the main process decodes each batch with one
+``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA),
+applies the training preset's own v2 ops to each image on the device, seeded
+with the sampler's per-sample seed so a sample looks as it does on the CPU
+path, then stacks, converts and normalises the batch on the device.
+
+Pieces, each usable alone:
+
+* :class:`BytesDataset` and :func:`collate_bytes`: file bytes per sample,
+  with the targets and bad-file policy of :class:`ImageDataset`.
+* :class:`GpuBatchDecoder`: a list of byte tensors to uint8 [3, H, W]
+  images on the device. Streams nvJPEG cannot take (not a JPEG, CMYK,
+  lossless or 12-bit, no end marker) and streams a batched call fails on go
+  to PIL, as on the CPU path; every route is counted.
+* :func:`tensor_ops`, :func:`augment_images`, :func:`normalize`: the CPU
+  path's transforms without their conversion to a float tensor, applied per
+  image, then one conversion for the whole batch.
+* :class:`GpuLoader` (training / validation batches), :class:`GpuViewLoader`
+  (TTA views, as :class:`~herbarium.evaluation.tta.MultiViewDataset`) and
+  :func:`gpu_moment_batches` (collect-stats moments).
+
+Everything runs on a CPU device too (``decode_jpeg(..., device="cpu")``),
+which is how the tests check it against the CPU path.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Sampler
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from herbarium.data import augment
+from herbarium.data.dataset import ImageDataset
+from herbarium.data.images import IMAGE_ERRORS, BadImageError, load_rgb
+from herbarium.data.readers import DatasetSplit
+from herbarium.data.transforms import eval_transform
+
+DECODES = ("auto", "cpu", "gpu")
+
+# Ops that turn a PIL image into a normalised float tensor: on this path they are done once per batch.
+_CONVERSIONS = (v2.ToImage, v2.PILToTensor, v2.ToPureTensor, v2.ToDtype, v2.Normalize)
+
+
+# ------------------------------------------------------------------ choosing
+@functools.lru_cache(maxsize=None)
+def device_decode_available(device: str) -> bool:
+    """Whether ``decode_jpeg`` decodes on ``device`` (torchvision built with nvJPEG, CUDA present)."""
+    target = torch.device(device)
+    if target.type != "cuda" or not torch.cuda.is_available():
+        return False
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, format="JPEG")
+    probe = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    try:
+        decode_jpeg([probe], mode=ImageReadMode.RGB, device=target)
+    except RuntimeError:
+        return False
+    return True
+
+
+def select_decode(decode: str, device: str | torch.device) -> str:
+    """``"cpu"`` (PIL in the workers) or ``"gpu"`` (nvJPEG on ``device``) for a ``--decode`` choice.
+
+    ``auto`` picks ``gpu`` when ``device`` is a CUDA device whose torchvision
+    decodes JPEGs there, ``cpu`` otherwise; ``gpu`` without one is an error.
+    """
+    if decode not in DECODES:
+        raise ValueError(f"unknown decode {decode!r}; choose one of {list(DECODES)}")
+    if decode == "cpu":
+        return "cpu"
+    available = device_decode_available(str(torch.device(device)))
+    if decode == "gpu" and not available:
+        raise ValueError(f"--decode gpu needs a CUDA device with torchvision's nvJPEG decoder; device {str(device)!r} has none "
+                         "(use --decode cpu or auto)")
+    return "gpu" if available else "cpu"
+
+
+# ------------------------------------------------------------------- bytes
+class BytesDataset(ImageDataset):
+    """The samples of an :class:`ImageDataset` as raw file bytes: ``{"data", "targets", "index", "seed"}``.
+
+    ``data`` is a uint8 tensor [file size]; ``seed`` the augmentation seed of
+    an ``(index, seed)`` key from :class:`EpochSampler`, or ``None`` for a
+    plain index. A missing or empty file yields ``None`` with
+    ``skip_bad_images`` (counted by :func:`collate_bytes`) and raises
+    :class:`BadImageError` naming the file otherwise; bytes that turn out
+    not to decode are handled the same way by the loaders.
+    """
+
+    def __init__(self, split: DatasetSplit, ranks: Sequence[str], *, skip_bad_images: bool = False) -> None:
+        # No transform: decoding and augmentation happen on the device.
+        super().__init__(split, ranks, transform=None, skip_bad_images=skip_bad_images)
+
+    def bad_image(self, index: int, error: Exception | str) -> BadImageError:
+        """The error :class:`ImageDataset` raises for an unreadable file, naming it and its image id."""
+        sample = self.split.samples[index]
+        return BadImageError(
+            f"cannot read image {sample.image_id!r} at {self.split.path(sample)}: {error} "
+            "(pass --skip-bad-images to skip and count such files)"
+        )
+
+    def read_bytes(self, index: int) -> torch.Tensor | None:
+        path = self.split.path(self.split.samples[index])
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+            if data.size == 0:
+                raise OSError("empty file")
+        except OSError as error:
+            if self.skip_bad_images:
+                return None
+            raise self.bad_image(index, error) from error
+        return torch.from_numpy(data)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        data = self.read_bytes(index)
+        if data is None:
+            return None
+        return {"data": data, "targets": self.targets[index], "index": index, "seed": seed}
+
+
+def collate_bytes(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """One byte buffer per batch (pinned in one copy) plus the length of each file in it.
+
+    Returns ``{"data": uint8 [total bytes], "lengths": [B], "targets": [B, R],
+    "index": [B], "seed": list of B ints or None, "skipped": int}``; only
+    ``skipped`` when every file of the batch was unreadable.
+    """
+    kept = [item for item in items if item is not None]
+    batch: dict[str, Any] = {"skipped": len(items) - len(kept)}
+    if kept:
+        batch["data"] = torch.cat([item["data"] for item in kept])
+        batch["lengths"] = torch.tensor([len(item["data"]) for item in kept], dtype=torch.long)
+        batch["targets"] = torch.stack([item["targets"] for item in kept])
+        batch["index"] = torch.tensor([item["index"] for item in kept], dtype=torch.long)
+        batch["seed"] = [item["seed"] for item in kept]
+    return batch
+
+
+# ------------------------------------------------------------------ decoding
+_NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman
+_OTHER_FRAMES = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # lossless, hierarchical, arithmetic
+
+
+def device_decodable(data: torch.Tensor) -> bool:
+    """Whether a byte stream is a JPEG nvJPEG decodes as PIL would: 8-bit Huffman, grey or YCbCr, complete.
+
+    Reads the markers up to the frame header (a few hundred bytes past any
+    EXIF block). A stream without its end-of-image marker is most often a
+    truncated download: PIL refuses it, nvJPEG may not, so it goes to PIL.
+    """
+    stream = memoryview(data.numpy())
+    size = len(stream)
+    if size < 4 or stream[0] != 0xFF or stream[1] != 0xD8 or stream[size - 2] != 0xFF or stream[size - 1] != 0xD9:
+        return False
+    position = 2
+    while position + 10 <= size:
+        if stream[position] != 0xFF:
+            return False
+        marker = stream[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            position += 2
+            continue
+        if marker in _NVJPEG_FRAMES:
+            precision, components = stream[position + 4], stream[position + 9]
+            return precision == 8 and components in (1, 3)
+        if marker in _OTHER_FRAMES or marker == 0xDA:  # unsupported frame, or a scan before any frame
+            return False
+        position += 2 + (stream[position + 2] << 8 | stream[position + 3])
+    return False
+
+
+def draft_size(width: int, height: int, min_side: int | None) -> tuple[int, int]:
+    """The size :func:`~herbarium.data.images.load_rgb` decodes a JPEG at (Pillow's draft mode), as (width, height).
+
+    Draft mode scales by 1/2, 1/4 or 1/8, never below ``min_side``; the
+    device path resizes to the same size so that random crops, whose
+    parameters depend on the image size, are the same on both paths.
+    """
+    if not min_side or min(width, height) < 2 * min_side:
+        return width, height
+    scale = min_side / min(width, height)
+    requested = (max(1, round(width * scale)), max(1, round(height * scale)))
+    reduction = min(width // requested[0], height // requested[1])
+    factor = next(f for f in (8, 4, 2, 1) if reduction >= f)
+    return (width + factor - 1) // factor, (height + factor - 1) // factor
+
+
+def _decode_with_pil(data: torch.Tensor, min_side: int | None) -> torch.Tensor:
+    """What the CPU path decodes: PIL, draft mode, RGB; uint8 [3, H, W] on the CPU."""
+    return F.pil_to_tensor(load_rgb(io.BytesIO(data.numpy().tobytes()), min_side))
+
+
+@dataclass
+class DecodedBatch:
+    """Decoded images, uint8 [3, H, W] on the device, ``None`` where no decoder could read the bytes."""
+
+    images: list[torch.Tensor | None]
+    errors: dict[int, str] = field(default_factory=dict)  # position in the batch -> why it failed
+
+
+class GpuBatchDecoder:
+    """Decodes a batch of byte tensors on ``device`` in one ``decode_jpeg`` call, with a PIL fallback.
+
+    ``counts`` tallies the route of every image: ``device`` (the batched
+    call, or one by one after a batched call failed), ``pil`` (streams the
+    device decoder cannot take or failed on) and ``failed`` (not an image
+    PIL can read either).
+
+    ``decode_min_side`` reproduces the CPU path's draft-mode decoding (see
+    :func:`draft_size`) by resizing device-decoded images to the same size.
+    """
+
+    def __init__(self, device: str | torch.device, *, decode_min_side: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.decode_min_side = decode_min_side
+        self.counts: Counter[str] = Counter()
+
+    def decode(self, datas: Sequence[torch.Tensor]) -> DecodedBatch:
+        """``datas``: 1-D uint8 CPU tensors, one file each."""
+        batch = DecodedBatch([None] * len(datas))
+        routes = [device_decodable(data) for data in datas]
+        on_device = [i for i, routed in enumerate(routes) if routed]
+        with_pil = [i for i, routed in enumerate(routes) if not routed]
+        try:
+            decoded = decode_jpeg([datas[i] for i in on_device], mode=ImageReadMode.RGB, device=self.device) if on_device else []
+        except RuntimeError:
+            # One bad stream fails the whole call; find it by decoding one by one.
+            decoded = []
+            for i in list(on_device):
+                try:
+                    decoded.append(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    on_device.remove(i)
+                    with_pil.append(i)
+        for i, image in zip(on_device, decoded):
+            batch.images[i] = self._draft(image)
+        self.counts["device"] += len(on_device)
+        for i in with_pil:
+            try:
+                batch.images[i] = _decode_with_pil(datas[i], self.decode_min_side).to(self.device, non_blocking=True)
+                self.counts["pil"] += 1
+            except IMAGE_ERRORS as error:
+                batch.errors[i] = str(error)
+                self.counts["failed"] += 1
+        return batch
+
+    def _draft(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        draft_width, draft_height = draft_size(width, height, self.decode_min_side)
+        if (draft_width, draft_height) == (width, height):
+            return image
+        # Of the resizes tried, an area average comes closest to libjpeg's reduced-size DCT.
+        reduced = torch.nn.functional.interpolate(image[None].float(), size=(draft_height, draft_width), mode="area")
+        return reduced[0].round_().to(torch.uint8)
+
+
+# -------------------------------------------------------------- augmentation
+def tensor_ops(transform: Callable) -> v2.Compose:
+    """The ops of a CPU-path transform (a preset, ``eval_transform``, a TTA view) without its tensor conversion.
+
+    The same op objects, flattened out of nested ``Compose``; ``ToImage``,
+    ``ToDtype`` and ``Normalize`` are left out because :func:`normalize`
+    does them once per batch.
+    """
+    ops: list[Callable] = []
+
+    def flatten(item: Callable) -> None:
+        if isinstance(item, v2.Compose):
+            for inner in item.transforms:
+                flatten(inner)
+        elif not isinstance(item, _CONVERSIONS):
+            ops.append(item)
+
+    flatten(transform)
+    return v2.Compose(ops)
+
+
+def train_ops(preset: str, size: int) -> v2.Compose:
+    """The training preset's augmentation ops, shared with the CPU path."""
+    shared = getattr(augment, "preset_ops", None)
+    if shared is not None:
+        ops = shared(preset, size)
+        return ops if isinstance(ops, v2.Compose) else v2.Compose(list(ops))
+    return tensor_ops(augment.build_train_transform(preset, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+
+
+def eval_ops(size: int) -> v2.Compose:
+    """``eval_transform``'s resize and centre crop."""
+    return tensor_ops(eval_transform(size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+
+
+def apply_seeded(ops: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """``ops(image)`` with the CPU generator seeded as :class:`ImageDataset` seeds it; ``None``: unseeded.
+
+    The random parameters of v2 ops come from the CPU generator whatever the
+    image's device. Only that generator is seeded and restored afterwards:
+    ``torch.manual_seed`` would also reseed CUDA, whose state dropout uses.
+    """
+    if seed is None:
+        return ops(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return ops(image)
+
+
+def augment_images(images: Sequence[torch.Tensor], seeds: Sequence[int | None], ops: Callable[[torch.Tensor], torch.Tensor],
+                   size: int) -> torch.Tensor:
+    """uint8 [3, H_i, W_i] images -> uint8 [B, 3, size, size]: ``ops`` per image, then resized to ``size`` if needed."""
+    outputs = []
+    for image, seed in zip(images, seeds):
+        output = apply_seeded(ops, image, seed)
+        if tuple(output.shape[-2:]) != (size, size):
+            output = F.resize(output, [size, size], antialias=True)
+        outputs.append(output)
+    return torch.stack(outputs)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W] channels_last, as ``ToDtype(scale=True)`` + ``Normalize``.
+
+    ``mean``/``std``: float32 [3] on the images' device, in [0, 1] pixel units.
+    """
+    floats = images.to(dtype=torch.float32, memory_format=torch.channels_last)
+    return floats.mul_(1.0 / 255).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
+
+def image_moments(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> [B, 3 (count, mean, m2), 3 channels] float64, as collect-stats computes per image."""
+    pixels = images.to(torch.float32).mul_(1.0 / 255).double().flatten(2)  # [B, 3, H*W]
+    mean = pixels.mean(dim=2)
+    m2 = ((pixels - mean[..., None]) ** 2).sum(dim=2)
+    count = torch.full_like(mean, float(pixels.shape[2]))
+    return torch.stack([count, mean, m2], dim=1)
+
+
+# ------------------------------------------------------------------- loaders
+class _DeviceBatches:
+    """Reads byte batches with DataLoader workers and turns each into a batch on the device.
+
+    The workers read ahead (``prefetch_factor`` batches each, pinned on
+    CUDA) while the main process decodes the current batch. On CUDA the
+    decode and the augmentation run on their own stream, so they overlap the
+    model's work on the current stream, which waits for them only where it
+    uses the batch. Subclasses say what a batch holds (:meth:`make`).
+    """
+
+    def __init__(self, dataset: BytesDataset, batch_size: int, workers: int, device: str | torch.device, *,
+                 sampler: Sampler | None = None, drop_last: bool = False, generator: torch.Generator | None = None,
+                 decode_min_side: int | None = None) -> None:
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.decoder = GpuBatchDecoder(self.device, decode_min_side=decode_min_side)
+        self.bytes = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers, collate_fn=collate_bytes,
+            pin_memory=self.device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None, generator=generator,
+        )
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __len__(self) -> int:
+        return len(self.bytes)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for raw in self.bytes:
+            yield self.to_device(raw)
+
+    def make(self, images: list[torch.Tensor], seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def to_device(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A batch of :func:`collate_bytes` -> the batch :meth:`make` builds, plus targets, index and skipped."""
+        if "data" not in raw:
+            return {"skipped": raw["skipped"]}
+        if self.stream is None:
+            return self._build(raw)
+        # torchvision's decoder writes on a stream of its own into memory allocated on ours: wait until our
+        # previous batch is done with the blocks it freed before they are handed out again.
+        self.stream.synchronize()
+        with torch.cuda.stream(self.stream):
+            batch = self._build(raw)
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_stream(self.stream)
+        for value in batch.values():
+            for tensor in value if isinstance(value, list) else [value]:
+                if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+                    tensor.record_stream(consumer)
+        return batch
+
+    def _build(self, raw: dict[str, Any]) -> dict[str, Any]:
+        datas = raw["data"].split(raw["lengths"].tolist())
+        decoded = self.decoder.decode(datas)
+        indices = raw["index"].tolist()
+        for position, error in decoded.errors.items():
+            if not self.dataset.skip_bad_images:
+                raise self.dataset.bad_image(indices[position], error)
+        keep = [i for i, image in enumerate(decoded.images) if image is not None]
+        batch: dict[str, Any] = {"skipped": raw["skipped"] + len(decoded.errors)}
+        if keep:
+            batch.update(self.make([decoded.images[i] for i in keep], [raw["seed"][i] for i in keep], [indices[i] for i in keep]))
+            batch["targets"] = raw["targets"][keep]
+            batch["index"] = raw["index"][keep]
+        return batch
+
+
+class GpuLoader(_DeviceBatches):
+    """Training (``train=True``: the preset, seeded per sample) or validation batches decoded on ``device``.
+
+    Yields the CPU loader's batches, ``{"image", "targets", "index",
+    "skipped"}``, with ``image`` float32 [B, 3, size, size], normalised and
+    channels_last, already on ``device``; ``targets`` and ``index`` stay on
+    the CPU as they do there. Pass the CPU path's ``decode_min_side`` (the
+    engine's ``2 * size`` for training, ``resize_size(size)`` for
+    validation) for the same images.
+    """
+
+    def __init__(self, dataset: BytesDataset, sampler: Sampler | None, batch_size: int, workers: int,
+                 device: str | torch.device, preset: str, size: int, mean: Sequence[float], std: Sequence[float],
+                 train: bool, *, drop_last: bool = False, generator: torch.Generator | None = None,
+                 decode_min_side: int | None = None) -> None:
+        super().__init__(dataset, batch_size, workers, device, sampler=sampler, drop_last=drop_last, generator=generator,
+                         decode_min_side=decode_min_side)
+        self.ops = train_ops(preset, size) if train else eval_ops(size)
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+
+    def make(self, images: list[torch.Tensor], seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
+        return {"image": normalize(augment_images(images, seeds, self.ops, self.size), self.mean, self.std)}
+
+
+def make_views(images: Sequence[torch.Tensor], indices: Sequence[int], view_ops: Sequence[Callable], size: int,
+               mean: torch.Tensor, std: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Every view of every image: float32 [B, V, 3, size, size] (channels_last per view), normalised.
+
+    View ``v`` of the image at dataset index ``i`` is seeded with
+    ``hash((seed, i, v))``, as :class:`~herbarium.evaluation.tta.MultiViewDataset` seeds it.
+    """
+    views = [
+        apply_seeded(ops, image, hash((seed, index, number)) & 0x7FFFFFFF)
+        for image, index in zip(images, indices)
+        for number, ops in enumerate(view_ops)
+    ]
+    views = [view if tuple(view.shape[-2:]) == (size, size) else F.resize(view, [size, size], antialias=True) for view in views]
+    return normalize(torch.stack(views), mean, std).unflatten(0, (len(images), len(view_ops)))
+
+
+class GpuViewLoader(_DeviceBatches):
+    """TTA batches decoded on ``device``: ``{"views": [P x Tensor[B, V, 3, H, W]], "targets", "index", "skipped"}``.
+
+    ``view_transforms[p][v]`` is the CPU-path transform of view ``v`` for
+    input profile ``p`` (``tta.view_transform(view, profile)``); ``sizes``,
+    ``means`` and ``stds`` are the profiles'. Batches are the ones
+    ``collate_views`` makes from a ``MultiViewDataset`` over the same files.
+    """
+
+    def __init__(self, dataset: BytesDataset, batch_size: int, workers: int, device: str | torch.device,
+                 view_transforms: Sequence[Sequence[Callable]], sizes: Sequence[int], means: Sequence[Sequence[float]],
+                 stds: Sequence[Sequence[float]], *, seed: int = 0, decode_min_side: int | None = None) -> None:
+        super().__init__(dataset, batch_size, workers, device, decode_min_side=decode_min_side)
+        self.view_ops = [[tensor_ops(transform) for transform in transforms] for transforms in view_transforms]
+        self.sizes = list(sizes)
+        self.means = [torch.tensor(mean, dtype=torch.float32, device=self.device) for mean in means]
+        self.stds = [torch.tensor(std, dtype=torch.float32, device=self.device) for std in stds]
+        self.seed = seed
+
+    def make(self, images: list[torch.Tensor], seeds: list[int | None], indices: list[int]) -> dict[str, Any]:
+        return {"views": [make_views(images, indices, ops, size, mean, std, self.seed)
+                          for ops, size, mean, std in zip(self.view_ops, self.sizes, self.means, self.stds)]}
+
+
+class _MomentBatches(_DeviceBatches):
+    def __init__(self, dataset: BytesDataset, batch_size: int, workers: int, device: str | torch.device, size: int) -> None:
+        from herbarium.stats import stats_transform  # imported here: herbarium.stats uses this module
+
+        super().__init__(dataset, batch_size, workers, device, decode_min_side=size)
+        self.ops = tensor_ops(stats_transform(size))
+        self.size = size
+
+    def make(self, images: list[torch.Tensor], seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
+        return {"moments": image_moments(augment_images(images, seeds, self.ops, self.size))}
+
+
+def gpu_moment_batches(split: DatasetSplit, size: int, workers: int, batch_size: int, device: str | torch.device,
+                       skip_bad_images: bool = False) -> Iterator[tuple[torch.Tensor, int]]:
+    """collect-stats on the device: ``(moments [B, 3 (count, mean, m2), 3] float64 on the CPU, skipped)`` per batch.
+
+    The pixels are ``stats_transform(size)``'s (shorter side to ``size``,
+    centre crop, [0, 1]), so the pairs are those ``compute_stats`` merges.
+    """
+    dataset = BytesDataset(split, split.taxonomy.ranks, skip_bad_images=skip_bad_images)
+    for batch in _MomentBatches(dataset, batch_size, workers, device, size):
+        moments = batch["moments"].cpu() if "moments" in batch else torch.zeros(0, 3, 3, dtype=torch.float64)
+        yield moments, batch["skipped"]
