@@ -12,6 +12,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect-stats": ("herbarium.stats", "exact mean/std and class counts of a split"),
     "train": ("herbarium.train_cli", "train a trunk with one head per rank"),
     "evaluate": ("herbarium.evaluation.cli", "TTA evaluation, report and submission"),
+    "swa": ("herbarium.ensembles", "average a run's checkpoints (SWA), BatchNorm statistics recomputed"),
+    "kfold": ("herbarium.kfold", "k-fold training stratified by species, with out-of-fold predictions"),
+    "clean-labels": ("herbarium.noisy.cleaning", "cross-prediction label cleaning: flagged.csv and a balanced kept.csv"),
+    "inject-label-noise": ("herbarium.noisy.inject", "copy a dataset with a fraction of its training labels flipped"),
+    "prepare": ("herbarium.prepare", "copy a dataset with images shrunk to --max-side, for a faster CPU input path"),
+    "lr-find": ("herbarium.lr_find", "LR range test: loss against an exponentially raised learning rate"),
 }
 
 

@@ -85,12 +85,21 @@ def default_workers() -> int:
 
 
 def compute_stats(split: DatasetSplit, size: int = 224, workers: int | None = None, batch_size: int = 64,
-                  skip_bad_images: bool = False, progress: bool = True) -> dict:
-    """Exact mean/std over every image of ``split`` plus class counts per rank."""
+                  skip_bad_images: bool = False, progress: bool = True, decode: str = "cpu", device: str = "cpu") -> dict:
+    """Exact mean/std over every image of ``split`` plus class counts per rank.
+
+    ``decode='gpu'`` (or ``auto`` with a CUDA device) decodes with nvJPEG on
+    the device; the per-image moments are the same, merged the same way.
+    """
+    from herbarium.data.gpu import gpu_moment_batches, select_decode
+
     workers = default_workers() if workers is None else workers
-    dataset = ImageDataset(split, split.taxonomy.ranks, _ImageMoments(size), decode_min_side=size, skip_bad_images=skip_bad_images)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_moments,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    if select_decode(decode, torch.device(device)) == "gpu":
+        loader = gpu_moment_batches(split, size, workers, batch_size, device, skip_bad_images)
+    else:
+        dataset = ImageDataset(split, split.taxonomy.ranks, _ImageMoments(size), decode_min_side=size, skip_bad_images=skip_bad_images)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_moments,
+                            persistent_workers=False, prefetch_factor=4 if workers else None)
     moments, skipped, seen = ChannelMoments(), 0, 0
     start = time.perf_counter()
     with tqdm(total=len(dataset), unit="img", desc=f"collect-stats {split.name}", disable=not progress) as bar:
@@ -177,13 +186,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per worker batch (default: 64)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing (default: off)")
+    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="cpu", help="where JPEGs are decoded: cpu (PIL workers), gpu (nvJPEG on --device) or auto (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="device for --decode gpu/auto, e.g. cuda (default: cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict:
     split = read_split(args.data, args.split, tuple(args.ranks.split(",")))
-    stats = compute_stats(split, args.size, args.workers, args.batch_size, args.skip_bad_images, progress=not args.quiet)
+    stats = compute_stats(split, args.size, args.workers, args.batch_size, args.skip_bad_images, progress=not args.quiet,
+                          decode=args.decode, device=args.device)
     out = args.out or default_stats_path(args.data, args.split)
     write_stats(stats, out)
     print(summary(stats, out))

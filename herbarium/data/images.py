@@ -23,8 +23,14 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     of being decoded in full and then thrown away by the resize. Draft mode
     never goes below the requested size, so quality at ``min_side`` is kept.
     """
-    with Image.open(path) as image:
+    image = Image.open(path)
+    try:
         if min_side and image.format == "JPEG" and min(image.size) >= 2 * min_side:
             scale = min_side / min(image.size)
             image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-        return image.convert("RGB")
+        image.load()  # Pillow closes the file once the pixels are read
+    except BaseException:
+        image.close()
+        raise
+    # convert() always copies; an image that is already RGB (most JPEGs) is returned as is.
+    return image if image.mode == "RGB" else image.convert("RGB")
