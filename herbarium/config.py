@@ -31,6 +31,8 @@ class DataConfig:
     sampler: str = "none"
     augment: str = "crop_flip"
     skip_bad_images: bool = False
+    subset: str | None = None  # CSV with an image_id column: train on these images of the train split only
+    holdout_ids: str | None = None  # CSV with an image_id column: these train images are the validation split
 
 
 @dataclass
@@ -71,6 +73,17 @@ class OptimConfig:
 
 
 @dataclass
+class O2UConfig:
+    """Loss-based sample reweighting over SGDR cycles (see :mod:`herbarium.noisy.o2u`)."""
+
+    enabled: bool = False
+    weighting: str = "exp"  # exp: exp(-max(loss, 0) / temperature); rank: 1 - loss percentile
+    temperature: float = 1.0  # nats of normalised loss per e-fold of weight (exp)
+    floor: float = 0.1  # smallest weight a sample gets
+    warmup_cycles: int = 1  # cycles trained unweighted before the first weights apply
+
+
+@dataclass
 class TrainConfig:
     out: str = "runs/default"
     epochs: int = 20
@@ -83,17 +96,19 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: at epoch ends only
     nan_policy: str = "stop"  # stop | skip
     stop_after_epoch: int | None = None  # end the process after this epoch (a resumable pause)
+    snapshots: bool = False  # save checkpoints/snapshot_<k>.pt at the end of each SGDR cycle
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    o2u: O2UConfig = field(default_factory=O2UConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        sections = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig}
+        sections = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "o2u": O2UConfig}
         top = {k: v for k, v in data.items() if k not in sections}
         parts = {name: _build(section, data.get(name, {})) for name, section in sections.items()}
         return cls(**_known(cls, top), **parts)

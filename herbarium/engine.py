@@ -9,6 +9,7 @@ whenever the finest rank's validation macro-F1 improves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
@@ -38,6 +40,7 @@ from herbarium.data.transforms import eval_transform, resize_size
 from herbarium.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from herbarium.losses import build_multi_rank_loss
 from herbarium.models import build_model
+from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
 from herbarium.stats import default_workers
 from herbarium.stats_file import Normalization, default_stats_path, read_normalization
@@ -69,13 +72,52 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # --------------------------------------------------------------------- data
+def read_image_ids(path: str | Path) -> set[str]:
+    """The ``image_id`` column of a CSV (kept.csv, a fold's ids, ...), as strings."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "image_id" not in frame.columns:
+        raise ValueError(f"{path}: needs an image_id column; it has {list(frame.columns)}")
+    return set(frame["image_id"])
+
+
+def select_images(split: DatasetSplit, ids: set[str], source: str | Path, name: str | None = None) -> DatasetSplit:
+    """The samples of ``split`` whose image ids are in ``ids``; every id must be in the split."""
+    present = {str(sample.image_id) for sample in split.samples}
+    unknown = sorted(ids - present)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} image id(s) are not in split {split.name!r}, e.g. {unknown[:3]}")
+    samples = [sample for sample in split.samples if str(sample.image_id) in ids]
+    return dataclasses.replace(split, samples=samples, name=name or split.name)
+
+
 def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit]:
-    """The training split and its validation split (named, or held out of train)."""
+    """The training split and its validation split (named, listed by ``holdout_ids``, or held out of train).
+
+    ``data.subset`` then keeps only the listed training images (the
+    validation split is not filtered), which is how k-fold, cleaning and
+    fine-tuning on a clean subset train on part of a split.
+    """
     data = cfg.data
     train = read_split(data.data, data.train_split, data.ranks)
+    subset = None
+    if data.subset:
+        subset = read_image_ids(data.subset)
+        select_images(train, subset, data.subset)  # every listed id must be an image of the split
+    if data.holdout_ids and data.val_split:
+        raise ValueError("holdout_ids and val_split both name the validation images; give one")
     if data.val_split:
-        return train, read_split(data.data, data.val_split, data.ranks, taxonomy=train.taxonomy)
-    return stratified_holdout(train, data.holdout, cfg.seed)
+        val = read_split(data.data, data.val_split, data.ranks, taxonomy=train.taxonomy)
+    elif data.holdout_ids:
+        held = read_image_ids(data.holdout_ids)
+        val = select_images(train, held, data.holdout_ids, name=f"{train.name}-holdout")
+        train = select_images(train, {str(s.image_id) for s in train.samples} - held, data.holdout_ids)
+    else:
+        train, val = stratified_holdout(train, data.holdout, cfg.seed)
+    if subset is not None:
+        train = select_images(train, subset & {str(s.image_id) for s in train.samples}, data.subset)
+        if not train.samples:
+            raise ValueError(f"{data.subset}: none of its image ids is a training image")
+    return train, val
 
 
 def resolve_normalization(cfg: TrainConfig) -> Normalization:
@@ -161,6 +203,7 @@ class StepResult:
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
     finite: torch.Tensor
+    per_sample_loss: torch.Tensor | None = None  # [B] detached cross-entropy of one rank, when asked for
 
 
 class NanGuard:
@@ -203,16 +246,26 @@ class NanGuard:
 
 
 def forward_loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any], levels: tuple[str, ...],
-                 device: torch.device, dtype: torch.dtype | None, channels_last: bool) -> StepResult:
+                 device: torch.device, dtype: torch.dtype | None, channels_last: bool,
+                 sample_weight: torch.Tensor | None = None, per_sample_rank: str | None = None) -> StepResult:
+    """The training loss of a batch. The targets go into the model too (margin heads need them).
+
+    ``sample_weight`` [B] weights each sample's loss; with ``per_sample_rank``
+    the result also carries that rank's detached per-sample cross-entropy.
+    """
     images = batch["image"].to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = batch["targets"].to(device, non_blocking=True)  # [B, len(levels)]
+    targets_by_rank = {rank: targets[:, i] for i, rank in enumerate(levels)}
     with autocast(device, dtype):
-        logits = model(images)
+        logits = model(images, targets_by_rank)
     logits = {rank: value.float() for rank, value in logits.items()}
-    total, terms = loss_fn(logits, {rank: targets[:, i] for i, rank in enumerate(levels)})
-    return StepResult(total, terms, torch.isfinite(total.detach()))
+    total, terms = loss_fn(logits, targets_by_rank, sample_weight=sample_weight)
+    per_sample = None
+    if per_sample_rank is not None:
+        per_sample = per_sample_cross_entropy(logits[per_sample_rank], targets_by_rank[per_sample_rank])
+    return StepResult(total, terms, torch.isfinite(total.detach()), per_sample)
 
 
 # -------------------------------------------------------------------- train
@@ -264,6 +317,8 @@ class Trainer:
             parse_schedule(cfg.optim.schedule), steps_per_epoch, cfg.epochs, cfg.optim.plateau_patience,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self._check_cycle_features()
+        self.o2u = self._build_o2u()
         self.state = RunState()
         self.skipped_images = 0
         self.nan_guard = NanGuard(cfg.nan_policy)
@@ -294,6 +349,32 @@ class Trainer:
             model = torch.compile(model)
         return model
 
+    def _check_cycle_features(self) -> None:
+        """O2U and snapshots act at SGDR cycle ends, which must fall on epoch ends."""
+        wanted = [name for name, on in (("--o2u", self.cfg.o2u.enabled), ("--snapshots", self.cfg.snapshots)) if on]
+        if not wanted:
+            return
+        schedule = self.optimizer.schedule
+        if schedule.kind != "sgdr":
+            raise ValueError(f"{' and '.join(wanted)} act at the end of each SGDR cycle and need --schedule sgdr:EPOCHS[:mult=M], "
+                             f"got {schedule}")
+        if schedule.period != int(schedule.period) or schedule.cycle_mult != int(schedule.cycle_mult):
+            raise ValueError(f"{' and '.join(wanted)} need cycles that end on epoch ends: give sgdr a whole number of epochs "
+                             f"and an integer mult, got {schedule}")
+
+    def _build_o2u(self) -> O2UReweighter | None:
+        o2u = self.cfg.o2u
+        if not o2u.enabled:
+            return None
+        return O2UReweighter(len(self.train_split), o2u.weighting, o2u.temperature, o2u.floor, o2u.warmup_cycles,
+                             device=self.device)
+
+    def _cycle_ended(self) -> int | None:
+        """The 1-based number of the SGDR cycle that the last optimizer step ended, else None."""
+        step = self.optimizer.global_step - 1
+        position = self.optimizer.schedule.cycle(step, self.optimizer.steps_per_epoch) if step >= 0 else None
+        return position.index + 1 if position is not None and position.is_last else None
+
     def _build_loss(self) -> nn.Module:
         loss = self.cfg.loss
         category_ids = self.train_split.category_ids()
@@ -314,6 +395,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "levels": list(self.levels),
             "classes": {rank: self.taxonomy.num_classes(rank) for rank in self.levels},
+            **({"o2u": self.o2u.state_dict()} if self.o2u is not None else {}),
         }
 
     def save(self, name: str) -> None:
@@ -329,6 +411,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = RunState(**state["run"])
+        if self.o2u is not None and "o2u" in state:
+            self.o2u.load_state_dict(state["o2u"], is_main=self.context.is_main)
         set_rng_state(state["rng"])
 
     def write_run_files(self) -> None:
@@ -340,6 +424,7 @@ class Trainer:
                                       "--overwrite to start again, or another --out")
             shutil.rmtree(self.run_dir / "checkpoints")
             (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+            (self.run_dir / "o2u_weights.csv").unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.run_dir / "config.json")
@@ -377,10 +462,19 @@ class Trainer:
         improved = score > self.state.best_metric
         if improved:
             self.state.best_metric = score
+        cycle = self._cycle_ended() if (self.o2u is not None or self.cfg.snapshots) else None
+        record = {"epoch": epoch + 1, **train_record, "val": metrics, "best_macro_f1": self.state.best_metric}
+        if self.o2u is not None:
+            self.o2u.end_epoch(lambda tensor: all_reduce_sum(tensor, self.context))
+            if cycle is not None:
+                record["o2u"] = self.o2u.end_cycle()
+                self.write_o2u_weights(epoch + 1)
         self.save("last")
         if improved:
             self.save("best")
-        record = {"epoch": epoch + 1, **train_record, "val": metrics, "best_macro_f1": self.state.best_metric}
+        if cycle is not None and self.cfg.snapshots:
+            self.save(f"snapshot_{cycle}")
+            record["snapshot"] = f"snapshot_{cycle}"
         self.log_epoch(record)
         return record
 
@@ -412,6 +506,8 @@ class Trainer:
                     self._log_step(progress, result, images_seen, started)
                 if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
                     self.nan_guard.check_pending()
+                    if self.o2u is not None and self.context.enabled:
+                        self.o2u.gather_to_main(lambda tensor: all_reduce_sum(tensor, self.context), self.context.is_main)
                     self.save("last")
         self.nan_guard.check_pending()
         seconds = time.perf_counter() - started
@@ -430,7 +526,13 @@ class Trainer:
     def _micro_step(self, model: nn.Module, batch: dict[str, Any], accumulating: bool) -> StepResult:
         sync = model.no_sync() if accumulating and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
         with sync:
-            result = forward_loss(model, self.loss_fn, batch, self.levels, self.device, self.dtype, self.cfg.channels_last)
+            o2u = self.o2u
+            result = forward_loss(model, self.loss_fn, batch, self.levels, self.device, self.dtype, self.cfg.channels_last,
+                                  sample_weight=o2u.batch_weights(batch["index"]) if o2u is not None else None,
+                                  per_sample_rank=self.finest_level if o2u is not None else None)
+            if o2u is not None:
+                labelled = batch["targets"][:, self.levels.index(self.finest_level)] >= 0
+                o2u.record(batch["index"], result.per_sample_loss, labelled.to(result.per_sample_loss.device))
             if self.nan_guard.policy == "skip" and not bool(result.finite):
                 return result
             self.scaler.scale(result.total / self.cfg.optim.accum_steps).backward()
@@ -463,6 +565,17 @@ class Trainer:
         self.writer.add_scalar("train/optimizer_phase", self.optimizer.active_index, step)
         self.writer.add_scalar("train/images_per_s", rate, step)
 
+    def write_o2u_weights(self, epoch: int) -> None:
+        """TensorBoard histogram of the new O2U weights, and ``o2u_weights.csv`` (lowest weight first) to review."""
+        if not self.context.is_main:
+            return
+        weights = self.o2u.weights.cpu()
+        self.writer.add_histogram("o2u/weights", weights, epoch)
+        summary = self.o2u.summary()
+        self.writer.add_scalar("o2u/fraction_below_half", summary["fraction_below_half"], epoch)
+        self.writer.add_scalar("o2u/mean_weight", summary["mean_weight"], epoch)
+        self.o2u.table(self.train_split.samples).to_csv(self.run_dir / "o2u_weights.csv", index=False)
+
     def log_epoch(self, record: dict[str, Any]) -> None:
         if not self.context.is_main:
             return
@@ -476,6 +589,11 @@ class Trainer:
         scores = "  ".join(f"{rank} F1 {v['macro_f1']:.3f} top1 {v['top1']:.3f}" for rank, v in record["val"].items())
         tqdm.write(f"epoch {epoch}/{self.cfg.epochs}  loss {record['loss']:.4f}  {record['optimizer']} lr {record['lr']:.2e}  "
                    f"{record['images_per_s']:.0f} img/s  val: {scores}")
+        if "o2u" in record:
+            o2u = record["o2u"]
+            tqdm.write(f"O2U cycle {o2u['cycles_done']} done: mean weight {o2u['mean_weight']:.3f}, "
+                       f"{o2u['fraction_below_half']:.1%} of samples below 0.5 "
+                       f"({'applied from now on' if o2u['active'] else 'not applied yet: warm-up'}); see o2u_weights.csv")
         if record["skipped_bad_images"]:
             tqdm.write(f"skipped {record['skipped_bad_images']} unreadable images so far")
 

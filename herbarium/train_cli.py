@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
-from herbarium.models import ModelConfig
+from herbarium.config import DataConfig, LossConfig, O2UConfig, OptimConfig, TrainConfig
+from herbarium.models import HEADS, ModelConfig
+from herbarium.noisy.o2u import O2U_WEIGHTINGS
 
-D, M, L, O, T = DataConfig(), ModelConfig(), LossConfig(), OptimConfig(), TrainConfig()
+D, M, L, O, T, U = DataConfig(), ModelConfig(), LossConfig(), OptimConfig(), TrainConfig(), O2UConfig()
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -38,6 +39,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     data.add_argument("--sampler", choices=("none", "balanced", "sqrt"), default=D.sampler, help=f"class rebalancing of the draws (default: {D.sampler})")
     data.add_argument("--augment", default=D.augment, help=f"augmentation preset (default: {D.augment})")
     data.add_argument("--skip-bad-images", action="store_true", default=D.skip_bad_images, help="skip and count unreadable images instead of stopping (default: off)")
+    data.add_argument("--subset", default=D.subset, help="CSV with an image_id column (e.g. clean-labels' kept.csv): train on these training images only (default: all)")
+    data.add_argument("--holdout-ids", default=D.holdout_ids, help="CSV with an image_id column: these training images are the validation split (default: a random --holdout)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--trunk", default=M.trunk, help=f"timm model name, or pretrainedmodels:NAME (default: {M.trunk})")
@@ -46,6 +49,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     model.add_argument("--pool", default=M.pool, help=f"pooling: avg, max or gem (default: {M.pool})")
     model.add_argument("--dropout", type=float, default=M.dropout, help=f"dropout before each head (default: {M.dropout})")
     model.add_argument("--embedding-dim", type=int, default=M.embedding_dim, help=f"embedding layer before the heads, 0 for none (default: {M.embedding_dim})")
+    model.add_argument("--head", choices=tuple(HEADS), default=M.head, help=f"head of every rank: linear, or arcface (scaled cosines, angular margin in training) (default: {M.head})")
+    model.add_argument("--arcface-levels", type=_csv, default=M.arcface_levels, help="ranks that get an ArcFace head alongside --head for the others, e.g. species (default: none)")
+    model.add_argument("--arcface-margin", type=float, default=M.arcface_margin, help=f"ArcFace additive angular margin in radians (default: {M.arcface_margin})")
+    model.add_argument("--arcface-scale", type=float, default=M.arcface_scale, help=f"ArcFace scale: logits are scale * cosine (default: {M.arcface_scale:g})")
+    model.add_argument("--arcface-subcenters", type=int, default=M.arcface_subcenters, help=f"ArcFace centres per class, > 1 for sub-centre ArcFace (default: {M.arcface_subcenters})")
 
     loss = parser.add_argument_group("loss")
     loss.add_argument("--levels", type=_csv, default=L.levels, help=f"ranks that get a head (default: {','.join(L.levels)})")
@@ -66,6 +74,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     optim.add_argument("--accum-steps", type=int, default=O.accum_steps, help=f"gradient accumulation steps (default: {O.accum_steps})")
     optim.add_argument("--clip-grad", type=float, default=O.clip_grad, help="clip the gradient norm (default: off)")
 
+    noisy = parser.add_argument_group("noisy labels (O2U reweighting; needs --schedule sgdr:...)")
+    noisy.add_argument("--o2u", action="store_true", default=U.enabled, help="weight each sample by its normalised loss over the previous SGDR cycle (default: off)")
+    noisy.add_argument("--o2u-weighting", choices=O2U_WEIGHTINGS, default=U.weighting, help=f"exp: exp(-max(loss, 0)/T); rank: 1 - loss percentile (default: {U.weighting})")
+    noisy.add_argument("--o2u-temperature", type=float, default=U.temperature, help=f"T of the exp weighting, in nats of normalised loss (default: {U.temperature:g})")
+    noisy.add_argument("--o2u-floor", type=float, default=U.floor, help=f"smallest sample weight (default: {U.floor:g})")
+    noisy.add_argument("--o2u-warmup-cycles", type=int, default=U.warmup_cycles, help=f"SGDR cycles trained unweighted first (default: {U.warmup_cycles})")
+
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=T.out, help=f"run directory (default: {T.out})")
     run.add_argument("--resume", default=None, help="resume from a run directory or checkpoint; its saved config is used (default: off)")
@@ -78,6 +93,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run.add_argument("--log-every", type=int, default=T.log_every, help=f"optimizer steps between logged values (default: {T.log_every})")
     run.add_argument("--checkpoint-every", type=int, default=T.checkpoint_every, help="optimizer steps between mid-epoch checkpoints (default: 0, epoch ends only)")
     run.add_argument("--nan-policy", choices=("stop", "skip"), default=T.nan_policy, help=f"on a NaN/inf loss: stop naming the step, or skip and count (default: {T.nan_policy})")
+    run.add_argument("--snapshots", action="store_true", default=T.snapshots, help="save checkpoints/snapshot_<k>.pt at the end of SGDR cycle k (default: off)")
     run.add_argument("--stop-after-epoch", type=int, default=T.stop_after_epoch, help="end the process after this epoch, resumable later (default: off)")
     return parser
 
@@ -101,15 +117,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out=args.out, epochs=args.epochs, seed=args.seed, device=args.device, precision=args.precision,
         channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, nan_policy=args.nan_policy, stop_after_epoch=args.stop_after_epoch,
+        snapshots=args.snapshots,
         data=DataConfig(data=str(args.data), train_split=args.train_split, val_split=args.val_split, holdout=args.holdout,
                         ranks=args.ranks, stats=args.stats, size=args.size, batch_size=args.batch_size, workers=args.workers,
-                        sampler=args.sampler, augment=args.augment, skip_bad_images=args.skip_bad_images),
+                        sampler=args.sampler, augment=args.augment, skip_bad_images=args.skip_bad_images,
+                        subset=args.subset, holdout_ids=args.holdout_ids),
         model=ModelConfig(trunk=args.trunk, pretrained=args.pretrained, weights=args.weights, pool=args.pool,
-                          dropout=args.dropout, embedding_dim=args.embedding_dim),
+                          dropout=args.dropout, embedding_dim=args.embedding_dim, head=args.head,
+                          arcface_levels=args.arcface_levels, arcface_margin=args.arcface_margin,
+                          arcface_scale=args.arcface_scale, arcface_subcenters=args.arcface_subcenters),
         loss=LossConfig(levels=args.levels, level_weights=args.level_weights, loss=args.loss, class_weights=args.class_weights,
                         gamma=args.gamma, beta=args.beta, tau=args.tau, smoothing=args.smoothing),
         optim=OptimConfig(optim=args.optim, schedule=args.schedule, weight_decay=args.weight_decay,
                           plateau_patience=args.plateau_patience, accum_steps=args.accum_steps, clip_grad=args.clip_grad),
+        o2u=O2UConfig(enabled=args.o2u, weighting=args.o2u_weighting, temperature=args.o2u_temperature,
+                      floor=args.o2u_floor, warmup_cycles=args.o2u_warmup_cycles),
     )
 
 

@@ -7,7 +7,7 @@ The path of the scores: per-view logits -> :func:`average_views` (and
 :func:`write_submission` and :func:`write_predictions`.
 """
 
-from herbarium.evaluation.combine import AVERAGING_MODES, average_views, ensemble
+from herbarium.evaluation.combine import AVERAGING_MODES, average_views, class_weighted_ensemble, ensemble
 from herbarium.evaluation.decoding import (
     PathDecoder,
     consistent_predictions,
@@ -36,6 +36,7 @@ __all__ = [
     "SHOT_GROUPS",
     "ancestor_table",
     "average_views",
+    "class_weighted_ensemble",
     "consistent_predictions",
     "consistent_scores",
     "ensemble",

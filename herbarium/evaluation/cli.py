@@ -6,7 +6,7 @@ import argparse
 from typing import Sequence
 
 from herbarium.evaluation.runner import EvaluationSettings, evaluate
-from herbarium.train_cli import _weights
+from herbarium.train_cli import _csv, _weights
 
 S = EvaluationSettings()
 
@@ -36,7 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--average", choices=("logits", "probs"), default=S.average, help=f"average logits or probabilities over views and models (default: {S.average})")
     tta.add_argument("--model-weights", type=_floats, default=S.model_weights, help="one weight per model of an ensemble (default: equal)")
     tta.add_argument("--rank-weights", type=_weights, default=S.rank_weights, help="weights of each rank's log-probability in consistent decoding, e.g. species=1,genus=0.5 (default: 1 each)")
-    tta.add_argument("--primary", default=S.primary, choices=("tta_consistent", "tta_heads", "single_view_heads", "single_view_consistent"), help=f"the variant headlined and written to the submission (default: {S.primary})")
+    tta.add_argument("--primary", default=S.primary, choices=("tta_consistent", "tta_heads", "single_view_heads", "single_view_consistent", "retrieval_heads", "retrieval_consistent"),
+                     help="the variant headlined and written to the submission (default: retrieval_consistent with --retrieval-gallery, else tta_consistent)")
+    tta.add_argument("--class-weighted-ensemble", dest="class_weighted", action="store_true", default=S.class_weighted,
+                     help="weight each model per class by its validation accuracy on that class (AliProducts) instead of one weight per model (default: off)")
+    tta.add_argument("--weights-split", default=S.weights_split, help=f"split the class weights are measured on: 'val' = each run's own validation split, or a split of --data (default: {S.weights_split})")
+    tta.add_argument("--class-weight-power", type=float, default=S.class_weight_power, help=f"per-class accuracy is raised to this power before normalising across models (default: {S.class_weight_power:g})")
+    retrieval = parser.add_argument_group("retrieval (classify by cosine similarity to a labelled gallery)")
+    retrieval.add_argument("--retrieval-gallery", default=S.retrieval_gallery, help="labelled split of --data embedded as the gallery, e.g. train (default: off)")
+    retrieval.add_argument("--retrieval-mode", choices=("centroid", "knn"), default=S.retrieval_mode, help=f"nearest class centroid, or vote of the k nearest gallery images (default: {S.retrieval_mode})")
+    retrieval.add_argument("--retrieval-k", type=int, default=S.retrieval_k, help=f"neighbours of the knn vote (default: {S.retrieval_k})")
+    retrieval.add_argument("--retrieval-weight", type=float, default=S.retrieval_weight, help=f"share of retrieval in its mix with the heads' log-probs, 1 = retrieval alone (default: {S.retrieval_weight:g})")
+    retrieval.add_argument("--retrieval-levels", type=_csv, default=S.retrieval_levels, help="ranks scored by retrieval, e.g. species,genus (default: the finest rank only)")
+    retrieval.add_argument("--retrieval-scale", type=float, default=S.retrieval_scale, help=f"similarities become log_softmax(scale * cosine) (default: {S.retrieval_scale:g})")
     tta.add_argument("--seed", type=int, default=S.seed, help=f"seed of the random views (default: {S.seed})")
     out = parser.add_argument_group("output and device")
     out.add_argument("--out", default=None, help="output folder (default: RUN/eval/SPLIT)")
@@ -53,6 +65,10 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
         views=parse_views(args.views), average=args.average, model_weights=args.model_weights, rank_weights=args.rank_weights,
         batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=args.device, precision=args.precision,
         shot_thresholds=args.shot_thresholds, primary=args.primary, skip_bad_images=args.skip_bad_images,
+        retrieval_gallery=args.retrieval_gallery, retrieval_mode=args.retrieval_mode, retrieval_k=args.retrieval_k,
+        retrieval_weight=args.retrieval_weight, retrieval_scale=args.retrieval_scale, retrieval_levels=args.retrieval_levels,
+        class_weighted=args.class_weighted,
+        weights_split=args.weights_split, class_weight_power=args.class_weight_power,
     )
 
 
@@ -71,7 +87,12 @@ def summary(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = evaluate(args.runs, args.data, args.split, args.labels, args.out, settings_from_args(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    result = evaluate(args.runs, args.data, args.split, args.labels, args.out, settings)
     print(summary(result))
     return 0

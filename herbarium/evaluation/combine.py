@@ -115,3 +115,50 @@ def ensemble(
             raise ValueError(f"every model predicting {rank!r} has weight zero")
         combined[rank] = average_views(stacked, mode, rank_weights)
     return combined
+
+
+def class_weighted_ensemble(
+    score_dicts: Sequence[Mapping[str, Tensor]],
+    class_weights: Sequence[Mapping[str, Tensor]],
+    mode: str = "logits",
+) -> dict[str, Tensor]:
+    """Average several models' per-rank scores with a weight per model *and class*.
+
+    The AliProducts class-based ensemble: a model's weight for class c
+    reflects how well it recognises c (see :mod:`herbarium.ensembles`), so
+    each model has the most say on the classes it is good at.
+
+    Args:
+        score_dicts: one ``{rank: FloatTensor [B, C]}`` per model (logits or
+            log-probabilities).
+        class_weights: one ``{rank: FloatTensor [C]}`` per model, non-negative;
+            renormalised per class over the models predicting the rank (a class
+            whose weights are all zero is averaged uniformly).
+        mode: ``"logits"``: ``sum_m w_mc * log p_m(c)``; ``"probs"``:
+            ``log sum_m w_mc * p_m(c)``; both renormalised over classes.
+
+    Returns:
+        ``{rank: FloatTensor [B, C]}`` log-probabilities. With one model it is
+        that model's log-probabilities.
+    """
+    check_mode(mode)
+    if not score_dicts:
+        raise ValueError("cannot ensemble zero models")
+    if len(class_weights) != len(score_dicts):
+        raise ValueError(f"got class weights for {len(class_weights)} models and scores for {len(score_dicts)}")
+    combined: dict[str, Tensor] = {}
+    for rank in dict.fromkeys(rank for scores in score_dicts for rank in scores):
+        members = [i for i, scores in enumerate(score_dicts) if rank in scores]
+        log_probs = torch.stack([torch.log_softmax(score_dicts[i][rank].float(), dim=-1) for i in members])  # [M, B, C]
+        weights = torch.stack([torch.as_tensor(class_weights[i][rank], dtype=torch.float32) for i in members])  # [M, C]
+        weights = weights.to(log_probs.device)
+        if weights.shape != (len(members), log_probs.shape[2]) or bool((weights < 0).any()):
+            raise ValueError(f"class weights of {rank!r} must be non-negative [models, {log_probs.shape[2]}], got {tuple(weights.shape)}")
+        totals = weights.sum(dim=0, keepdim=True)  # [1, C]
+        weights = torch.where(totals > 0, weights / totals.clamp_min(1e-12), torch.full_like(weights, 1.0 / len(members)))
+        if mode == "logits":
+            mixed = torch.einsum("mc,mbc->bc", weights, log_probs)
+        else:
+            mixed = torch.logsumexp(log_probs + torch.log(weights)[:, None, :], dim=0)
+        combined[rank] = torch.log_softmax(mixed, dim=-1)
+    return combined

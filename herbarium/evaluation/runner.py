@@ -28,13 +28,15 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.transforms import resize_size
 from herbarium.engine import autocast, autocast_dtype, resolve_device
-from herbarium.evaluation.combine import average_views, ensemble
+from herbarium.ensembles import class_weights_from_accuracy, per_class_accuracy
+from herbarium.evaluation.combine import average_views, class_weighted_ensemble, ensemble
 from herbarium.evaluation.decoding import PathDecoder, independent_predictions, taxonomy_disagreement
 from herbarium.evaluation.metrics import evaluate_predictions
 from herbarium.evaluation.report import write_report
 from herbarium.evaluation.submission import top_k_probabilities, write_predictions, write_submission
 from herbarium.evaluation.tta import DEFAULT_VIEWS, InputProfile, MultiViewDataset, collate_views, plain_view_index
 from herbarium.models import build_model
+from herbarium.retrieval import RETRIEVAL_MODES, Gallery, mix_log_probs, normalised_view_mean, retrieval_log_probs
 from herbarium.stats import default_workers
 from herbarium.taxonomy import Taxonomy
 
@@ -101,8 +103,32 @@ class EvaluationSettings:
     device: str = "auto"
     precision: str = "auto"
     shot_thresholds: tuple[int, int] | None = None  # None: (20, 100), scaled down for small training sets
-    primary: str = "tta_consistent"
+    primary: str | None = None  # None: retrieval_consistent with a retrieval gallery, else tta_consistent
     skip_bad_images: bool = False
+    retrieval_gallery: str | None = None  # a labelled split of the data whose embeddings are the gallery
+    retrieval_mode: str = "centroid"  # centroid | knn
+    retrieval_k: int = 5
+    retrieval_weight: float = 0.5  # share of the retrieval log-probs in the mix with the heads'
+    retrieval_scale: float = 30.0  # log_softmax(scale * cosine)
+    retrieval_levels: tuple[str, ...] | None = None  # None: the finest rank with a head
+    class_weighted: bool = False  # per-class model weights from validation accuracy
+    weights_split: str = "val"  # "val": each run's own validation split; else a split of the data
+    class_weight_power: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.retrieval_mode not in RETRIEVAL_MODES:
+            raise ValueError(f"unknown retrieval mode {self.retrieval_mode!r}; choose one of {list(RETRIEVAL_MODES)}")
+        if self.retrieval_k < 1:
+            raise ValueError(f"retrieval k must be >= 1, got {self.retrieval_k}")
+        if not 0.0 <= self.retrieval_weight <= 1.0:
+            raise ValueError(f"retrieval weight must be in [0, 1], got {self.retrieval_weight}")
+        if self.class_weighted and self.model_weights is not None:
+            raise ValueError("class-weighted ensembles set each model's weight per class; drop the model weights")
+
+    def resolved_primary(self) -> str:
+        if self.primary:
+            return self.primary
+        return "retrieval_consistent" if self.retrieval_gallery else "tta_consistent"
 
 
 class PredictionStore:
@@ -130,18 +156,30 @@ class PredictionStore:
         return {"predictions": cat(self.predictions), "top": cat(self.top), "top_probabilities": cat(self.top_probabilities)}
 
 
-def model_scores(loaded: LoadedModel, views: torch.Tensor, average: str, plain: int | None, device: torch.device,
-                 dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """(TTA-averaged log-probs, plain-view log-probs) per rank for one batch of views [B, V, 3, H, W]."""
+def model_outputs(loaded: LoadedModel, views: torch.Tensor, average: str, plain: int | None, device: torch.device,
+                  dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, torch.Tensor]:
+    """(TTA-averaged log-probs, plain-view log-probs, unit embeddings [B, D]) for one batch of views [B, V, 3, H, W].
+
+    The embedding is the mean of the views' unit features, renormalised (see
+    :mod:`herbarium.retrieval`).
+    """
     batch, num_views = views.shape[:2]
     images = views.flatten(0, 1).to(device, non_blocking=True)  # [B*V, 3, H, W]
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(device, dtype):
-        logits = loaded.model(images)
+        features = loaded.model.forward_features(images)  # [B*V, D]
+        logits = loaded.model.forward_head(features)
     per_view = {rank: value.float().view(batch, num_views, -1).transpose(0, 1) for rank, value in logits.items()}  # [V, B, C]
     tta = {rank: average_views(value, average) for rank, value in per_view.items()}
     single = None if plain is None else {rank: torch.log_softmax(value[plain], dim=1) for rank, value in per_view.items()}
+    return tta, single, normalised_view_mean(features.view(batch, num_views, -1))
+
+
+def model_scores(loaded: LoadedModel, views: torch.Tensor, average: str, plain: int | None, device: torch.device,
+                 dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(TTA-averaged log-probs, plain-view log-probs) per rank for one batch of views [B, V, 3, H, W]."""
+    tta, single, _ = model_outputs(loaded, views, average, plain, device, dtype)
     return tta, single
 
 
@@ -158,28 +196,41 @@ def build_view_loader(split: DatasetSplit, taxonomy: Taxonomy, models: Sequence[
 
 
 def predict(models: Sequence[LoadedModel], loader: DataLoader, taxonomy: Taxonomy, settings: EvaluationSettings,
-            device: torch.device) -> dict[str, Any]:
-    """Run every model over every view; keep each variant's predictions and top-k."""
+            device: torch.device, galleries: Sequence[Gallery] | None = None,
+            class_weights: Sequence[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Run every model over every view; keep each variant's predictions and top-k.
+
+    With ``galleries`` (one per model) a ``retrieval`` variant mixes the
+    heads' TTA log-probs with retrieval log-probs; with ``class_weights``
+    (one ``{rank: [C]}`` per model) models are combined class by class.
+    """
     dtype = autocast_dtype(settings.precision, device)
     profiles = list(dict.fromkeys(m.profile for m in models))
     plain = plain_view_index(settings.views)
     decoder = PathDecoder(taxonomy, settings.rank_weights or None)
     store, indices, targets, skipped = PredictionStore(), [], [], 0
-    disagreement = {"tta_heads": [], "single_view_heads": []}
+    disagreement = {"tta_heads": [], "single_view_heads": [], "retrieval_heads": []}
     started, images_done = time.perf_counter(), 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True):
             skipped += batch["skipped"]
             if "views" not in batch:
                 continue
-            tta_parts, single_parts = [], []
+            tta_parts, single_parts, embeddings = [], [], []
             for loaded in models:
-                tta, single = model_scores(loaded, batch["views"][profiles.index(loaded.profile)], settings.average, plain, device, dtype)
+                tta, single, embedding = model_outputs(loaded, batch["views"][profiles.index(loaded.profile)], settings.average, plain, device, dtype)
                 tta_parts.append(tta)
                 single_parts.append(single)
-            variants = {"tta": ensemble(tta_parts, settings.model_weights, settings.average)}
+                embeddings.append(embedding)
+            combine = ((lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)) if class_weights
+                       else (lambda parts: ensemble(parts, settings.model_weights, settings.average)))
+            variants = {"tta": combine(tta_parts)}
             if plain is not None and len(settings.views) > 1:
-                variants["single_view"] = ensemble(single_parts, settings.model_weights, settings.average)
+                variants["single_view"] = combine(single_parts)
+            if galleries:
+                retrieval = retrieval_log_probs(galleries, embeddings, settings.retrieval_mode, settings.retrieval_k,
+                                                settings.retrieval_scale)
+                variants["retrieval"] = mix_log_probs(variants["tta"], retrieval, settings.retrieval_weight)
             for name, scores in variants.items():
                 heads = independent_predictions(scores)
                 store.add(f"{name}_heads", heads, scores)
@@ -196,6 +247,82 @@ def predict(models: Sequence[LoadedModel], loader: DataLoader, taxonomy: Taxonom
         "disagreement": {k: sum(v) / max(images_done, 1) for k, v in disagreement.items() if v},
         "images_per_s": images_done / seconds if seconds > 0 else None, "seconds": seconds,
     }
+
+
+def retrieval_ranks(models: Sequence[LoadedModel], taxonomy: Taxonomy, levels: Sequence[str] | None) -> tuple[str, ...]:
+    """The ranks retrieval scores: ``levels``, or the finest rank with a head; each must have a head in some model.
+
+    The finest rank is the default because a coarse class (a genus, a family)
+    gathers several species whose images need not sit together, so its
+    centroid can lie between them; the species centroids are tight.
+    """
+    with_heads = {rank for loaded in models for rank in loaded.model.ranks}
+    wanted = tuple(levels) if levels else (max(with_heads, key=taxonomy.rank_index),)
+    missing = [rank for rank in wanted if rank not in with_heads]
+    if missing:
+        raise ValueError(f"retrieval levels {missing} have no head in the evaluated models; ranks with heads: {sorted(with_heads)}")
+    return wanted
+
+
+def build_gallery(loaded: LoadedModel, split: DatasetSplit, taxonomy: Taxonomy, settings: EvaluationSettings,
+                  device: torch.device, ranks: Sequence[str]) -> Gallery:
+    """Unit embeddings of a labelled split (plain and flipped views averaged) and its labels at ``ranks`` (those the model has)."""
+    if not any(sample.category_id is not None for sample in split.samples):
+        raise ValueError(f"retrieval gallery split {split.name!r} has no labels")
+    dtype = autocast_dtype(settings.precision, device)
+    loader = build_view_loader(split, taxonomy, [loaded], replace(settings, views=("plain", "flip")), device.type == "cuda")
+    embeddings, targets = [], []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="gallery", unit="batch", leave=False, dynamic_ncols=True):
+            if "views" not in batch:
+                continue
+            views = batch["views"][0]  # [B, 2, 3, H, W]
+            images = views.flatten(0, 1).to(device, non_blocking=True)
+            with autocast(device, dtype):
+                features = loaded.model.forward_features(images)  # [B*2, D]
+            embeddings.append(normalised_view_mean(features.view(len(views), 2, -1)))
+            targets.append(batch["targets"].to(device))
+    targets_table = torch.cat(targets)  # [N, len(taxonomy.ranks)]
+    ranks = [rank for rank in ranks if rank in loaded.model.ranks]
+    labels = {rank: targets_table[:, taxonomy.ranks.index(rank)] for rank in ranks}
+    return Gallery(torch.cat(embeddings), labels, {rank: loaded.model.classes_by_rank[rank] for rank in ranks})
+
+
+def validation_split(loaded: LoadedModel, data: str | Path, split: str, taxonomy: Taxonomy) -> DatasetSplit:
+    """``split`` of ``data``; ``"val"`` is the run's own validation split as it was in training."""
+    if split != "val":
+        return read_split(data, split, loaded.config.data.ranks, taxonomy=taxonomy)
+    from herbarium.engine import read_train_val
+
+    return read_train_val(loaded.config)[1]
+
+
+def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, taxonomy: Taxonomy,
+                             settings: EvaluationSettings, device: torch.device) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Each model's per-class weights ``{rank: [C]}`` from its per-class accuracy on the weights split.
+
+    Accuracy is that of the model's own TTA heads; see
+    :func:`herbarium.ensembles.class_weights_from_accuracy` for the scaling.
+    Returns the weights and a summary (mean validation accuracy per model and rank).
+    """
+    plain_settings = replace(settings, class_weighted=False, retrieval_gallery=None, model_weights=None)
+    accuracies: list[dict[str, np.ndarray]] = []
+    for loaded in models:
+        split = validation_split(loaded, data, settings.weights_split, taxonomy)
+        loader = build_view_loader(split, taxonomy, [loaded], plain_settings, device.type == "cuda")
+        outputs = predict([loaded], loader, taxonomy, plain_settings, device)
+        predictions = outputs["predictions"]["tta_heads"]
+        accuracies.append({rank: per_class_accuracy(outputs["targets"][:, taxonomy.ranks.index(rank)], predicted,
+                                                    taxonomy.num_classes(rank))
+                           for rank, predicted in predictions.items()})
+    weights: list[dict[str, torch.Tensor]] = [{} for _ in models]
+    for rank in dict.fromkeys(rank for accuracy in accuracies for rank in accuracy):
+        members = [i for i, accuracy in enumerate(accuracies) if rank in accuracy]
+        rank_weights = class_weights_from_accuracy(np.stack([accuracies[i][rank] for i in members]), settings.class_weight_power)
+        for row, i in enumerate(members):
+            weights[i][rank] = torch.from_numpy(rank_weights[row]).float()
+    summary = {str(m.source): {rank: float(np.nanmean(a)) for rank, a in accuracy.items()} for m, accuracy in zip(models, accuracies)}
+    return weights, summary
 
 
 def hardware(device: torch.device) -> str:
@@ -228,13 +355,21 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
     taxonomy = check_same_taxonomy(models)
     first = models[0]
     split_data = read_split(data, split, first.config.data.ranks, taxonomy=taxonomy, labels=labels)
+    galleries = None
+    if settings.retrieval_gallery:
+        ranks = retrieval_ranks(models, taxonomy, settings.retrieval_levels)
+        gallery_split = read_split(data, settings.retrieval_gallery, first.config.data.ranks, taxonomy=taxonomy)
+        galleries = [build_gallery(loaded, gallery_split, taxonomy, settings, device, ranks) for loaded in models]
+    class_weights, validation_accuracy = (validation_class_weights(models, data, taxonomy, settings, device)
+                                          if settings.class_weighted else (None, None))
     loader = build_view_loader(split_data, taxonomy, models, settings, pin_memory=device.type == "cuda")
-    outputs = predict(models, loader, taxonomy, settings, device)
+    outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights)
     out_dir = Path(out) if out else resolve_checkpoint(checkpoints[0])[1] / "eval" / split
     out_dir.mkdir(parents=True, exist_ok=True)
 
     image_ids = [split_data.samples[i].image_id for i in outputs["index"]]
-    primary = settings.primary if settings.primary in outputs["predictions"] else "tta_consistent"
+    primary = settings.resolved_primary()
+    primary = primary if primary in outputs["predictions"] else "tta_consistent"
     finest = taxonomy.finest
     write_submission(out_dir / "submission.csv", image_ids, outputs["predictions"][primary][finest], taxonomy)
     write_predictions(out_dir / "predictions.csv", image_ids, outputs["predictions"][primary],
@@ -254,6 +389,10 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
         "checkpoints": [str(m.source) for m in models], "data": str(data), "split": split, "images": len(outputs["index"]),
         "tta_views": list(settings.views), "averaging": settings.average, "model_weights": settings.model_weights,
         "consistent_rank_weights": settings.rank_weights or "1 per rank",
+        **({"retrieval": f"{settings.retrieval_mode} on {settings.retrieval_gallery} for {', '.join(galleries[0].labels)} (k={settings.retrieval_k}, "
+                         f"weight {settings.retrieval_weight:g}, scale {settings.retrieval_scale:g})"} if galleries else {}),
+        **({"class_weighted_ensemble": f"per-class accuracy on {settings.weights_split} ** {settings.class_weight_power:g}",
+            "validation_accuracy": validation_accuracy} if class_weights else {}),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     title = f"herbarium evaluation: {split}"

@@ -4,7 +4,7 @@
 returns a ``MultiRankModel`` whose forward gives ``{rank: logits}``.
 """
 from .config import ModelConfig
-from .heads import HEADS, LinearHead, build_head
+from .heads import HEADS, ArcFaceHead, LinearHead, build_head
 from .multi_rank import MultiRankModel, build_model
 from .pooling import POOLS, GeM, GlobalAvgPool, GlobalMaxPool, build_pool
 from .pretrained import (
@@ -26,6 +26,7 @@ __all__ = [
     "PACKAGED_WEIGHTS",
     "POOLS",
     "TRUNK_ALIASES",
+    "ArcFaceHead",
     "GeM",
     "GlobalAvgPool",
     "GlobalMaxPool",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,12 @@ class ModelConfig:
         embedding_dim: if > 0, a Linear + BatchNorm1d maps the pooled features
             to this size before the heads; 0 puts the heads on the pooled
             features directly.
-        head: kind of head, one of ``heads.HEADS``.
+        head: kind of head of every rank, one of ``heads.HEADS``.
+        arcface_levels: ranks that get an ArcFace head whatever ``head`` says
+            (``("species",)``: ArcFace for species, ``head`` for the rest).
+        arcface_margin: ArcFace's additive angular margin, in radians.
+        arcface_scale: ArcFace's scale (the logits are scale * cosine).
+        arcface_subcenters: centres per class (sub-centre ArcFace when > 1).
         drop_path: stochastic depth rate of the trunk (timm trunks that
             support it).
     """
@@ -38,9 +44,14 @@ class ModelConfig:
     dropout: float = 0.5
     embedding_dim: int = 0
     head: str = "linear"
+    arcface_levels: tuple[str, ...] = ()
+    arcface_margin: float = 0.3
+    arcface_scale: float = 30.0
+    arcface_subcenters: int = 1
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
+        self.arcface_levels = tuple(self.arcface_levels)  # JSON gives a list
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid choices: {', '.join(POOLS)}")
         if self.head not in HEADS:
@@ -51,10 +62,26 @@ class ModelConfig:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.embedding_dim < 0:
             raise ValueError(f"embedding_dim must be >= 0 (0 = no embedding), got {self.embedding_dim}")
+        if not 0.0 <= self.arcface_margin < math.pi / 2:
+            raise ValueError(f"arcface_margin must be in [0, pi/2) radians, got {self.arcface_margin}")
+        if self.arcface_scale <= 0:
+            raise ValueError(f"arcface_scale must be > 0, got {self.arcface_scale}")
+        if self.arcface_subcenters < 1:
+            raise ValueError(f"arcface_subcenters must be >= 1, got {self.arcface_subcenters}")
         if self.pretrained and self.weights:
             raise ValueError(
                 "pretrained=True and weights=FILE both ask for trunk weights; choose one"
             )
+
+    def head_of(self, rank: str) -> str:
+        """The kind of head ``rank`` gets."""
+        return "arcface" if rank in self.arcface_levels else self.head
+
+    def head_settings(self, kind: str) -> dict[str, float]:
+        """Keyword settings of a head of ``kind`` (ArcFace's margin, scale and sub-centres)."""
+        if kind != "arcface":
+            return {}
+        return {"margin": self.arcface_margin, "scale": self.arcface_scale, "subcenters": self.arcface_subcenters}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of every field."""

@@ -51,10 +51,14 @@ class MultiRankModel(nn.Module):
         else:
             self.embedding = nn.Identity()
             self.num_features = num_features
+        unknown = sorted(set(cfg.arcface_levels) - set(self.ranks))
+        if unknown:
+            raise ValueError(f"arcface_levels names rank(s) {unknown} that have no head; ranks with heads: {list(self.ranks)}")
         self.heads = nn.ModuleDict()
         for rank, num_classes in self.classes_by_rank.items():
+            kind = cfg.head_of(rank)
             try:
-                self.heads[rank] = build_head(cfg.head, self.num_features, num_classes, cfg.dropout)
+                self.heads[rank] = build_head(kind, self.num_features, num_classes, cfg.dropout, **cfg.head_settings(kind))
             except KeyError as err:
                 raise ValueError(f"rank name {rank!r} cannot name a module: {err}") from err
         # Same precision policy as the trunk: with tens of thousands of species
@@ -67,12 +71,28 @@ class MultiRankModel(nn.Module):
         """Images [B, 3, H, W] -> features [B, num_features] (pooled, then embedded if configured)."""
         return self.embedding(self.trunk(images))
 
-    def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features [B, num_features] -> ``{rank: logits [B, classes_by_rank[rank]]}``."""
-        return {rank: head(features) for rank, head in self.heads.items()}
+    def forward_head(
+        self, features: torch.Tensor, targets: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Features [B, num_features] -> ``{rank: logits [B, classes_by_rank[rank]]}``.
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_head(self.forward_features(images))
+        ``targets`` (``{rank: [B]}``, training only) reach the heads whose
+        logits depend on the label (ArcFace's margin); without them every head
+        gives its evaluation logits.
+        """
+        logits = {}
+        for rank, head in self.heads.items():
+            if targets is not None and getattr(head, "uses_targets", False):
+                logits[rank] = head(features, targets[rank])
+            else:
+                logits[rank] = head(features)
+        return logits
+
+    def forward(
+        self, images: torch.Tensor, targets: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Images [B, 3, H, W] (and, in training, ``{rank: targets [B]}``) -> ``{rank: logits}``."""
+        return self.forward_head(self.forward_features(images), targets)
 
 
 def build_model(cfg: ModelConfig, classes_by_rank: Mapping[str, int]) -> MultiRankModel:
