@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from herbarium.config import TrainConfig
+from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.loader import build_loader
@@ -37,7 +37,7 @@ from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.samplers import EpochSampler, sample_weights
 from herbarium.data.splits import stratified_holdout
 from herbarium.data.transforms import eval_transform, resize_size
-from herbarium.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from herbarium.distributed import DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
 from herbarium.losses import build_multi_rank_loss
 from herbarium.models import build_model
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
@@ -268,6 +268,33 @@ def forward_loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any], le
     return StepResult(total, terms, torch.isfinite(total.detach()), per_sample)
 
 
+# ------------------------------------------------------------ run pieces
+def build_run_model(cfg: TrainConfig, taxonomy, device: torch.device) -> nn.Module:
+    """The model a run of ``cfg`` trains: one head per level, on ``device``, channels_last if asked."""
+    levels = tuple(cfg.loss.levels)
+    model = build_model(cfg.model, {rank: taxonomy.num_classes(rank) for rank in levels}).to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def build_run_loss(cfg: TrainConfig, train: DatasetSplit) -> nn.Module:
+    """The multi-rank loss of ``cfg``, with class counts (weights, priors) from the training split."""
+    loss, levels, taxonomy = cfg.loss, tuple(cfg.loss.levels), train.taxonomy
+    category_ids = train.category_ids()
+    counts = {rank: taxonomy.counts(category_ids, rank) for rank in levels}
+    return build_multi_rank_loss(
+        loss.loss_by_rank(), counts, {rank: loss.weight_of(rank) for rank in levels}, loss.class_weights,
+        gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta,
+    )
+
+
+def optimizer_phases(optim: OptimConfig) -> list:
+    """The phases of ``--optim``, with ``--weight-decay`` (when given) applied to every phase."""
+    phases = parse_phases(optim.optim)
+    if optim.weight_decay is None:
+        return phases
+    return parse_phases(optim.optim, weight_decays={phase.name: optim.weight_decay for phase in phases})
+
+
 # -------------------------------------------------------------------- train
 @dataclass
 class RunState:
@@ -329,17 +356,10 @@ class Trainer:
 
     # ------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
-        classes = {rank: self.taxonomy.num_classes(rank) for rank in self.levels}
-        model = build_model(self.cfg.model, classes).to(self.device)
-        if self.cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
+        return build_run_model(self.cfg, self.taxonomy, self.device)
 
     def _phases(self):
-        phases = parse_phases(self.cfg.optim.optim)
-        if self.cfg.optim.weight_decay is None:
-            return phases
-        return parse_phases(self.cfg.optim.optim, weight_decays={p.name: self.cfg.optim.weight_decay for p in phases})
+        return optimizer_phases(self.cfg.optim)
 
     def _wrap_model(self) -> nn.Module:
         model = self.model
@@ -376,13 +396,7 @@ class Trainer:
         return position.index + 1 if position is not None and position.is_last else None
 
     def _build_loss(self) -> nn.Module:
-        loss = self.cfg.loss
-        category_ids = self.train_split.category_ids()
-        counts = {rank: self.taxonomy.counts(category_ids, rank) for rank in self.levels}
-        return build_multi_rank_loss(
-            loss.loss_by_rank(), counts, {rank: loss.weight_of(rank) for rank in self.levels}, loss.class_weights,
-            gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta,
-        )
+        return build_run_loss(self.cfg, self.train_split)
 
     # ----------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict[str, Any]:

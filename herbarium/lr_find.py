@@ -42,10 +42,11 @@ from tqdm import tqdm
 from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.readers import DatasetSplit
 from herbarium.distributed import DistributedContext
-from herbarium.engine import Loaders, autocast_dtype, build_loaders, forward_loss, read_train_val, resolve_device, resolve_normalization
-from herbarium.losses import build_multi_rank_loss
-from herbarium.models import build_model
-from herbarium.optim import OPTIMIZERS, Phase, parse_phases
+from herbarium.engine import (
+    Loaders, autocast_dtype, build_loaders, build_run_loss, build_run_model, forward_loss, optimizer_phases, read_train_val,
+    resolve_device, resolve_normalization,
+)
+from herbarium.optim import OPTIMIZERS, Phase
 from herbarium.train_cli import add_train_arguments, config_from_args
 
 DEFAULT_OUT = "runs/lr_find"
@@ -171,27 +172,14 @@ def range_test(step: Callable[[float], float], lrs: Iterable[float], weight: flo
 # ------------------------------------------------------- the run's pieces
 def first_phase(optim: OptimConfig) -> Phase:
     """The first phase of ``--optim``, with ``--weight-decay`` applied as training applies it."""
-    phases = parse_phases(optim.optim)
-    if optim.weight_decay is not None:
-        phases = parse_phases(optim.optim, weight_decays={phase.name: optim.weight_decay for phase in phases})
-    return phases[0]
+    return optimizer_phases(optim)[0]
 
 
 def build_model_and_loss(cfg: TrainConfig, train: DatasetSplit, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """The model and multi-rank loss a training run of ``cfg`` starts from (as ``engine.Trainer`` builds them)."""
-    levels, taxonomy, loss = tuple(cfg.loss.levels), train.taxonomy, cfg.loss
-    for rank in levels:
-        taxonomy.check_rank(rank)
-    model = build_model(cfg.model, {rank: taxonomy.num_classes(rank) for rank in levels}).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    category_ids = train.category_ids()
-    loss_fn = build_multi_rank_loss(
-        loss.loss_by_rank(), {rank: taxonomy.counts(category_ids, rank) for rank in levels},
-        {rank: loss.weight_of(rank) for rank in levels}, loss.class_weights,
-        gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta,
-    )
-    return model, loss_fn.to(device)
+    """The model and multi-rank loss a training run of ``cfg`` starts from."""
+    for rank in cfg.loss.levels:
+        train.taxonomy.check_rank(rank)
+    return build_run_model(cfg, train.taxonomy, device), build_run_loss(cfg, train).to(device)
 
 
 def endless_batches(loaders: Loaders) -> Iterator[dict[str, Any]]:
