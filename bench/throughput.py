@@ -49,14 +49,13 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from herbarium.config import DataConfig, LossConfig, TrainConfig
-from herbarium.data.gpu import BytesDataset, GpuLoader, GpuViewLoader, device_decode_available, gpu_moment_batches
+from herbarium.data.gpu import device_decode_available, gpu_moment_batches
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.samplers import EpochSampler
-from herbarium.data.transforms import resize_size
 from herbarium.distributed import DistributedContext
 from herbarium.engine import NanGuard, autocast, autocast_dtype, build_loaders, forward_loss, resolve_device
 from herbarium.evaluation.runner import EvaluationSettings, LoadedModel, build_view_loader, model_scores
-from herbarium.evaluation.tta import InputProfile, parse_views, plain_view_index, view_transform
+from herbarium.evaluation.tta import InputProfile, parse_views, plain_view_index
 from herbarium.losses import build_multi_rank_loss
 from herbarium.models import ModelConfig, build_model
 from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
@@ -278,19 +277,12 @@ def measure_model_only(parts: TrainParts, taxonomy: Taxonomy, settings: Settings
 
 
 def train_loader(path: str, data: Path, split: DatasetSplit, settings: Settings):
-    """(loader, sampler) of an input path, built as the engine builds its training loader."""
-    cfg = TrainConfig(data=DataConfig(data=str(data), size=settings.size, batch_size=settings.batch_size, workers=settings.workers),
+    """(loader, sampler) of an input path: the engine's own training loader."""
+    workers = settings.workers if path == "cpu" else settings.byte_workers
+    cfg = TrainConfig(data=DataConfig(data=str(data), size=settings.size, batch_size=settings.batch_size, workers=workers),
                       loss=LossConfig(levels=LEVELS))
-    normalization = imagenet_normalization()
-    pin_memory = settings.device.type == "cuda"
-    if path == "cpu":
-        loaders = build_loaders(cfg, split, split, normalization, DistributedContext(), pin_memory=pin_memory)
-        return loaders.train, loaders.sampler
-    sampler = EpochSampler(len(split), None, seed=cfg.seed)
-    loader = GpuLoader(BytesDataset(split, LEVELS), sampler, settings.batch_size, settings.byte_workers, settings.device,
-                       cfg.data.augment, settings.size, normalization.mean, normalization.std, True, drop_last=True,
-                       generator=torch.Generator().manual_seed(cfg.seed), decode_min_side=2 * settings.size)
-    return loader, sampler
+    loaders = build_loaders(cfg, split, split, imagenet_normalization(), DistributedContext(), settings.device, decode=path)
+    return loaders.train, loaders.sampler
 
 
 def measure_end_to_end(parts: TrainParts, loader, sampler: EpochSampler, settings: Settings) -> list[Window]:
@@ -315,13 +307,10 @@ def measure_inference_ceiling(model: nn.Module, settings: Settings) -> list[Wind
 
 
 def view_loader(path: str, split: DatasetSplit, loaded: LoadedModel, settings: Settings):
-    if path == "cpu":
-        evaluation = EvaluationSettings(views=settings.views, batch_size=settings.eval_batch_size, workers=settings.workers)
-        return build_view_loader(split, split.taxonomy, [loaded], evaluation, pin_memory=settings.device.type == "cuda")
-    profile = loaded.profile
-    return GpuViewLoader(BytesDataset(split, split.taxonomy.ranks), settings.eval_batch_size, settings.byte_workers,
-                         settings.device, [[view_transform(view, profile) for view in settings.views]], [profile.size],
-                         [profile.mean], [profile.std], decode_min_side=resize_size(profile.size))
+    """The evaluation runner's own loader of TTA views for an input path."""
+    workers = settings.workers if path == "cpu" else settings.byte_workers
+    evaluation = EvaluationSettings(views=settings.views, batch_size=settings.eval_batch_size, workers=workers)
+    return build_view_loader(split, split.taxonomy, [loaded], evaluation, settings.device, decode=path)
 
 
 def measure_tta(loaded: LoadedModel, loader, settings: Settings) -> list[Window]:

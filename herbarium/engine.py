@@ -15,6 +15,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,6 +33,7 @@ from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset
+from herbarium.data.gpu import BytesDataset, GpuLoader, default_byte_workers, select_decode
 from herbarium.data.loader import build_loader
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.samplers import EpochSampler, sample_weights
@@ -129,33 +131,59 @@ def resolve_normalization(cfg: TrainConfig) -> Normalization:
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
+    train: Iterable[dict[str, Any]]
+    val: Iterable[dict[str, Any]]
     sampler: EpochSampler
+    decode: str  # "cpu": PIL in the workers; "gpu": bytes from the workers, decoded and augmented on the device
 
 
 def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit, normalization: Normalization,
-                  context: DistributedContext, pin_memory: bool) -> Loaders:
-    data, levels = cfg.data, cfg.loss.levels
-    workers = default_workers() if data.workers is None else data.workers
+                  context: DistributedContext, device: torch.device, decode: str | None = None) -> Loaders:
+    """The training and validation batches of a run, on the input path ``decode`` or ``--decode`` picks for ``device``.
+
+    Both paths yield the same batches (``{"image", "targets", "index",
+    "skipped"}``) in the same sampler order with the same per-sample
+    augmentation seeds, so a run resumes exactly on either; the device
+    path's images are already on ``device``.
+    """
+    data, levels = cfg.data, tuple(cfg.loss.levels)
+    decode = decode or select_decode(data.decode, device)
+    workers = data.workers if data.workers is not None else default_byte_workers() if decode == "gpu" else default_workers()
     mean, std = normalization.mean, normalization.std
-    train_set = ImageDataset(train, levels, build_train_transform(data.augment, data.size, mean, std),
-                             decode_min_side=2 * data.size, skip_bad_images=data.skip_bad_images)
-    val_set = ImageDataset(val, levels, eval_transform(data.size, mean, std),
-                           decode_min_side=resize_size(data.size), skip_bad_images=data.skip_bad_images)
+    # Training decodes at twice the crop side so random crops keep detail; validation at the resize side.
+    train_side, val_side = 2 * data.size, resize_size(data.size)
+    if decode == "gpu":
+        train_images = BytesDataset(train, levels, skip_bad_images=data.skip_bad_images)
+        val_images = BytesDataset(val, levels, skip_bad_images=data.skip_bad_images)
+    else:
+        train_images = ImageDataset(train, levels, build_train_transform(data.augment, data.size, mean, std),
+                                    decode_min_side=train_side, skip_bad_images=data.skip_bad_images)
+        val_images = ImageDataset(val, levels, eval_transform(data.size, mean, std), decode_min_side=val_side,
+                                  skip_bad_images=data.skip_bad_images)
     finest_column = max(range(len(levels)), key=lambda i: train.taxonomy.rank_index(levels[i]))
-    finest_labels = train_set.targets[:, finest_column]
-    sampler = EpochSampler(len(train_set), sample_weights(finest_labels, data.sampler), seed=cfg.seed,
-                           num_replicas=context.world_size, rank=context.rank)
-    val_shard = Subset(val_set, range(context.rank, len(val_set), context.world_size))
+    sampler = EpochSampler(len(train_images), sample_weights(train_images.targets[:, finest_column], data.sampler),
+                           seed=cfg.seed, num_replicas=context.world_size, rank=context.rank)
+    val_shard = range(context.rank, len(val_images), context.world_size)
+    drop_last = len(train_images) > data.batch_size * context.world_size
     # Loaders get their own generator so creating an iterator never draws from the global RNG
     # (dropout's), which a mid-epoch resume could not replay; augmentation is seeded per sample.
     own_generator = lambda: torch.Generator().manual_seed(cfg.seed)
+    if decode == "gpu":
+        on_device = partial(GpuLoader, batch_size=data.batch_size, workers=workers, device=device, preset=data.augment,
+                            size=data.size, mean=mean, std=std)
+        return Loaders(
+            train=on_device(train_images, sampler, train=True, drop_last=drop_last, generator=own_generator(),
+                            decode_min_side=train_side),
+            val=on_device(val_images, val_shard, train=False, generator=own_generator(), decode_min_side=val_side),
+            sampler=sampler, decode=decode,
+        )
+    pin_memory = device.type == "cuda"
     return Loaders(
-        train=build_loader(train_set, data.batch_size, workers, sampler, drop_last=len(train_set) > data.batch_size * context.world_size,
-                           pin_memory=pin_memory, generator=own_generator()),
-        val=build_loader(val_shard, data.batch_size, workers, pin_memory=pin_memory, generator=own_generator()),
-        sampler=sampler,
+        train=build_loader(train_images, data.batch_size, workers, sampler, drop_last=drop_last, pin_memory=pin_memory,
+                           generator=own_generator()),
+        val=build_loader(Subset(val_images, val_shard), data.batch_size, workers, pin_memory=pin_memory,
+                         generator=own_generator()),
+        sampler=sampler, decode=decode,
     )
 
 
@@ -333,8 +361,7 @@ class Trainer:
             self.taxonomy.check_rank(rank)
         self.finest_level = max(self.levels, key=self.taxonomy.rank_index)  # best.pt is chosen on its macro-F1
         self.normalization = resolve_normalization(cfg)
-        self.loaders = build_loaders(cfg, self.train_split, self.val_split, self.normalization, self.context,
-                                     pin_memory=self.device.type == "cuda")
+        self.loaders = build_loaders(cfg, self.train_split, self.val_split, self.normalization, self.context, self.device)
         self.model = self._build_model()
         self.loss_fn = self._build_loss().to(self.device)
         steps_per_epoch = max(1, len(self.loaders.train) // cfg.optim.accum_steps)
@@ -533,6 +560,7 @@ class Trainer:
             "lr": self.optimizer.current_lr(),
             "optimizer": self.optimizer.active_phase.name,
             "images_per_s": float(counts[1]) / seconds if seconds > 0 else 0.0,
+            "input_path": self.loaders.decode,
             "skipped_bad_images": self.skipped_images,
             "skipped_nonfinite_steps": self.nan_guard.skipped,
         }

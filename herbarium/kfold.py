@@ -115,7 +115,7 @@ def out_of_fold_predictions(run_dir: Path, split: DatasetSplit, assignment: np.n
     for fold in sorted(set(assignment.tolist()) - {UNFOLDED}):
         loaded = load_run(run_dir / f"fold_{fold}", torch_device)
         held = dataclasses.replace(split, samples=[s for s, f in zip(split.samples, assignment) if f == fold])
-        loader = build_view_loader(held, taxonomy, [loaded], settings, torch_device.type == "cuda")
+        loader = build_view_loader(held, taxonomy, [loaded], settings, torch_device)
         dtype = autocast_dtype(settings.precision, torch_device)
         rows: dict[str, list] = {"index": [], "label": [], "predicted": [], "probability": [], "label_probability": []}
         with torch.inference_mode():

@@ -229,7 +229,7 @@ def find_lr(cfg: TrainConfig, settings: RangeTestSettings) -> tuple[RangeTestRes
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     train, val = read_train_val(cfg)
-    loaders = build_loaders(cfg, train, val, resolve_normalization(cfg), DistributedContext(), pin_memory=device.type == "cuda")
+    loaders = build_loaders(cfg, train, val, resolve_normalization(cfg), DistributedContext(), device)
     model, loss_fn = build_model_and_loss(cfg, train, device)
     phase = first_phase(cfg.optim)
     params = [p for p in model.parameters() if p.requires_grad]

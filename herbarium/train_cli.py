@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 from herbarium.config import DataConfig, LossConfig, O2UConfig, OptimConfig, TrainConfig
+from herbarium.data.augment import PRESETS
+from herbarium.data.gpu import DECODES
 from herbarium.models import HEADS, ModelConfig
 from herbarium.noisy.o2u import O2U_WEIGHTINGS
 
@@ -37,7 +39,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     data.add_argument("--batch-size", type=int, default=D.batch_size, help=f"images per step per process (default: {D.batch_size})")
     data.add_argument("--workers", type=int, default=D.workers, help="decoding processes (default: all cores)")
     data.add_argument("--sampler", choices=("none", "balanced", "sqrt"), default=D.sampler, help=f"class rebalancing of the draws (default: {D.sampler})")
-    data.add_argument("--augment", default=D.augment, help=f"augmentation preset (default: {D.augment})")
+    data.add_argument("--augment", choices=sorted(PRESETS), default=D.augment, help=f"augmentation preset (default: {D.augment})")
+    data.add_argument("--decode", choices=DECODES, default=D.decode, help="where JPEGs are decoded and augmented: cpu (PIL in the workers), gpu (nvJPEG and augmentation on the device, the workers only read bytes) or auto: gpu on a CUDA device that decodes JPEGs, else cpu (default: auto)")
     data.add_argument("--skip-bad-images", action="store_true", default=D.skip_bad_images, help="skip and count unreadable images instead of stopping (default: off)")
     data.add_argument("--subset", default=D.subset, help="CSV with an image_id column (e.g. clean-labels' kept.csv): train on these training images only (default: all)")
     data.add_argument("--holdout-ids", default=D.holdout_ids, help="CSV with an image_id column: these training images are the validation split (default: a random --holdout)")
@@ -120,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         snapshots=args.snapshots,
         data=DataConfig(data=str(args.data), train_split=args.train_split, val_split=args.val_split, holdout=args.holdout,
                         ranks=args.ranks, stats=args.stats, size=args.size, batch_size=args.batch_size, workers=args.workers,
-                        sampler=args.sampler, augment=args.augment, skip_bad_images=args.skip_bad_images,
+                        sampler=args.sampler, augment=args.augment, decode=args.decode, skip_bad_images=args.skip_bad_images,
                         subset=args.subset, holdout_ids=args.holdout_ids),
         model=ModelConfig(trunk=args.trunk, pretrained=args.pretrained, weights=args.weights, pool=args.pool,
                           dropout=args.dropout, embedding_dim=args.embedding_dim, head=args.head,

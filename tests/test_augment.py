@@ -172,7 +172,7 @@ def demo(tmp_path_factory) -> Path:
 def test_every_preset_works_in_the_training_loader_and_as_a_tta_view(name, demo):
     cfg = TrainConfig(data=DataConfig(data=str(demo), val_split="test", size=SIZE, batch_size=4, workers=0, augment=name))
     train, val = engine.read_train_val(cfg)
-    loaders = engine.build_loaders(cfg, train, val, engine.resolve_normalization(cfg), DistributedContext(), pin_memory=False)
+    loaders = engine.build_loaders(cfg, train, val, engine.resolve_normalization(cfg), DistributedContext(), torch.device("cpu"))
     batch = next(iter(loaders.train))
     assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["image"].dtype == torch.float32
     view = view_transform("train", InputProfile(SIZE, MEAN, STD, name))

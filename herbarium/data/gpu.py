@@ -50,6 +50,14 @@ from herbarium.data.readers import DatasetSplit
 from herbarium.data.transforms import eval_transform
 
 DECODES = ("auto", "cpu", "gpu")
+BYTE_WORKERS = 4  # workers that only read files keep up with nvJPEG; more would only hold memory
+
+
+def default_byte_workers() -> int:
+    """Workers for the device path when none are asked for: a few, never more than the cores."""
+    from herbarium.stats import default_workers  # imported here: herbarium.stats uses this module
+
+    return min(BYTE_WORKERS, default_workers())
 
 # Ops that turn a PIL image into a normalised float tensor: on this path they are done once per batch.
 _CONVERSIONS = (v2.ToImage, v2.PILToTensor, v2.ToPureTensor, v2.ToDtype, v2.Normalize)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from herbarium.data.gpu import DECODES
 from herbarium.evaluation.runner import EvaluationSettings, evaluate
+from herbarium.evaluation.tta import VIEW_VOCABULARY, parse_views
 from herbarium.train_cli import _csv, _weights
 
 S = EvaluationSettings()
@@ -31,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=S.batch_size, help=f"images per batch; each brings all its views (default: {S.batch_size})")
     data.add_argument("--workers", type=int, default=S.workers, help="decoding processes (default: all cores)")
     data.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images (default: off)")
+    data.add_argument("--decode", choices=DECODES, default=S.decode, help="where JPEGs are decoded and cut into views: cpu (PIL in the workers), gpu (nvJPEG on the device) or auto: gpu on a CUDA device that decodes JPEGs, else cpu (default: auto)")
     tta = parser.add_argument_group("test-time augmentation and ensembling")
-    tta.add_argument("--views", default=",".join(S.views), help="a number N (N-1 'train' views + 'plain') or a list of views: plain, flip, train (default: train,train,train,plain)")
+    tta.add_argument("--views", default=",".join(S.views), help=f"comma-separated views: {VIEW_VOCABULARY} (default: {','.join(S.views)})")
     tta.add_argument("--average", choices=("logits", "probs"), default=S.average, help=f"average logits or probabilities over views and models (default: {S.average})")
     tta.add_argument("--model-weights", type=_floats, default=S.model_weights, help="one weight per model of an ensemble (default: equal)")
     tta.add_argument("--rank-weights", type=_weights, default=S.rank_weights, help="weights of each rank's log-probability in consistent decoding, e.g. species=1,genus=0.5 (default: 1 each)")
@@ -59,12 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
-    from herbarium.evaluation.tta import parse_views
-
     return EvaluationSettings(
         views=parse_views(args.views), average=args.average, model_weights=args.model_weights, rank_weights=args.rank_weights,
         batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=args.device, precision=args.precision,
-        shot_thresholds=args.shot_thresholds, primary=args.primary, skip_bad_images=args.skip_bad_images,
+        shot_thresholds=args.shot_thresholds, primary=args.primary, skip_bad_images=args.skip_bad_images, decode=args.decode,
         retrieval_gallery=args.retrieval_gallery, retrieval_mode=args.retrieval_mode, retrieval_k=args.retrieval_k,
         retrieval_weight=args.retrieval_weight, retrieval_scale=args.retrieval_scale, retrieval_levels=args.retrieval_levels,
         class_weighted=args.class_weighted,

@@ -14,7 +14,7 @@ import platform
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import DatasetSplit, read_split
-from herbarium.data.transforms import resize_size
+from herbarium.data.gpu import DECODES, BytesDataset, GpuViewLoader, default_byte_workers, select_decode
 from herbarium.engine import autocast, autocast_dtype, resolve_device
 from herbarium.ensembles import class_weights_from_accuracy, per_class_accuracy
 from herbarium.evaluation.combine import average_views, class_weighted_ensemble, ensemble
@@ -34,7 +34,9 @@ from herbarium.evaluation.decoding import PathDecoder, independent_predictions, 
 from herbarium.evaluation.metrics import evaluate_predictions
 from herbarium.evaluation.report import write_report
 from herbarium.evaluation.submission import top_k_probabilities, write_predictions, write_submission
-from herbarium.evaluation.tta import DEFAULT_VIEWS, InputProfile, MultiViewDataset, collate_views, plain_view_index
+from herbarium.evaluation.tta import (
+    DEFAULT_VIEWS, InputProfile, MultiViewDataset, collate_views, plain_view_index, view_decode_side, view_transform,
+)
 from herbarium.models import build_model
 from herbarium.retrieval import RETRIEVAL_MODES, Gallery, mix_log_probs, normalised_view_mean, retrieval_log_probs
 from herbarium.stats import default_workers
@@ -105,6 +107,7 @@ class EvaluationSettings:
     shot_thresholds: tuple[int, int] | None = None  # None: (20, 100), scaled down for small training sets
     primary: str | None = None  # None: retrieval_consistent with a retrieval gallery, else tta_consistent
     skip_bad_images: bool = False
+    decode: str = "auto"  # auto | cpu | gpu, as train.py's --decode
     retrieval_gallery: str | None = None  # a labelled split of the data whose embeddings are the gallery
     retrieval_mode: str = "centroid"  # centroid | knn
     retrieval_k: int = 5
@@ -122,6 +125,8 @@ class EvaluationSettings:
             raise ValueError(f"retrieval k must be >= 1, got {self.retrieval_k}")
         if not 0.0 <= self.retrieval_weight <= 1.0:
             raise ValueError(f"retrieval weight must be in [0, 1], got {self.retrieval_weight}")
+        if self.decode not in DECODES:
+            raise ValueError(f"unknown decode {self.decode!r}; choose one of {list(DECODES)}")
         if self.class_weighted and self.model_weights is not None:
             raise ValueError("class-weighted ensembles set each model's weight per class; drop the model weights")
 
@@ -184,15 +189,32 @@ def model_scores(loaded: LoadedModel, views: torch.Tensor, average: str, plain: 
 
 
 def build_view_loader(split: DatasetSplit, taxonomy: Taxonomy, models: Sequence[LoadedModel], settings: EvaluationSettings,
-                      pin_memory: bool) -> DataLoader:
+                      device: torch.device, decode: str | None = None) -> Iterable[dict[str, Any]]:
+    """Batches of every view of every image for every model's input profile (see :func:`collate_views`).
+
+    ``decode`` (default: ``settings.decode`` resolved for ``device``) picks the
+    input path: PIL in the workers, or bytes from the workers decoded and
+    cut into views on the device (already there). Each image is decoded once,
+    no smaller than its most demanding view needs.
+    """
+    decode = decode or select_decode(settings.decode, device)
     profiles = list(dict.fromkeys(m.profile for m in models))
-    largest = max(resize_size(p.size) for p in profiles)
+    largest = max(view_decode_side(view, p.size) for view in settings.views for p in profiles)
+    if settings.workers is not None:
+        workers = settings.workers
+    else:
+        workers = default_byte_workers() if decode == "gpu" else default_workers()
+    if decode == "gpu":
+        images = BytesDataset(split, taxonomy.ranks, skip_bad_images=settings.skip_bad_images)
+        return GpuViewLoader(images, settings.batch_size, workers, device,
+                             [[view_transform(view, p) for view in settings.views] for p in profiles],
+                             [p.size for p in profiles], [p.mean for p in profiles], [p.std for p in profiles],
+                             seed=settings.seed, decode_min_side=largest)
     images = ImageDataset(split, taxonomy.ranks, transform=lambda image: image, decode_min_side=largest,
                           skip_bad_images=settings.skip_bad_images)
     dataset = MultiViewDataset(images, settings.views, profiles, settings.seed)
-    workers = default_workers() if settings.workers is None else settings.workers
     return DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=collate_views,
-                      pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if workers else None)
+                      pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
 def predict(models: Sequence[LoadedModel], loader: DataLoader, taxonomy: Taxonomy, settings: EvaluationSettings,
@@ -270,7 +292,7 @@ def build_gallery(loaded: LoadedModel, split: DatasetSplit, taxonomy: Taxonomy, 
     if not any(sample.category_id is not None for sample in split.samples):
         raise ValueError(f"retrieval gallery split {split.name!r} has no labels")
     dtype = autocast_dtype(settings.precision, device)
-    loader = build_view_loader(split, taxonomy, [loaded], replace(settings, views=("plain", "flip")), device.type == "cuda")
+    loader = build_view_loader(split, taxonomy, [loaded], replace(settings, views=("plain", "flip")), device)
     embeddings, targets = [], []
     with torch.inference_mode():
         for batch in tqdm(loader, desc="gallery", unit="batch", leave=False, dynamic_ncols=True):
@@ -309,7 +331,7 @@ def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, ta
     accuracies: list[dict[str, np.ndarray]] = []
     for loaded in models:
         split = validation_split(loaded, data, settings.weights_split, taxonomy)
-        loader = build_view_loader(split, taxonomy, [loaded], plain_settings, device.type == "cuda")
+        loader = build_view_loader(split, taxonomy, [loaded], plain_settings, device)
         outputs = predict([loaded], loader, taxonomy, plain_settings, device)
         predictions = outputs["predictions"]["tta_heads"]
         accuracies.append({rank: per_class_accuracy(outputs["targets"][:, taxonomy.ranks.index(rank)], predicted,
@@ -362,7 +384,8 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
         galleries = [build_gallery(loaded, gallery_split, taxonomy, settings, device, ranks) for loaded in models]
     class_weights, validation_accuracy = (validation_class_weights(models, data, taxonomy, settings, device)
                                           if settings.class_weighted else (None, None))
-    loader = build_view_loader(split_data, taxonomy, models, settings, pin_memory=device.type == "cuda")
+    decode = select_decode(settings.decode, device)
+    loader = build_view_loader(split_data, taxonomy, models, settings, device, decode)
     outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights)
     out_dir = Path(out) if out else resolve_checkpoint(checkpoints[0])[1] / "eval" / split
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -377,7 +400,8 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
 
     metrics: dict[str, Any] = {
         "throughput": {"images_per_s": outputs["images_per_s"], "hardware": hardware(device), "views": len(settings.views),
-                       "batch_size": settings.batch_size, "models": len(models), "seconds": outputs["seconds"]},
+                       "batch_size": settings.batch_size, "models": len(models), "seconds": outputs["seconds"],
+                       "input_path": decode, **({"decoder_routes": dict(loader.decoder.counts)} if decode == "gpu" else {})},
         "taxonomy_disagreement": outputs["disagreement"],
         "skipped_bad_images": outputs["skipped"],
     }
