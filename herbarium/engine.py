@@ -33,7 +33,7 @@ from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset
-from herbarium.data.gpu import BytesDataset, GpuLoader, default_byte_workers, select_decode
+from herbarium.data.gpu import BytesDataset, GpuLoader, loader_workers, select_decode
 from herbarium.data.loader import build_loader
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.samplers import EpochSampler, sample_weights
@@ -44,7 +44,6 @@ from herbarium.losses import build_multi_rank_loss
 from herbarium.models import build_model
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
-from herbarium.stats import default_workers
 from herbarium.stats_file import Normalization, default_stats_path, read_normalization
 
 
@@ -148,7 +147,7 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit, norm
     """
     data, levels = cfg.data, tuple(cfg.loss.levels)
     decode = decode or select_decode(data.decode, device)
-    workers = data.workers if data.workers is not None else default_byte_workers() if decode == "gpu" else default_workers()
+    workers = loader_workers(data.workers, decode)
     mean, std = normalization.mean, normalization.std
     # Training decodes at twice the crop side so random crops keep detail; validation at the resize side.
     train_side, val_side = 2 * data.size, resize_size(data.size)

@@ -21,7 +21,11 @@ from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
 from herbarium.data import gpu
 from herbarium.demo import make_demo_data
 from herbarium.distributed import DistributedContext
-from herbarium.evaluation.runner import EvaluationSettings, evaluate
+from herbarium.data.readers import read_split
+from herbarium.data.transforms import resize_size
+from herbarium.evaluation.report import throughput_section
+from herbarium.evaluation.runner import EvaluationSettings, LoadedModel, build_view_loader, evaluate
+from herbarium.evaluation.tta import InputProfile
 from herbarium.models.config import ModelConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29 deprecates its decoders
@@ -111,3 +115,24 @@ def test_evaluation_on_the_device_path_matches_the_cpu_path(demo, tmp_path, devi
     columns = ("family", "genus", "species", "category_id")  # the primary predictions, not the top-5
     agreeing = sum(all(gpu_rows[key][c] == cpu_rows[key][c] for c in columns) for key in cpu_rows)
     assert agreeing >= 0.9 * len(cpu_rows), f"{agreeing} of {len(cpu_rows)} predictions agree"
+
+
+def test_views_are_decoded_no_smaller_than_the_most_demanding_view_needs(demo):
+    """A `train` view crops like training does, so it needs training's decode side (2 x size), not the resize side."""
+    split = read_split(demo, "test")
+    profile = InputProfile(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "crop_flip")
+    loaded = LoadedModel(None, TrainConfig(), split.taxonomy, profile, {}, Path("run"))
+    sides = {}
+    for views in (("plain",), ("plain", "train")):
+        for decode in ("cpu", "gpu"):
+            loader = build_view_loader(split, split.taxonomy, [loaded], EvaluationSettings(views=views, workers=0), CPU, decode)
+            sides[views, decode] = loader.decoder.decode_min_side if decode == "gpu" else loader.dataset.images.decode_min_side
+    assert sides[("plain",), "cpu"] == sides[("plain",), "gpu"] == resize_size(32)
+    assert sides[("plain", "train"), "cpu"] == sides[("plain", "train"), "gpu"] == 64
+
+
+def test_the_report_names_the_input_path_and_the_decoder_routes():
+    section = throughput_section({"images_per_s": 10.0, "input_path": "gpu", "decoder_routes": {"device": 7, "pil": 1}})
+    labels = [row[0] for row in section.tables[0].rows]
+    assert labels[1:] == ["input path (where JPEGs are decoded)", "images decoded on the device",
+                          "images decoded with PIL (device decoder could not)"]

@@ -53,11 +53,13 @@ DECODES = ("auto", "cpu", "gpu")
 BYTE_WORKERS = 4  # workers that only read files keep up with nvJPEG; more would only hold memory
 
 
-def default_byte_workers() -> int:
-    """Workers for the device path when none are asked for: a few, never more than the cores."""
+def loader_workers(requested: int | None, decode: str) -> int:
+    """DataLoader workers for an input path: ``requested``, else all cores to decode with PIL, or a few to read bytes."""
     from herbarium.stats import default_workers  # imported here: herbarium.stats uses this module
 
-    return min(BYTE_WORKERS, default_workers())
+    if requested is not None:
+        return requested
+    return min(BYTE_WORKERS, default_workers()) if decode == "gpu" else default_workers()
 
 # Ops that turn a PIL image into a normalised float tensor: on this path they are done once per batch.
 _CONVERSIONS = (v2.ToImage, v2.PILToTensor, v2.ToPureTensor, v2.ToDtype, v2.Normalize)

@@ -273,7 +273,8 @@ def distance_section(ranks: Mapping[str, Any]) -> Section:
 
 def throughput_section(throughput: Mapping[str, Any]) -> Section:
     labels = {"images_per_s": "images/s", "hardware": "hardware", "views": "TTA views", "batch_size": "batch size",
-              "input_path": "input path (where JPEGs are decoded)", "decoder_routes": "images per decoder"}
+              "input_path": "input path (where JPEGs are decoded)", "decoder_routes.device": "images decoded on the device",
+              "decoder_routes.pil": "images decoded with PIL (device decoder could not)", "decoder_routes.failed": "unreadable images"}
     rows = [(labels.get(key, key), value) for key, value in flatten(throughput)]
     return Section("Throughput", tables=[_key_value_table(rows)])
 

@@ -26,7 +26,7 @@ from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import DatasetSplit, read_split
-from herbarium.data.gpu import DECODES, BytesDataset, GpuViewLoader, default_byte_workers, select_decode
+from herbarium.data.gpu import DECODES, BytesDataset, GpuViewLoader, loader_workers, select_decode
 from herbarium.engine import autocast, autocast_dtype, resolve_device
 from herbarium.ensembles import class_weights_from_accuracy, per_class_accuracy
 from herbarium.evaluation.combine import average_views, class_weighted_ensemble, ensemble
@@ -200,10 +200,7 @@ def build_view_loader(split: DatasetSplit, taxonomy: Taxonomy, models: Sequence[
     decode = decode or select_decode(settings.decode, device)
     profiles = list(dict.fromkeys(m.profile for m in models))
     largest = max(view_decode_side(view, p.size) for view in settings.views for p in profiles)
-    if settings.workers is not None:
-        workers = settings.workers
-    else:
-        workers = default_byte_workers() if decode == "gpu" else default_workers()
+    workers = loader_workers(settings.workers, decode)
     if decode == "gpu":
         images = BytesDataset(split, taxonomy.ranks, skip_bad_images=settings.skip_bad_images)
         return GpuViewLoader(images, settings.batch_size, workers, device,
@@ -217,7 +214,7 @@ def build_view_loader(split: DatasetSplit, taxonomy: Taxonomy, models: Sequence[
                       pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
-def predict(models: Sequence[LoadedModel], loader: DataLoader, taxonomy: Taxonomy, settings: EvaluationSettings,
+def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], taxonomy: Taxonomy, settings: EvaluationSettings,
             device: torch.device, galleries: Sequence[Gallery] | None = None,
             class_weights: Sequence[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Run every model over every view; keep each variant's predictions and top-k.
