@@ -22,7 +22,7 @@ class DataConfig:
     data: str = ""
     train_split: str = "train"
     val_split: str | None = None  # None: hold out `holdout` of train, stratified by the finest rank
-    holdout: float = 0.1
+    holdout: float = 0.0  # 0 with no val_split: no validation, every image trains and the last epoch is the checkpoint
     ranks: tuple[str, ...] = DEFAULT_RANKS  # the taxonomy's ranks, coarse to fine
     stats: str | None = None  # None: DATA/<train_split>/stats.json if present, else ImageNet values
     size: int = 224
@@ -39,9 +39,9 @@ class DataConfig:
 @dataclass
 class LossConfig:
     levels: tuple[str, ...] = ("species", "genus", "family")  # ranks that get a head
-    level_weights: dict[str, float] = field(default_factory=lambda: {"species": 1.5})  # unnamed ranks: 1.0
-    loss: str = "focal"  # one name for every rank, or "species=focal,genus=ce,..."
-    class_weights: str = "effective"
+    level_weights: dict[str, float] = field(default_factory=dict)  # unnamed ranks: 1.0
+    loss: str = "logit_adjusted"  # one name for every rank, or "species=focal,genus=ce,..."
+    class_weights: str = "none"
     gamma: float = 2.0
     beta: float = 0.999
     tau: float = 1.0
@@ -65,9 +65,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    optim: str = "adam:0"  # phases "name[@lr]:start_epoch", e.g. adam:0,sgd:10,adam:20
-    schedule: str = "step:5"  # step:N[:gamma], cosine[:warmup=N], sgdr:N[:mult=M], constant
-    weight_decay: float | None = None  # None: each optimizer's own default (adam 0, sgd 1e-4, ...)
+    optim: str = "adamw:0"  # phases "name[@lr]:start_epoch", e.g. adam:0,sgd:10,adam:20
+    schedule: str = "cosine:warmup=1"  # step:N[:gamma], cosine[:warmup=N], sgdr:N[:mult=M], constant
+    weight_decay: float | None = None  # None: each optimizer's own default (adamw 0.05, adam 0, sgd 1e-4, ...)
     plateau_patience: int | None = None  # switch to the next phase after this many epochs without gain
     accum_steps: int = 1
     clip_grad: float | None = None
@@ -87,6 +87,7 @@ class O2UConfig:
 @dataclass
 class TrainConfig:
     out: str = "runs/default"
+    recipe: str = "default"  # the named set of defaults the run started from (herbarium.recipes)
     epochs: int = 20
     seed: int = 0
     device: str = "auto"

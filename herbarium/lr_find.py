@@ -47,7 +47,7 @@ from herbarium.engine import (
     resolve_device, resolve_normalization,
 )
 from herbarium.optim import OPTIMIZERS, Phase
-from herbarium.train_cli import add_train_arguments, config_from_args
+from herbarium.train_cli import add_train_arguments, config_from_args, parse_train_args
 
 DEFAULT_OUT = "runs/lr_find"
 RUN_MARKERS = ("config.json", "checkpoints", "log.jsonl")  # what makes a folder a training run
@@ -334,7 +334,7 @@ def summary(result: RangeTestResult, suggestion: LRSuggestion | None, no_suggest
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_train_args(parser, argv)
     if args.resume or args.overwrite:
         parser.error("--resume and --overwrite are train options; lr-find starts from the initial weights and writes only into its --out")
     if not args.data:

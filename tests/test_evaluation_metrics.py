@@ -210,13 +210,24 @@ def test_shot_groups_split_images_by_the_training_count_of_their_true_class():
     assert (custom["many"]["images"], custom["medium"]["images"], custom["few"]["images"]) == (6, 1, 1)  # many > 19, medium 2-19, few < 2
 
 
-def test_suggested_thresholds_keep_the_defaults_at_scale_and_use_quantiles_on_small_sets():
+def test_suggested_thresholds_keep_the_usual_definition_when_every_group_has_classes():
     assert suggest_shot_thresholds([3, 50, 400, 1200]) == (20, 100)
-    small = list(range(1, 31))  # 1..30 training images
-    low, high = suggest_shot_thresholds(small)
-    assert (low, high) == (round(np.quantile(small, 1 / 3)), round(np.quantile(small, 2 / 3)))
-    assert suggest_shot_thresholds([5, 5, 5]) == (5, 5)  # all medium, never low > high
     assert suggest_shot_thresholds([0, 0]) == (20, 100)
+
+
+def test_suggested_thresholds_on_small_sets_give_the_rarest_third_to_the_few_shot_group():
+    small = list(range(1, 31))  # 1..30 training images: no class is many-shot under the usual rule
+    low, high = suggest_shot_thresholds(small)
+    assert (low, high) == (11, 20)
+    counts = np.array(small)
+    assert ((counts < low).sum(), ((counts >= low) & (counts <= high)).sum(), (counts > high).sum()) == (10, 10, 10)
+    # An exponential long tail with many classes at 1-2 images: quantiles alone gave low = 1, an empty few group.
+    long_tail = np.array([1] * 12 + [2] * 8 + [3, 4, 6, 9, 13, 20, 30, 45, 70] * 2)
+    low, high = suggest_shot_thresholds(long_tail)
+    few = long_tail < low
+    assert few.sum() >= len(long_tail) / 3 and long_tail[few].max() < long_tail[~few].min()
+    assert low <= high
+    assert suggest_shot_thresholds([5, 5, 5]) == (6, 6)  # ties: the rarest classes are all few-shot
 
 
 def test_hierarchical_distance_counts_ranks_up_to_the_first_shared_ancestor():

@@ -17,7 +17,7 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import read_split
 from herbarium.data.transforms import eval_transform
 from herbarium.demo import make_demo_data
-from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
+from herbarium.evaluation.runner import FALLBACK_PRIMARY, EvaluationSettings, evaluate, load_run
 from herbarium.evaluation.tta import parse_views
 from herbarium.models.config import ModelConfig
 
@@ -67,9 +67,10 @@ def test_one_plain_view_equals_plain_evaluation(trained, tmp_path):
 
 def test_four_views_report_submission_and_consistency(trained, tmp_path):
     data, run = trained
-    result = evaluate([run], data, "test", out=tmp_path, settings=settings())
+    result = evaluate([run], data, "test", out=tmp_path, settings=settings(primary="tta_consistent"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     variants = metrics["variants"]
+    assert metrics["primary"] == "tta_consistent" and metrics["primary_choice"]["reason"] == "chosen with --primary"
     assert set(variants) == {"tta_heads", "tta_consistent", "single_view_heads", "single_view_consistent"}
     species_f1 = variants["tta_consistent"]["species"]["macro_f1"]
     assert f"{species_f1:.3f}" in (tmp_path / "report.md").read_text()
@@ -84,6 +85,29 @@ def test_four_views_report_submission_and_consistency(trained, tmp_path):
     taxonomy = load_run(run, torch.device("cpu")).taxonomy
     genus_of = {taxonomy.names["species"][i]: taxonomy.names["genus"][g] for i, g in enumerate(taxonomy.ancestor_map("species", "genus").tolist())}
     assert all(genus_of[row["species"]] == row["genus"] for row in predictions)
+
+
+def test_primary_variant_is_the_best_on_the_runs_validation_split(trained, tmp_path):
+    data, run = trained  # the run validated on "test", so the choice is made on the very images scored here
+    metrics = evaluate([run], data, "test", out=tmp_path, settings=settings(views=("plain", "flip")))["metrics"]
+    scored = {name: ranks["species"]["macro_f1"] for name, ranks in metrics["variants"].items()}
+    choice = metrics["primary_choice"]
+    assert choice["validation_macro_f1"] == pytest.approx(scored)
+    assert metrics["primary"] == choice["variant"] == max(scored, key=scored.get)
+    assert "validation split" in choice["reason"] and choice["reason"] in (tmp_path / "report.md").read_text()
+
+
+def test_run_without_a_validation_split_headlines_the_fallback_variant(trained, tmp_path):
+    data, run = trained
+    no_val = tmp_path / "run"
+    (no_val / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "taxonomy.json", "stats.json"):
+        (no_val / name).write_text((run / name).read_text())
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    state["config"]["data"].update(val_split=None, holdout=0.0)
+    torch.save(state, no_val / "checkpoints" / "last.pt")
+    metrics = evaluate([no_val], data, "test", out=tmp_path / "eval", settings=settings(views=("plain", "flip")))["metrics"]
+    assert metrics["primary"] == FALLBACK_PRIMARY and "no labelled validation split" in metrics["primary_choice"]["reason"]
 
 
 def test_ensemble_of_a_model_with_itself_equals_the_model(trained, tmp_path):

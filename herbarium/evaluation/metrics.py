@@ -13,6 +13,8 @@ a figure has no images behind it), so results go to JSON as they are.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -75,22 +77,27 @@ def macro_f1(y_true: ArrayLike, y_pred: ArrayLike) -> float | None:
 
 # --------------------------------------------------------------- long tail
 def suggest_shot_thresholds(train_counts: ArrayLike) -> tuple[int, int]:
-    """Training-count thresholds ``(low, high)`` for the few/medium/many-shot groups.
+    """Training-count thresholds ``(low, high)``: few < low <= medium <= high < many.
 
-    Herbarium-scale data keep the usual (20, 100): few < 20 <= medium <= 100
-    < many. When no class has more than 100 training images the many group
-    would be empty, so the thresholds become the 1/3 and 2/3 quantiles of the
-    positive per-class counts (rounded, ``1 <= low <= high``), which splits
-    the classes into three groups of roughly equal size.
+    The usual definition (few < 20 <= medium <= 100 < many) is kept whenever
+    it leaves no group empty. On a small or short-tailed set it would (no
+    class over 100 images, or none under 20), so the groups become thirds of
+    the classes sorted by count: ``low`` is one more than the count of the
+    class a third of the way up, so the few-shot group always holds the
+    rarest third of the classes (and every class tied with them);
+    ``high`` is the count two thirds of the way up (at least ``low``).
     """
     counts = as_numpy(train_counts).astype(np.int64)
-    positive = counts[counts > 0]
+    positive = np.sort(counts[counts > 0])
     low, high = DEFAULT_SHOT_THRESHOLDS
-    if positive.size == 0 or positive.max() > high:
+    if positive.size == 0:
         return low, high
-    low_q, high_q = np.quantile(positive, [1 / 3, 2 / 3])
-    low = max(1, int(round(float(low_q))))
-    return low, max(low, int(round(float(high_q))))
+    if (positive < low).any() and ((positive >= low) & (positive <= high)).any() and (positive > high).any():
+        return low, high
+    third = int(positive[math.ceil(positive.size / 3) - 1])
+    two_thirds = int(positive[math.ceil(2 * positive.size / 3) - 1])
+    low = third + 1
+    return low, max(low, two_thirds)
 
 
 def shot_group_of(train_counts: np.ndarray, thresholds: tuple[int, int]) -> np.ndarray:

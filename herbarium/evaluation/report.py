@@ -45,7 +45,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from herbarium.evaluation.metrics import SHOT_GROUPS
 from herbarium.evaluation.submission import write_atomic
 
-KNOWN_KEYS = ("variants", "primary", "baseline", "taxonomy_disagreement", "throughput")
+KNOWN_KEYS = ("variants", "primary", "primary_choice", "baseline", "taxonomy_disagreement", "throughput")
 DEFAULT_BASELINE = "single_view_heads"
 WORST_CLASSES = 20
 CONFUSED_PAIRS = 15
@@ -153,7 +153,7 @@ def run_section(context: Mapping[str, Any]) -> Section:
     return Section("Run", tables=[_key_value_table(flatten(context))] if context else [])
 
 
-def summary_section(variants: Mapping[str, Any], primary: str) -> Section:
+def summary_section(variants: Mapping[str, Any], primary: str, choice: Mapping[str, Any] | None = None) -> Section:
     """Rank x (top-1, top-5, macro-F1, many/medium/few) for the primary variant."""
     ranks = variants[primary]
     rows = [
@@ -162,8 +162,9 @@ def summary_section(variants: Mapping[str, Any], primary: str) -> Section:
         for rank, m in ranks.items()
     ]
     headers = ["rank", "images", "top-1", "top-5", "macro-F1", "many-shot", "medium-shot", "few-shot"]
+    why = f" ({choice['reason']})" if choice and choice.get("reason") else ""
     intro = (
-        f"Variant {primary}. Macro-F1 as Kaggle scores it "
+        f"Variant {primary}{why}: the one written to submission.csv. Macro-F1 as Kaggle scores it "
         "(scikit-learn, over the classes in the answers or the predictions)."
     )
     thresholds = [
@@ -284,10 +285,13 @@ def build_sections(document: Mapping[str, Any]) -> list[Section]:
     variants = document.get("variants") or {}
     if variants:
         primary = primary_variant(document)
-        sections = [summary_section(variants, primary), run_section(document.get("context") or {})]
+        sections = [summary_section(variants, primary, document.get("primary_choice")),
+                    run_section(document.get("context") or {})]
         sections.append(variants_section(variants, baseline_variant(document)))
     else:
-        sections = [Section("Summary", [NO_LABELS]), run_section(document.get("context") or {})]
+        choice = document.get("primary_choice") or {}
+        written = [f"submission.csv holds variant {choice['variant']} ({choice['reason']})."] if choice else []
+        sections = [Section("Summary", [NO_LABELS, *written]), run_section(document.get("context") or {})]
     if document.get("taxonomy_disagreement"):
         sections.append(disagreement_section(document["taxonomy_disagreement"]))
     if variants:

@@ -43,6 +43,9 @@ from herbarium.stats import default_workers
 from herbarium.taxonomy import Taxonomy
 
 TOP_K = 5
+# The headline variant of a run without a validation split to choose one on: the heads averaged over the
+# TTA views were at least as good as every other variant on grocery-store val (BENCHMARKS.md).
+FALLBACK_PRIMARY = "tta_heads"
 
 
 @dataclass
@@ -105,7 +108,7 @@ class EvaluationSettings:
     device: str = "auto"
     precision: str = "auto"
     shot_thresholds: tuple[int, int] | None = None  # None: (20, 100), scaled down for small training sets
-    primary: str | None = None  # None: retrieval_consistent with a retrieval gallery, else tta_consistent
+    primary: str | None = None  # None: the best finest-rank macro-F1 on the run's validation split, else FALLBACK_PRIMARY
     skip_bad_images: bool = False
     decode: str = "auto"  # auto | cpu | gpu, as train.py's --decode
     retrieval_gallery: str | None = None  # a labelled split of the data whose embeddings are the gallery
@@ -130,10 +133,39 @@ class EvaluationSettings:
         if self.class_weighted and self.model_weights is not None:
             raise ValueError("class-weighted ensembles set each model's weight per class; drop the model weights")
 
-    def resolved_primary(self) -> str:
-        if self.primary:
-            return self.primary
-        return "retrieval_consistent" if self.retrieval_gallery else "tta_consistent"
+
+
+@dataclass
+class PrimaryChoice:
+    """The variant written to submission.csv and headlined in the report, and why."""
+
+    variant: str
+    reason: str
+    validation_macro_f1: dict[str, float] = field(default_factory=dict)  # variant -> finest-rank macro-F1
+
+
+def choose_primary(models: Sequence[LoadedModel], data: str | Path, taxonomy: Taxonomy, settings: EvaluationSettings,
+                   device: torch.device, galleries: Sequence[Gallery] | None = None,
+                   class_weights: Sequence[dict[str, torch.Tensor]] | None = None) -> PrimaryChoice:
+    """``--primary`` when given; else the variant with the best finest-rank macro-F1 on the first run's validation split.
+
+    Which variant wins depends on the data (consistent decoding helps where
+    the coarse heads are much stronger than the fine one, and hurts where
+    they are not), so it is measured on images the run did not train on.
+    A run without a validation split gets ``FALLBACK_PRIMARY``.
+    """
+    if settings.primary:
+        return PrimaryChoice(settings.primary, "chosen with --primary")
+    split = validation_split(models[0], data, "val", taxonomy)
+    if split is None or not split.labelled:
+        return PrimaryChoice(FALLBACK_PRIMARY, "the run has no labelled validation split to choose on: the default")
+    loader = build_view_loader(split, taxonomy, models, settings, device)
+    outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights)
+    variants = score_variants(outputs, taxonomy, {}, None)
+    scores = {name: float(ranks[taxonomy.finest]["macro_f1"] or 0.0) for name, ranks in variants.items()}
+    best = max(scores, key=scores.get)
+    return PrimaryChoice(best, f"best {taxonomy.finest} macro-F1 ({scores[best]:.3f}) on the run's validation split "
+                               f"{split.name} ({len(split)} images)", scores)
 
 
 class PredictionStore:
@@ -307,8 +339,8 @@ def build_gallery(loaded: LoadedModel, split: DatasetSplit, taxonomy: Taxonomy, 
     return Gallery(torch.cat(embeddings), labels, {rank: loaded.model.classes_by_rank[rank] for rank in ranks})
 
 
-def validation_split(loaded: LoadedModel, data: str | Path, split: str, taxonomy: Taxonomy) -> DatasetSplit:
-    """``split`` of ``data``; ``"val"`` is the run's own validation split as it was in training."""
+def validation_split(loaded: LoadedModel, data: str | Path, split: str, taxonomy: Taxonomy) -> DatasetSplit | None:
+    """``split`` of ``data``; ``"val"`` is the run's own validation split as it was in training (None: it had none)."""
     if split != "val":
         return read_split(data, split, loaded.config.data.ranks, taxonomy=taxonomy)
     from herbarium.engine import read_train_val
@@ -328,6 +360,9 @@ def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, ta
     accuracies: list[dict[str, np.ndarray]] = []
     for loaded in models:
         split = validation_split(loaded, data, settings.weights_split, taxonomy)
+        if split is None:
+            raise ValueError(f"{loaded.source}: the run has no validation split for the class weights; "
+                             "pass --weights-split with a labelled split of the data")
         loader = build_view_loader(split, taxonomy, [loaded], plain_settings, device)
         outputs = predict([loaded], loader, taxonomy, plain_settings, device)
         predictions = outputs["predictions"]["tta_heads"]
@@ -388,8 +423,10 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
     out_dir.mkdir(parents=True, exist_ok=True)
 
     image_ids = [split_data.samples[i].image_id for i in outputs["index"]]
-    primary = settings.resolved_primary()
-    primary = primary if primary in outputs["predictions"] else "tta_consistent"
+    choice = choose_primary(models, data, taxonomy, settings, device, galleries, class_weights)
+    if choice.variant not in outputs["predictions"]:
+        raise ValueError(f"--primary {choice.variant}: not a variant of this evaluation; it has {list(outputs['predictions'])}")
+    primary = choice.variant
     finest = taxonomy.finest
     write_submission(out_dir / "submission.csv", image_ids, outputs["predictions"][primary][finest], taxonomy)
     write_predictions(out_dir / "predictions.csv", image_ids, outputs["predictions"][primary],
@@ -401,6 +438,7 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
                        "input_path": decode, **({"decoder_routes": dict(loader.decoder.counts)} if decode == "gpu" else {})},
         "taxonomy_disagreement": outputs["disagreement"],
         "skipped_bad_images": outputs["skipped"],
+        "primary_choice": {"variant": primary, "reason": choice.reason, "validation_macro_f1": choice.validation_macro_f1},
     }
     if (outputs["targets"] >= 0).all(axis=1).any():
         metrics["variants"] = score_variants(outputs, taxonomy, first.train_counts, settings.shot_thresholds)

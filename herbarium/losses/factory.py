@@ -39,6 +39,10 @@ def _logit_adjusted(counts: Sequence[int], weight: Tensor | None, *, tau: float,
     return LogitAdjustedLoss(counts, tau=tau, weight=weight)
 
 
+def _focal_logit_adjusted(counts: Sequence[int], weight: Tensor | None, *, tau: float, gamma: float, **_: float) -> nn.Module:
+    return LogitAdjustedLoss(counts, tau=tau, weight=weight, gamma=gamma)
+
+
 def _balanced_softmax(counts: Sequence[int], weight: Tensor | None, **_: float) -> nn.Module:
     return BalancedSoftmaxLoss(counts, weight=weight)
 
@@ -54,6 +58,7 @@ LOSSES: dict[str, LossBuilder] = {
     "focal": _focal,
     "label_smoothing": _label_smoothing,
     "logit_adjusted": _logit_adjusted,
+    "focal_logit_adjusted": _focal_logit_adjusted,
     "balanced_softmax": _balanced_softmax,
     "sce": _symmetric,
 }

@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .class_weights import counts_tensor, sample_weights, weighted_mean
+from .class_weights import counts_tensor
+from .focal import FocalLoss
 
 __all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss"]
 
 
 class LogitAdjustedLoss(nn.Module):
-    """Cross-entropy on logits + tau * log(prior) in training mode, on raw logits in eval mode.
+    """Cross-entropy (or focal loss) on logits + tau * log(prior) in training mode, on raw logits in eval mode.
 
     The prior is the training class frequency (counts of 0 raised to 1) and is
     kept as the ``log_prior`` buffer, so it moves with ``.to(device)`` and is
@@ -34,6 +34,10 @@ class LogitAdjustedLoss(nn.Module):
         weight: optional [C] class weights (usually left None: the adjustment
             already re-balances, and both together over-correct).
         ignore_index: target value of samples without a label at this rank.
+        gamma: focal term (1 - p_t) ** gamma on the adjusted probabilities; 0
+            (the default) is plain logit-adjusted cross-entropy. The adjustment
+            moves the margin towards rare classes, the focal term then spends
+            the gradient on the hard samples among them.
     """
 
     def __init__(
@@ -42,13 +46,18 @@ class LogitAdjustedLoss(nn.Module):
         tau: float = 1.0,
         weight: Tensor | None = None,
         ignore_index: int = -1,
+        gamma: float = 0.0,
     ) -> None:
         super().__init__()
         counts = counts_tensor(class_counts)  # [C]
         self.tau = float(tau)
         self.ignore_index = ignore_index
+        self.focal = FocalLoss(gamma=gamma, weight=weight, ignore_index=ignore_index)
         self.register_buffer("log_prior", torch.log(counts / counts.sum()).to(torch.float32))  # [C]
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    @property
+    def weight(self) -> Tensor | None:
+        return self.focal.weight
 
     def adjust(self, logits: Tensor) -> Tensor:
         """logits [B, C] -> logits + tau * log_prior [B, C]."""
@@ -60,13 +69,11 @@ class LogitAdjustedLoss(nn.Module):
         """logits [B, C], target [B], sample_weight [B] or None -> scalar."""
         if self.training:
             logits = self.adjust(logits)
-        nll = F.cross_entropy(logits, target, reduction="none", ignore_index=self.ignore_index)  # [B]
-        weight = sample_weights(target, self.weight, sample_weight, self.ignore_index, nll.dtype)  # [B]
-        return weighted_mean(weight * nll, weight)
+        return self.focal(logits, target, sample_weight)
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.log_prior.shape[0]}, tau={self.tau}, "
+            f"num_classes={self.log_prior.shape[0]}, tau={self.tau}, gamma={self.focal.gamma}, "
             f"ignore_index={self.ignore_index}, weighted={self.weight is not None}"
         )
 

@@ -23,7 +23,8 @@ class ModelConfig:
             nothing is ever downloaded.
         weights: a local ``.safetensors`` / ``.pth`` state dict for the trunk.
         pool: global pooling, one of ``avg``, ``max``, ``gem``.
-        dropout: dropout before each head (0.5 worked for AliProducts).
+        dropout: dropout before each head (0.5 worked for AliProducts from
+            scratch; a pretrained trunk fine-tuned on few images wants less).
         embedding_dim: if > 0, a Linear + BatchNorm1d maps the pooled features
             to this size before the heads; 0 puts the heads on the pooled
             features directly.
@@ -41,7 +42,7 @@ class ModelConfig:
     pretrained: bool = False
     weights: str | None = None
     pool: str = "avg"
-    dropout: float = 0.5
+    dropout: float = 0.2
     embedding_dim: int = 0
     head: str = "linear"
     arcface_levels: tuple[str, ...] = ()

@@ -118,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from herbarium.engine import read_image_ids, train
     from herbarium.evaluation.tta import parse_views
-    from herbarium.train_cli import config_from_args
+    from herbarium.train_cli import config_from_args, parse_train_args
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_train_args(parser, argv)
     if args.resume:
         parser.error("run the same clean-labels command again to continue it; --resume is for single runs")
     cfg = config_from_args(args)

@@ -75,7 +75,7 @@ OPTIMIZERS: dict[str, Callable[[ParamGroups, float, float], Optimizer]] = {
     "rmsprop": _rmsprop,  # momentum 0.9
 }
 DEFAULT_LRS: dict[str, float] = {"adam": 3e-4, "adamw": 1e-3, "sgd": 0.05, "rmsprop": 1e-3}
-DEFAULT_WEIGHT_DECAY: dict[str, float] = {"adam": 0.0, "adamw": 0.01, "sgd": 1e-4, "rmsprop": 0.0}
+DEFAULT_WEIGHT_DECAY: dict[str, float] = {"adam": 0.0, "adamw": 0.05, "sgd": 1e-4, "rmsprop": 0.0}
 
 
 @dataclass(frozen=True)
