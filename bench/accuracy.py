@@ -1,29 +1,29 @@
 #!/usr/bin/env python
-"""Accuracy benchmark: herbarium's pipeline against two flat baselines under one budget.
+"""Accuracy benchmark: herbarium against the stock timm script a user would write, under one budget.
 
     python bench/accuracy.py --data DATA --train-split train_lt --size 128 --epochs 30
     python bench/accuracy.py --data DATA --only herbarium --herbarium-args="--sampler sqrt" --out bench/results/sqrt
 
-Every arm shares the budget: trunk, pretrained initialisation, input size,
-epochs, batch size, seed, training and validation splits (``best.pt`` is the
-epoch with the best finest-rank macro-F1 on the validation split).
+The shared budget is the data (training, validation and test splits), the
+trunk and its initialisation, the input size, the number of epochs and the
+seed. Everything else is each contender's own default:
 
-* ``herbarium``: collect-stats on the training split, then training with every
-  library default (a head per rank, the default loss, class weights, rank
-  weights, sampler and schedule), then evaluation with the default TTA views;
-  the headline variant is the evaluation's primary one (consistent decoding).
-* ``ce``: a finest-rank head only, flat cross-entropy, ImageNet mean/std, one
-  plain view and no TTA. With a single head, consistent decoding returns the
-  species head's argmax and its ancestors, so genus and family are the species
-  prediction mapped up the taxonomy.
-* ``la``: as ``ce`` with the logit-adjusted loss (tau 1).
+* ``stock_ce`` / ``stock_la``: ``bench/stock.py``, a plain timm + torchvision
+  script with its own loop (AdamW 1e-3, weight decay 0.05, batch 128, warm-up
+  + cosine, the weights' own normalisation, one centre-crop view), trained on
+  the whole training split and scored at its last epoch; cross-entropy or
+  logit-adjusted cross-entropy. Genus and family are the species prediction
+  mapped up the taxonomy.
+* ``herbarium``: ``train.py`` and ``tta_eval.py`` with every default.
+* ``herbarium2020``: the same with ``--recipe herbarium2020`` (the design
+  card's recipe).
 
-The arms run in this process through the library (``herbarium.engine.train``
-and ``herbarium.evaluation.runner.evaluate``); before each run the harness
-checks that the train.py / tta_eval.py command lines it prints rebuild exactly
-the same configuration. Each arm writes ``OUT/<arm>/result.json``; the
-comparison (``OUT/comparison.json`` and ``OUT/comparison.md``) is rebuilt from
-every result present, so arms run separately with ``--only`` share one table.
+Herbarium's arms run in this process through the library, from the very
+``train.py`` / ``tta_eval.py`` argument lists the harness prints. Each arm
+writes ``OUT/<arm>/result.json`` (with its per-image species predictions);
+the comparison (``OUT/comparison.json``, ``OUT/comparison.md``) is rebuilt
+from every result present, with paired bootstrap intervals of the species
+macro-F1 margins, so arms run separately with ``--only`` share one table.
 """
 
 from __future__ import annotations
@@ -37,30 +37,37 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
+from sklearn.metrics import f1_score
 
 from herbarium import train_cli
-from herbarium.config import DataConfig, LossConfig, TrainConfig
+from herbarium.config import TrainConfig
 from herbarium.evaluation import cli as eval_cli
+from herbarium.evaluation.metrics import evaluate_predictions
 from herbarium.evaluation.runner import EvaluationSettings
-from herbarium.models import ModelConfig
-from herbarium.stats_file import IMAGENET_MEAN, IMAGENET_STD
-from herbarium.taxonomy import DEFAULT_RANKS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
+import stock  # noqa: E402  (bench/stock.py)
 
 ARMS: dict[str, str] = {
-    "herbarium": "herbarium defaults: a head per rank, default loss and sampling, collect-stats, TTA + consistent decoding",
-    "ce": "flat cross-entropy, finest-rank head only, ImageNet mean/std, one plain view",
-    "la": "logit-adjusted cross-entropy (tau 1), finest-rank head only, ImageNet mean/std, one plain view",
+    "stock_ce": "stock timm script (bench/stock.py): cross-entropy, last epoch, one centre-crop view",
+    "stock_la": "stock timm script (bench/stock.py): logit-adjusted cross-entropy (tau 1), last epoch, one view",
+    "herbarium": "train.py and tta_eval.py with every default",
+    "herbarium2020": "train.py --recipe herbarium2020 (the card's recipe), tta_eval.py defaults",
 }
-BASELINE_LOSSES: dict[str, str] = {"ce": "ce", "la": "logit_adjusted"}
+STOCK_LOSSES: dict[str, str] = {"stock_ce": "ce", "stock_la": "la"}
+RECIPES: dict[str, str] = {"herbarium": "default", "herbarium2020": "herbarium2020"}
 SHOT_GROUPS = ("many", "medium", "few")
+BOOTSTRAP_RESAMPLES = 1000
 # Config fields ("section.field") that define the shared budget: --herbarium-args may not change them.
-BUDGET_FIELDS = ("data.data", "data.train_split", "data.val_split", "data.size", "data.batch_size",
-                 "model.trunk", "model.pretrained", "epochs", "seed")
+BUDGET_FIELDS = ("data.data", "data.train_split", "data.val_split", "data.size", "model.trunk", "model.pretrained",
+                 "epochs", "seed")
 
 
 @dataclass(frozen=True)
@@ -69,13 +76,12 @@ class Budget:
 
     data: str = ""
     train_split: str = "train_lt"
-    val_split: str | None = "val"  # None: hold out part of the training split
+    val_split: str | None = "val"  # None: no validation split (herbarium then trains on every image)
     test_split: str = "test"
     trunk: str = "efficientnet_lite0"
     pretrained: bool = True
     size: int = 128
     epochs: int = 30
-    batch_size: int = 64
     seed: int = 0
     workers: int | None = None  # None: all cores
     device: str = "auto"
@@ -83,13 +89,21 @@ class Budget:
 
 @dataclass
 class Arm:
-    """One contender: its training config, its evaluation settings and how it normalises."""
+    """One contender: the train.py / tta_eval.py argument lists of a herbarium arm, or a stock recipe."""
 
     name: str
     description: str
-    train: TrainConfig
-    evaluation: EvaluationSettings
-    collects_stats: bool
+    train_args: list[str] = field(default_factory=list)
+    eval_args: list[str] = field(default_factory=list)
+    stock: stock.StockRecipe | None = None
+
+    @property
+    def train(self) -> TrainConfig:
+        return train_cli.config_from_args(train_cli.parse_train_args(train_cli.build_parser(), self.train_args))
+
+    @property
+    def evaluation(self) -> EvaluationSettings:
+        return eval_cli.settings_from_args(eval_cli.build_parser().parse_args(self.eval_args))
 
 
 @dataclass
@@ -105,76 +119,65 @@ class ArmPaths:
         self.result = self.root / "result.json"
 
 
-def collected_stats_path(out: Path) -> Path:
-    return out / "stats.json"
-
-
-def imagenet_stats_path(out: Path) -> Path:
-    return out / "imagenet_stats.json"
-
-
 # ------------------------------------------------------------------ configs
-def base_config(budget: Budget, run_dir: Path, stats: Path) -> TrainConfig:
-    """Library defaults everywhere except the shared budget, the run folder and the stats file."""
-    return TrainConfig(
-        out=str(run_dir), epochs=budget.epochs, seed=budget.seed, device=budget.device,
-        data=DataConfig(data=str(budget.data), train_split=budget.train_split, val_split=budget.val_split,
-                        stats=str(stats), size=budget.size, batch_size=budget.batch_size, workers=budget.workers),
-        model=ModelConfig(trunk=budget.trunk, pretrained=budget.pretrained),
-    )
-
-
-def herbarium_config(budget: Budget, run_dir: Path, stats: Path, extra_args: Sequence[str] = ()) -> TrainConfig:
-    """The library's defaults under the budget, then ``extra_args`` as train.py would apply them."""
-    cfg = base_config(budget, run_dir, stats)
+def herbarium_train_args(budget: Budget, run_dir: Path, recipe: str, extra_args: Sequence[str] = ()) -> list[str]:
+    """train.py's arguments: the budget, the run folder and the recipe; every other setting its default."""
+    args = [str(budget.data), "--train-split", budget.train_split, "--trunk", budget.trunk, "--size", str(budget.size),
+            "--epochs", str(budget.epochs), "--seed", str(budget.seed), "--device", budget.device, "--out", str(run_dir)]
+    args += ["--val-split", budget.val_split] if budget.val_split else []
+    args += ["--pretrained"] if budget.pretrained else []
+    args += ["--workers", str(budget.workers)] if budget.workers is not None else []
+    args += ["--recipe", recipe] if recipe != "default" else []
     if not extra_args:
-        return cfg
-    args = train_cli.build_parser().parse_args([*train_arguments(cfg), *extra_args])
-    if args.resume or args.overwrite:
+        return args
+    parse = lambda argv: train_cli.parse_train_args(train_cli.build_parser(), argv)  # noqa: E731
+    changed = parse([*args, *extra_args])
+    if changed.resume or changed.overwrite:
         raise ValueError("--herbarium-args may not hold --resume or --overwrite; pass --overwrite to the harness")
-    changed = train_cli.config_from_args(args)
-    before, after = flat_config(cfg), flat_config(changed)
+    before, after = (flat_config(train_cli.config_from_args(parse(argv))) for argv in (args, [*args, *extra_args]))
     moved = [name for name in ("out", *BUDGET_FIELDS) if after[name] != before[name]]
     if moved:
         raise ValueError(f"--herbarium-args may not change the shared budget or the run folder: {moved}; "
                          "set them with the harness's own options")
-    return changed
+    return [*args, *extra_args]
 
 
-def baseline_config(budget: Budget, run_dir: Path, stats: Path, loss: str) -> TrainConfig:
-    """One head at the finest rank, unweighted ``loss`` (tau 1 for logit adjustment), rank weight 1."""
-    cfg = base_config(budget, run_dir, stats)
-    finest = cfg.data.ranks[-1]
-    return replace(cfg, loss=LossConfig(levels=(finest,), level_weights={finest: 1.0}, loss=loss, class_weights="none", tau=1.0))
+def herbarium_eval_args(budget: Budget, paths: ArmPaths) -> list[str]:
+    """tta_eval.py's arguments: the run, the test split and the output folder; every other setting its default."""
+    args = [str(paths.run), "--data", str(budget.data), "--split", budget.test_split, "--out", str(paths.evaluation),
+            "--seed", str(budget.seed), "--device", budget.device]
+    return args + (["--workers", str(budget.workers)] if budget.workers is not None else [])
 
 
-def evaluation_settings(budget: Budget, views: tuple[str, ...] | None = None) -> EvaluationSettings:
-    """The evaluation defaults with the budget's workers, seed and device; ``views`` overrides the TTA views."""
-    settings = EvaluationSettings(workers=budget.workers, seed=budget.seed, device=budget.device)
-    return settings if views is None else replace(settings, views=views)
+def stock_recipe(budget: Budget, loss: str) -> stock.StockRecipe:
+    workers = budget.workers if budget.workers is not None else stock.StockRecipe().workers
+    return stock.StockRecipe(size=budget.size, epochs=budget.epochs, loss=loss, seed=budget.seed, workers=workers)
+
+
+def check_stock_budget(budget: Budget) -> None:
+    if budget.trunk != "efficientnet_lite0" or not budget.pretrained:
+        raise ValueError("the stock arms are tf_efficientnet_lite0 with its packaged ImageNet weights; "
+                         "with another trunk run --only herbarium,herbarium2020")
 
 
 def build_arms(budget: Budget, out: Path, names: Sequence[str] = tuple(ARMS),
                herbarium_args: Sequence[str] = ()) -> dict[str, Arm]:
-    """The arms to run, in ``ARMS`` order."""
+    """The arms to run, in ``ARMS`` order; ``herbarium_args`` go to the herbarium arms' train.py."""
     unknown = [name for name in names if name not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     arms = {}
-    for name in ARMS:
-        if name not in names:
-            continue
-        run_dir = ArmPaths(out / name).run
-        if name == "herbarium":
-            cfg = herbarium_config(budget, run_dir, collected_stats_path(out), herbarium_args)
-            arms[name] = Arm(name, ARMS[name], cfg, evaluation_settings(budget), collects_stats=True)
+    for name in (name for name in ARMS if name in names):
+        paths = ArmPaths(out / name)
+        if name in STOCK_LOSSES:
+            check_stock_budget(budget)
+            arms[name] = Arm(name, ARMS[name], stock=stock_recipe(budget, STOCK_LOSSES[name]))
         else:
-            cfg = baseline_config(budget, run_dir, imagenet_stats_path(out), BASELINE_LOSSES[name])
-            arms[name] = Arm(name, ARMS[name], cfg, evaluation_settings(budget, views=("plain",)), collects_stats=False)
+            arms[name] = Arm(name, ARMS[name], herbarium_train_args(budget, paths.run, RECIPES[name], herbarium_args),
+                             herbarium_eval_args(budget, paths))
     return arms
 
 
-# ----------------------------------------------------- equivalent commands
 def flat_config(cfg: TrainConfig) -> dict[str, Any]:
     """Every field of the config: ``name`` at the top level, ``section.name`` inside a section."""
     values = {}
@@ -187,134 +190,18 @@ def flat_config(cfg: TrainConfig) -> dict[str, Any]:
     return values
 
 
-def option_names(fields: Sequence[str]) -> dict[str, str]:
-    """The argparse ``dest`` each config field may go by: ``name``, ``section_name`` and, for a
-    section's ``enabled`` switch, ``section``. A bare name two sections share is left out."""
-    names: dict[str, list[str]] = {}
-    for path in fields:
-        section, _, name = path.rpartition(".")
-        aliases = [name] + ([f"{section}_{name}"] if section else []) + ([section] if name == "enabled" else [])
-        for alias in aliases:
-            names.setdefault(alias, []).append(path)
-    return {alias: paths[0] for alias, paths in names.items() if len(paths) == 1}
-
-
-def _format(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return ",".join(f"{key}={_format(item)}" for key, item in value.items())
-    if isinstance(value, (list, tuple)):
-        return ",".join(_format(item) for item in value)
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def _arguments(parser: argparse.ArgumentParser, values: dict[str, Any], skip: Sequence[str]) -> tuple[list[str], set[str]]:
-    """Positional values first, then every option whose value is not the parser's default.
-
-    Returns the arguments and the keys of ``values`` that some option or positional covers.
-    """
-    names = option_names(list(values))
-    positional, options, used = [], [], set()
-    for action in parser._actions:
-        if action.dest in skip or action.dest == "help":
-            continue
-        if action.dest not in names:
-            raise KeyError(f"the harness does not know which setting {'/'.join(action.option_strings) or action.dest} sets")
-        key = names[action.dest]
-        used.add(key)
-        value = values[key]
-        if not action.option_strings:
-            positional += [str(item) for item in value] if isinstance(value, (list, tuple)) else [str(value)]
-            continue
-        flag = action.option_strings[0]
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if bool(value) != bool(action.default):
-                if bool(value) != isinstance(action, argparse._StoreTrueAction):
-                    raise ValueError(f"{flag} cannot set {key}={value!r}")
-                options.append(flag)
-            continue
-        text = _format(value)
-        if text == _format(action.default):
-            continue
-        if text is None:
-            raise ValueError(f"{flag} cannot set {key} back to None")
-        options.extend([flag, text])
-    return positional + options, used
-
-
-def train_arguments(cfg: TrainConfig) -> list[str]:
-    """train.py's arguments (without the program name) that rebuild ``cfg``.
-
-    Raises:
-        ValueError: a field differs from its default but train.py has no option for it.
-    """
-    values = flat_config(cfg)
-    arguments, used = _arguments(train_cli.build_parser(), values, skip=("resume", "overwrite"))
-    defaults = flat_config(TrainConfig())
-    hidden = [key for key in values if key not in used and values[key] != defaults.get(key)]
-    if hidden:
-        raise ValueError(f"train.py has no option for {hidden}; keep them at their defaults")
-    return arguments
-
-
-def eval_arguments(run_dir: Path, data: str, split: str, out: Path, settings: EvaluationSettings) -> list[str]:
-    """tta_eval.py's arguments (without the program name) that evaluate ``run_dir`` with ``settings``."""
-    values = {**dataclasses.asdict(settings), "runs": [str(run_dir)], "data": str(data), "split": split,
-              "labels": None, "out": str(out)}
-    arguments, _ = _arguments(eval_cli.build_parser(), values, skip=())
-    return arguments
-
-
-def check_train_arguments(cfg: TrainConfig) -> list[str]:
-    """``train_arguments(cfg)``, after checking that train.py would rebuild exactly ``cfg`` from them."""
-    arguments = train_arguments(cfg)
-    rebuilt = train_cli.config_from_args(train_cli.build_parser().parse_args(arguments))
-    if rebuilt != cfg:
-        wanted, built = flat_config(cfg), flat_config(rebuilt)
-        differ = {key: (value, built.get(key)) for key, value in wanted.items() if built.get(key) != value}
-        raise RuntimeError(f"train.py {shlex.join(arguments)} builds another config: {differ}")
-    return arguments
-
-
-def check_eval_arguments(run_dir: Path, data: str, split: str, out: Path, settings: EvaluationSettings) -> list[str]:
-    """``eval_arguments(...)``, after checking that tta_eval.py would rebuild exactly ``settings`` from them."""
-    arguments = eval_arguments(run_dir, data, split, out, settings)
-    args = eval_cli.build_parser().parse_args(arguments)
-    rebuilt = eval_cli.settings_from_args(args)
-    if rebuilt != settings or args.runs != [str(run_dir)] or args.split != split or args.out != str(out):
-        raise RuntimeError(f"tta_eval.py {shlex.join(arguments)} evaluates otherwise: {rebuilt} != {settings}")
-    return arguments
-
-
-def stats_arguments(budget: Budget, out: Path, ranks: Sequence[str]) -> list[str]:
-    arguments = [str(budget.data), "--split", budget.train_split, "--size", str(budget.size), "--out", str(out)]
-    if tuple(ranks) != DEFAULT_RANKS:
-        arguments += ["--ranks", ",".join(ranks)]
-    return arguments + (["--workers", str(budget.workers)] if budget.workers is not None else [])
-
-
-def arm_commands(arm: Arm, budget: Budget, out: Path) -> list[str]:
+def arm_commands(arm: Arm, budget: Budget) -> list[str]:
     """The shell commands that run the same arm from the command line."""
-    paths = ArmPaths(out / arm.name)
-    commands = []
-    if arm.collects_stats:
-        commands.append("herbarium collect-stats " + shlex.join(stats_arguments(budget, Path(arm.train.data.stats), arm.train.data.ranks)))
-    else:
-        commands.append(f"# {arm.train.data.stats}: {json.dumps(imagenet_stats())}")
-    commands.append("python train.py " + shlex.join(check_train_arguments(arm.train)))
-    eval_args = check_eval_arguments(paths.run, budget.data, budget.test_split, paths.evaluation, arm.evaluation)
-    commands.append("python tta_eval.py " + shlex.join(eval_args))
-    return commands
+    if arm.stock is not None:
+        recipe = arm.stock
+        return ["python bench/stock.py " + shlex.join([
+            "--data", str(budget.data), "--train-split", budget.train_split, "--test-split", budget.test_split,
+            "--loss", recipe.loss, "--size", str(recipe.size), "--epochs", str(recipe.epochs), "--seed", str(recipe.seed),
+            "--workers", str(recipe.workers), "--device", budget.device])]
+    return ["python train.py " + shlex.join(arm.train_args), "python tta_eval.py " + shlex.join(arm.eval_args)]
 
 
 # -------------------------------------------------------------------- runs
-def imagenet_stats() -> dict[str, Any]:
-    return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "source": "ImageNet (timm defaults)"}
-
-
 def hardware_description(device: str) -> str:
     from herbarium.engine import resolve_device
 
@@ -344,53 +231,110 @@ def summarise_variant(ranks: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     return summary
 
 
-def ensure_stats(arm: Arm, budget: Budget, out: Path) -> float:
-    """Write the arm's normalisation file (collect-stats, or the ImageNet values); returns seconds spent."""
-    path = Path(arm.train.data.stats)
-    started = time.perf_counter()
-    if not arm.collects_stats:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(imagenet_stats(), indent=2))
-        return 0.0
-    from herbarium import stats
-
-    stats.run(stats.build_parser().parse_args([*stats_arguments(budget, path, arm.train.data.ranks), "--quiet"]))
-    return time.perf_counter() - started
+def finest_truth(split, taxonomy) -> dict[str, int]:
+    """image id (as text) -> true class index at the finest rank."""
+    finest = taxonomy.finest
+    return {str(s.image_id): taxonomy.targets(s.category_id, [finest])[finest] for s in split.samples}
 
 
-def run_arm(arm: Arm, budget: Budget, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Normalisation, training and evaluation of one arm; writes and returns its result record."""
+def run_stock_arm(arm: Arm, budget: Budget) -> dict[str, Any]:
+    """Train and score one stock arm; its part of the result record."""
+    outcome = stock.run_stock(budget.data, budget.train_split, budget.test_split, arm.stock, device=budget.device)
+    taxonomy, test = outcome["taxonomy"], outcome["test"]
+    truth = {rank: np.array([taxonomy.targets(s.category_id, [rank])[rank] for s in test.samples]) for rank in taxonomy.ranks}
+    ranks = evaluate_predictions(truth, outcome["predictions"], outcome["top"], taxonomy,
+                                 {rank: np.asarray(c) for rank, c in outcome["train_counts"].items()})
+    finest = outcome["predictions"][taxonomy.finest]
+    return {"variant": "single_view_heads", "metrics": summarise_variant(ranks), "variants": {},
+            "per_image": {str(s.image_id): int(p) for s, p in zip(test.samples, finest)},
+            "truth": {str(s.image_id): int(t) for s, t in zip(test.samples, truth[taxonomy.finest])},
+            "seconds": outcome["seconds"], "recipe": dataclasses.asdict(arm.stock)}
+
+
+def run_herbarium_arm(arm: Arm, budget: Budget, paths: ArmPaths, overwrite: bool) -> dict[str, Any]:
+    """train.py then tta_eval.py of one herbarium arm, in this process; its part of the result record."""
     from herbarium.engine import train
-    from herbarium.evaluation.runner import evaluate
+    from herbarium.evaluation.runner import evaluate, load_run
 
-    paths = ArmPaths(out / arm.name)
-    commands = arm_commands(arm, budget, out)  # also checks that the commands rebuild these settings
-    print(f"\n== {arm.name}: {arm.description}\n" + "\n".join(commands), flush=True)
-    load_before = _load_average()
-    seconds = {"stats": ensure_stats(arm, budget, out)}
+    cfg, settings = arm.train, arm.evaluation
     started = time.perf_counter()
-    train(arm.train, overwrite=overwrite)
-    seconds["train"] = time.perf_counter() - started
+    train(cfg, overwrite=overwrite)
+    seconds = {"train": time.perf_counter() - started}
     started = time.perf_counter()
-    evaluation = evaluate([paths.run], budget.data, budget.test_split, None, paths.evaluation, arm.evaluation)
+    evaluation = evaluate([paths.run], budget.data, budget.test_split, None, paths.evaluation, settings)
     seconds["evaluate"] = time.perf_counter() - started
-    seconds["total"] = sum(seconds.values())
     metrics = evaluation["metrics"]
     if "variants" not in metrics:
         raise ValueError(f"split {budget.test_split!r} of {budget.data} has no labels to score against")
+    taxonomy = load_run(paths.run, torch.device("cpu")).taxonomy
+    from herbarium.data.readers import read_split
+
+    test = read_split(budget.data, budget.test_split, cfg.data.ranks, taxonomy=taxonomy)
+    predictions = pd.read_csv(paths.evaluation / "predictions.csv", dtype={"image_id": str})
+    finest = taxonomy.finest
+    per_image = {row.image_id: taxonomy.targets(_category(row.category_id), [finest])[finest]
+                 for row in predictions.itertuples()}
+    return {"variant": metrics["primary"], "primary_choice": metrics.get("primary_choice"),
+            "metrics": summarise_variant(metrics["variants"][metrics["primary"]]),
+            "variants": {name: summarise_variant(ranks) for name, ranks in metrics["variants"].items()},
+            "per_image": per_image, "truth": finest_truth(test, taxonomy), "seconds": seconds,
+            "train_config": cfg.to_dict(), "evaluation_settings": dataclasses.asdict(settings),
+            "eval_images_per_s": metrics["throughput"]["images_per_s"]}
+
+
+def _category(value: Any) -> Any:
+    """predictions.csv's category ids are read back as numbers where they were numbers."""
+    return int(value) if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()) else value
+
+
+def run_arm(arm: Arm, budget: Budget, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Train and score one arm; writes and returns its result record."""
+    paths = ArmPaths(out / arm.name)
+    commands = arm_commands(arm, budget)
+    print(f"\n== {arm.name}: {arm.description}\n" + "\n".join(commands), flush=True)
+    if paths.result.is_file() and not overwrite:
+        raise FileExistsError(f"{paths.result} exists; pass --overwrite to run {arm.name} again")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    load_before = _load_average()
+    part = run_stock_arm(arm, budget) if arm.stock is not None else run_herbarium_arm(arm, budget, paths, overwrite)
+    part["seconds"]["total"] = sum(part["seconds"].values())
     record = {
-        "arm": arm.name, "description": arm.description, "variant": metrics["primary"],
-        "metrics": summarise_variant(metrics["variants"][metrics["primary"]]),
-        "variants": {name: summarise_variant(ranks) for name, ranks in metrics["variants"].items()},
-        "seconds": seconds, "hardware": hardware_description(budget.device),
+        "arm": arm.name, "description": arm.description, **part, "hardware": hardware_description(budget.device),
         "load_average": {"start": load_before, "end": _load_average()},  # other jobs on the machine slow the wall times
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "budget": dataclasses.asdict(budget), "commands": commands,
-        "train_config": arm.train.to_dict(), "evaluation_settings": dataclasses.asdict(arm.evaluation),
-        "eval_images_per_s": metrics["throughput"]["images_per_s"],
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "budget": dataclasses.asdict(budget),
+        "commands": commands,
     }
     paths.result.write_text(json.dumps(record, indent=2))
     return record
+
+
+# ---------------------------------------------------------------- intervals
+def paired_bootstrap(truth: np.ndarray, ours: np.ndarray, theirs: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0) -> dict[str, float]:
+    """Macro-F1 of ``ours`` minus ``theirs`` on the same images, with a 95% paired bootstrap interval.
+
+    Each resample draws images with replacement and scores both prediction
+    sets on the same draw, so the interval reflects which images the test
+    set happens to hold, not training noise (one seed per arm).
+    """
+    rng = np.random.default_rng(seed)
+
+    def f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+        return float(f1_score(labels, predicted, average="macro", zero_division=0))
+
+    deltas = []
+    for _ in range(resamples):
+        draw = rng.integers(0, len(truth), len(truth))
+        deltas.append(f1(truth[draw], ours[draw]) - f1(truth[draw], theirs[draw]))
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return {"delta": f1(truth, ours) - f1(truth, theirs), "low": float(low), "high": float(high), "resamples": resamples}
+
+
+def aligned(result: dict[str, Any], other: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(truth, predictions of ``result``, predictions of ``other``) over the image ids both scored."""
+    ids = sorted(set(result["per_image"]) & set(other["per_image"]))
+    return (np.array([result["truth"][i] for i in ids]), np.array([result["per_image"][i] for i in ids]),
+            np.array([other["per_image"][i] for i in ids]))
 
 
 # ------------------------------------------------------------------- table
@@ -427,17 +371,19 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"ranks": ranks, "columns": [title for title, _, _ in columns], "rows": rows, "margins": margins(results, ranks)}
 
 
-def margins(results: dict[str, dict[str, Any]], ranks: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Herbarium's macro-F1 minus each baseline's and minus the better baseline's, per rank."""
-    baselines = [name for name in results if name != "herbarium"]
-    if "herbarium" not in results or not baselines:
-        return {}
-    ours = results["herbarium"]["metrics"]
+def margins(results: dict[str, dict[str, Any]], ranks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each herbarium arm's margin over each stock arm: macro-F1 differences per rank, and for the
+    finest rank a paired bootstrap interval over the test images."""
+    ours = [name for name in results if name not in STOCK_LOSSES]
+    theirs = [name for name in results if name in STOCK_LOSSES]
     table = {}
-    for rank in ranks:
-        deltas = {f"vs_{name}": ours[rank]["macro_f1"] - results[name]["metrics"][rank]["macro_f1"] for name in baselines}
-        best = max(results[name]["metrics"][rank]["macro_f1"] for name in baselines)
-        table[rank] = {**deltas, "vs_better_baseline": ours[rank]["macro_f1"] - best}
+    for name in ours:
+        for baseline in theirs:
+            a, b = results[name], results[baseline]
+            entry = {rank: a["metrics"][rank]["macro_f1"] - b["metrics"][rank]["macro_f1"] for rank in ranks}
+            if "per_image" in a and "per_image" in b:
+                entry["finest_interval"] = paired_bootstrap(*aligned(a, b))
+            table[f"{name} - {baseline}"] = entry
     return table
 
 
@@ -452,45 +398,53 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> lis
     return lines + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
 
 
+def _interval(entry: dict[str, Any]) -> str:
+    interval = entry.get("finest_interval")
+    return "-" if not interval else f"{interval['delta']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+
+
 def render_markdown(table: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     first = next(iter(results.values()))
     budget = first["budget"]
     finest = table["ranks"][0]
-    low, high = first["metrics"][finest]["shot_thresholds"] or (None, None)
+    thresholds = first["metrics"][finest]["shot_thresholds"] or (None, None)
+    validation = budget["val_split"] or f"none (herbarium trains on every image of {budget['train_split']})"
     lines = [
-        f"# Accuracy: herbarium against flat baselines ({Path(budget['data']).name}, "
+        f"# Accuracy: herbarium against the stock timm script ({Path(budget['data']).name}, "
         f"{budget['train_split']} -> {budget['test_split']})", "",
         f"Budget: {budget['trunk']} ({'pretrained' if budget['pretrained'] else 'random init'}), {budget['size']} px, "
-        f"{budget['epochs']} epochs, batch {budget['batch_size']}, seed {budget['seed']}; "
-        f"best.pt chosen on {budget['val_split'] or 'a held-out part of ' + budget['train_split']}.",
+        f"{budget['epochs']} epochs, seed {budget['seed']}; validation split: {validation}.",
         f"Hardware: {first['hardware']}. Date: {max(r['date'] for r in results.values())}.", "",
     ]
     header = ["arm", "variant", *table["columns"], "wall (min)"]
     rows = [[row["arm"], row["variant"], *(row[c] for c in table["columns"]), f"{row['wall_minutes']:.1f}"] for row in table["rows"]]
     lines += _markdown_table(header, rows)
     lines += ["", f"Shot groups: {finest} classes by training images of {budget['train_split']}: "
-              f"few < {low} <= medium <= {high} < many. Genus and family of the baselines are the ancestors of their "
-              f"{finest} prediction (consistent decoding with a single head)."]
+              f"few < {thresholds[0]} <= medium <= {thresholds[1]} < many. The stock arms' genus and family are the "
+              f"ancestors of their {finest} prediction."]
     if table["margins"]:
-        baselines = list(next(iter(table["margins"].values())))
-        lines += ["", "Macro-F1 margin of herbarium:", ""]
-        lines += _markdown_table(["rank", *baselines], [[rank, *deltas.values()] for rank, deltas in table["margins"].items()])
-    if "herbarium" in results:
-        variants = results["herbarium"]["variants"]
-        lines += ["", "Herbarium's evaluation variants (TTA views vs the plain view alone; heads vs consistent decoding):", ""]
+        lines += ["", f"Macro-F1 margins (herbarium arm - stock arm); {finest}: difference with a 95% paired bootstrap "
+                  f"interval over the test images ({BOOTSTRAP_RESAMPLES} resamples):", ""]
+        lines += _markdown_table(["arms", *table["ranks"], f"{finest} interval"],
+                                 [[pair, *(entry[r] for r in table["ranks"]), _interval(entry)]
+                                  for pair, entry in table["margins"].items()])
+    for name in (name for name in results if results[name].get("variants")):
+        variants = results[name]["variants"]
+        choice = results[name].get("primary_choice") or {}
+        lines += ["", f"{name}: evaluation variants (primary {results[name]['variant']}: {choice.get('reason', '-')}):", ""]
         header = ["variant", *(f"{rank} macro-F1" for rank in table["ranks"]), *(f"{rank} top-1" for rank in table["ranks"])]
-        rows = [[name, *(v[r]["macro_f1"] for r in table["ranks"] if r in v), *(v[r]["top1"] for r in table["ranks"] if r in v)]
-                for name, v in variants.items() if all(r in v for r in table["ranks"])]
+        rows = [[variant, *(v[r]["macro_f1"] for r in table["ranks"]), *(v[r]["top1"] for r in table["ranks"])]
+                for variant, v in variants.items() if all(r in v for r in table["ranks"])]
         lines += _markdown_table(header, rows)
-    lines += ["", "Wall time per stage (s), with the machine's 1-minute load average:", ""]
+
     def load(result: dict[str, Any], when: str) -> str:
         value = (result.get("load_average") or {}).get(when)
         return "-" if value is None else f"{value:.1f}"
 
-    lines += _markdown_table(["arm", "stats", "train", "evaluate", "total", "load avg start/end"],
-                             [[name, *(f"{r['seconds'][k]:.0f}" for k in ("stats", "train", "evaluate", "total")),
-                               f"{load(r, 'start')} / {load(r, 'end')}"]
-                              for name, r in results.items()])
+    lines += ["", "Wall time per stage (s), with the machine's 1-minute load average:", ""]
+    lines += _markdown_table(["arm", "train", "evaluate", "total", "load avg start/end"],
+                             [[name, *(f"{r['seconds'][k]:.0f}" for k in ("train", "evaluate", "total")),
+                               f"{load(r, 'start')} / {load(r, 'end')}"] for name, r in results.items()])
     lines += ["", "Equivalent command lines:", ""]
     for name, result in results.items():
         lines += [f"{name}:", "", "```", *result["commands"], "```", ""]
@@ -503,7 +457,8 @@ def write_comparison(out: Path) -> dict[str, Any]:
     if not results:
         raise FileNotFoundError(f"no arm result under {out}")
     table = comparison_table(results)
-    (out / "comparison.json").write_text(json.dumps({"table": table, "results": results}, indent=2))
+    summary = {name: {k: v for k, v in r.items() if k not in ("per_image", "truth")} for name, r in results.items()}
+    (out / "comparison.json").write_text(json.dumps({"table": table, "results": summary}, indent=2))
     (out / "comparison.md").write_text(render_markdown(table, results))
     return table
 
@@ -530,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", required=True, help="dataset folder (Herbarium layout) with a training and a labelled test split")
     data.add_argument("--train-split", default=B.train_split, help=f"training split (default: {B.train_split})")
     data.add_argument("--val-split", type=_optional_split, default=B.val_split,
-                      help=f"split that picks best.pt; 'none' holds out part of the training split (default: {B.val_split})")
+                      help=f"validation split of the herbarium arms; 'none' for none (default: {B.val_split})")
     data.add_argument("--test-split", default=B.test_split, help=f"labelled split that is scored (default: {B.test_split})")
     budget = parser.add_argument_group("shared budget")
     budget.add_argument("--trunk", default=B.trunk, help=f"timm trunk (default: {B.trunk})")
@@ -538,22 +493,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"start from the trunk's packaged ImageNet weights (default: {B.pretrained})")
     budget.add_argument("--size", type=int, default=B.size, help=f"input side in pixels (default: {B.size})")
     budget.add_argument("--epochs", type=int, default=B.epochs, help=f"epochs (default: {B.epochs})")
-    budget.add_argument("--batch-size", type=int, default=B.batch_size, help=f"images per step (default: {B.batch_size})")
     budget.add_argument("--seed", type=int, default=B.seed, help=f"seed of every arm (default: {B.seed})")
     run = parser.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=B.workers, help="decoding processes (default: all cores)")
+    run.add_argument("--workers", type=int, default=B.workers, help="decoding processes (default: each arm's own default)")
     run.add_argument("--device", default=B.device, help=f"cpu, cuda or auto (default: {B.device})")
     run.add_argument("--only", type=_arm_names, default=tuple(ARMS), help=f"comma-separated arms to run (default: {','.join(ARMS)})")
-    run.add_argument("--herbarium-args", default="", help="extra train.py options for the herbarium arm, written --herbarium-args=\"--sampler sqrt\" (default: none)")
+    run.add_argument("--herbarium-args", default="", help="extra train.py options for the herbarium arms, written --herbarium-args=\"--sampler sqrt\" (default: none)")
     run.add_argument("--out", default=None, help="output folder (default: bench/results/accuracy_<train-split>)")
-    run.add_argument("--overwrite", action="store_true", help="replace runs already in OUT instead of refusing (default: off)")
+    run.add_argument("--overwrite", action="store_true", help="run arms whose result is already in OUT again (default: skip them)")
     return parser
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
     return Budget(data=args.data, train_split=args.train_split, val_split=args.val_split, test_split=args.test_split,
-                  trunk=args.trunk, pretrained=args.pretrained, size=args.size, epochs=args.epochs,
-                  batch_size=args.batch_size, seed=args.seed, workers=args.workers, device=args.device)
+                  trunk=args.trunk, pretrained=args.pretrained, size=args.size, epochs=args.epochs, seed=args.seed,
+                  workers=args.workers, device=args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -561,12 +515,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = budget_from_args(args)
     out = Path(args.out or f"bench/results/accuracy_{budget.train_split}")
     arms = build_arms(budget, out, args.only, shlex.split(args.herbarium_args))
-    for arm in arms.values():  # fail on an inexpressible config before hours of training
-        arm_commands(arm, budget, out)
+    for arm in arms.values():  # fail on a config train.py or tta_eval.py refuses before hours of training
+        if arm.stock is None:
+            arm.train.data, arm.evaluation.views  # noqa: B018  (building them is the check)
     out.mkdir(parents=True, exist_ok=True)
     for arm in arms.values():
+        if ArmPaths(out / arm.name).result.is_file() and not args.overwrite:
+            print(f"{arm.name}: result present, skipped (--overwrite runs it again)")
+            continue
         run_arm(arm, budget, out, overwrite=args.overwrite)
         write_comparison(out)
+    write_comparison(out)
     print("\n" + (out / "comparison.md").read_text())
     return 0
 

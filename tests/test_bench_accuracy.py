@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +35,7 @@ def _load_bench():
 
 accuracy = _load_bench()
 BUDGET = accuracy.Budget(data="/data/grocery", train_split="train_lt", val_split="val", size=64, epochs=3,
-                         batch_size=32, seed=7, workers=2, device="cpu")
+                         seed=7, workers=2, device="cpu")
 OUT = Path("/tmp/bench-out")
 
 
@@ -45,44 +46,40 @@ def arms():
 
 # ------------------------------------------------------------------- arms
 def test_every_arm_shares_the_budget(arms):
-    assert list(arms) == ["herbarium", "ce", "la"]
-    for arm in arms.values():
-        cfg = arm.train
+    assert list(arms) == ["stock_ce", "stock_la", "herbarium", "herbarium2020"]
+    for name in ("herbarium", "herbarium2020"):
+        cfg = arms[name].train
         assert (cfg.epochs, cfg.seed, cfg.device) == (3, 7, "cpu")
         assert (cfg.data.data, cfg.data.train_split, cfg.data.val_split) == ("/data/grocery", "train_lt", "val")
-        assert (cfg.data.size, cfg.data.batch_size, cfg.data.workers) == (64, 32, 2)
+        assert (cfg.data.size, cfg.data.workers) == (64, 2)
         assert (cfg.model.trunk, cfg.model.pretrained) == ("efficientnet_lite0", True)
-        assert cfg.out == str(OUT / arm.name / "run")
-        assert (arm.evaluation.seed, arm.evaluation.workers, arm.evaluation.device) == (7, 2, "cpu")
+        assert cfg.out == str(OUT / name / "run")
+        assert (arms[name].evaluation.seed, arms[name].evaluation.workers, arms[name].evaluation.device) == (7, 2, "cpu")
+    for name, loss in (("stock_ce", "ce"), ("stock_la", "la")):
+        recipe = arms[name].stock
+        assert (recipe.size, recipe.epochs, recipe.seed, recipe.workers, recipe.loss) == (64, 3, 7, 2, loss)
+        assert (recipe.batch_size, recipe.lr, recipe.weight_decay) == (128, 1e-3, 0.05)  # the stock recipe's own
 
 
 def test_herbarium_arm_keeps_every_library_default(arms):
-    arm = arms["herbarium"]
-    cfg = arm.train
-    assert cfg.loss == LossConfig()
-    assert cfg.optim == OptimConfig()
-    assert dataclasses.replace(cfg.model, trunk=ModelConfig().trunk, pretrained=ModelConfig().pretrained) == ModelConfig()
-    budget_fields = dict(data="/data/grocery", train_split="train_lt", val_split="val", size=64, batch_size=32, workers=2)
-    assert cfg.data == DataConfig(**budget_fields, stats=str(OUT / "stats.json"))
-    # every setting outside the budget, run folder and stats file is TrainConfig's own default
-    chosen = {*accuracy.BUDGET_FIELDS, "out", "device", "data.workers", "data.stats"}
+    cfg = arms["herbarium"].train
+    chosen = {*accuracy.BUDGET_FIELDS, "out", "device", "data.workers"}
     values, defaults = accuracy.flat_config(cfg), accuracy.flat_config(TrainConfig())
     assert {k: v for k, v in values.items() if k not in chosen} == {k: v for k, v in defaults.items() if k not in chosen}
-    assert arm.evaluation == EvaluationSettings(workers=2, seed=7, device="cpu")  # default TTA views and primary
-    assert arm.collects_stats
+    assert arms["herbarium"].evaluation == EvaluationSettings(workers=2, seed=7, device="cpu")  # default views and primary
 
 
-@pytest.mark.parametrize("name, loss", [("ce", "ce"), ("la", "logit_adjusted")])
-def test_baselines_train_one_unweighted_species_head_and_skip_tta(arms, name, loss):
-    arm = arms[name]
-    assert arm.train.loss == LossConfig(levels=("species",), level_weights={"species": 1.0}, loss=loss,
-                                        class_weights="none", tau=1.0)
-    assert arm.train.data.stats == str(OUT / "imagenet_stats.json")
-    assert arm.evaluation.views == ("plain",)
-    assert not arm.collects_stats
-    # the rest of the recipe (optimizer, schedule, sampler, augmentation, model) is the library's
-    assert arm.train.optim == OptimConfig()
-    assert (arm.train.data.sampler, arm.train.data.augment) == (DataConfig().sampler, DataConfig().augment)
+def test_herbarium2020_arm_is_the_named_recipe(arms):
+    cfg = arms["herbarium2020"].train
+    assert cfg.recipe == "herbarium2020"
+    assert (cfg.optim.optim, cfg.optim.schedule, cfg.loss.loss, cfg.loss.class_weights) == ("adam:0", "step:5", "focal", "effective")
+    assert cfg.loss.level_weights == {"species": 1.5} and cfg.model.dropout == 0.5
+
+
+def test_stock_arms_need_the_packaged_lite0_weights():
+    with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
+        accuracy.build_arms(dataclasses.replace(BUDGET, trunk="resnet50"), OUT)
+    assert list(accuracy.build_arms(dataclasses.replace(BUDGET, trunk="resnet50"), OUT, names=("herbarium",))) == ["herbarium"]
 
 
 def test_unknown_arm_is_refused_with_the_valid_names():
@@ -90,11 +87,11 @@ def test_unknown_arm_is_refused_with_the_valid_names():
         accuracy.build_arms(BUDGET, OUT, names=("herbarium", "focal"))
 
 
-def test_herbarium_args_change_the_herbarium_arm_as_train_py_would():
-    arms = accuracy.build_arms(BUDGET, OUT, herbarium_args=shlex.split("--sampler sqrt --loss logit_adjusted --class-weights none"))
-    cfg = arms["herbarium"].train
-    assert (cfg.data.sampler, cfg.loss.loss, cfg.loss.class_weights) == ("sqrt", "logit_adjusted", "none")
-    assert arms["ce"].train.data.sampler == "none"
+def test_herbarium_args_change_the_herbarium_arms_as_train_py_would():
+    arms = accuracy.build_arms(BUDGET, OUT, herbarium_args=shlex.split("--sampler sqrt --loss focal --class-weights effective"))
+    for name in ("herbarium", "herbarium2020"):
+        cfg = arms[name].train
+        assert (cfg.data.sampler, cfg.loss.loss, cfg.loss.class_weights) == ("sqrt", "focal", "effective")
 
 
 @pytest.mark.parametrize("extra", ["--size 32", "--epochs 9", "--trunk resnet50", "--out elsewhere", "--resume x"])
@@ -104,38 +101,14 @@ def test_herbarium_args_may_not_change_the_budget(extra):
 
 
 # ---------------------------------------------------------------- commands
-@pytest.mark.parametrize("name", ["herbarium", "ce", "la"])
-def test_printed_train_command_rebuilds_the_config(arms, name):
-    cfg = arms[name].train
-    arguments = accuracy.check_train_arguments(cfg)
-    assert train_cli.config_from_args(train_cli.build_parser().parse_args(arguments)) == cfg
-    assert arguments[0] == "/data/grocery"
-
-
-@pytest.mark.parametrize("name", ["herbarium", "ce", "la"])
-def test_printed_eval_command_rebuilds_the_settings(arms, name):
-    settings = arms[name].evaluation
-    arguments = accuracy.check_eval_arguments(OUT / name / "run", BUDGET.data, "test", OUT / name / "eval", settings)
-    args = eval_cli.build_parser().parse_args(arguments)
-    assert eval_cli.settings_from_args(args) == settings
-    assert (args.runs, args.data, args.split) == ([str(OUT / name / "run")], "/data/grocery", "test")
-    assert ("--views" in arguments) == (name != "herbarium")
-
-
-def test_a_setting_train_py_cannot_express_is_refused():
-    cfg = TrainConfig(data=DataConfig(data="x"), model=ModelConfig(drop_path=0.1))
-    with pytest.raises(ValueError, match="drop_path"):
-        accuracy.train_arguments(cfg)
-
-
-def test_commands_name_stats_training_and_evaluation(arms):
-    herbarium = accuracy.arm_commands(arms["herbarium"], BUDGET, OUT)
-    assert herbarium[0].startswith("herbarium collect-stats /data/grocery --split train_lt --size 64")
-    assert herbarium[1].startswith("python train.py /data/grocery") and "--levels" not in herbarium[1]
-    assert herbarium[2].startswith("python tta_eval.py ")
-    ce = accuracy.arm_commands(arms["ce"], BUDGET, OUT)
-    assert "--levels species" in ce[1] and "--loss ce" in ce[1] and "--class-weights none" in ce[1]
-    assert "--views plain" in ce[2]
+def test_commands_are_the_argument_lists_the_arms_run(arms):
+    train, evaluate = accuracy.arm_commands(arms["herbarium"], BUDGET)
+    assert train == "python train.py " + shlex.join(arms["herbarium"].train_args)
+    assert train.startswith("python train.py /data/grocery --train-split train_lt") and "--recipe" not in train
+    assert evaluate.startswith(f"python tta_eval.py {OUT / 'herbarium' / 'run'} --data /data/grocery --split test")
+    assert "--recipe herbarium2020" in accuracy.arm_commands(arms["herbarium2020"], BUDGET)[0]
+    (stock_command,) = accuracy.arm_commands(arms["stock_la"], BUDGET)
+    assert stock_command.startswith("python bench/stock.py --data /data/grocery --train-split train_lt --test-split test --loss la")
 
 
 # ---------------------------------------------------------------- decoding
@@ -164,37 +137,48 @@ def _fake_rank(f1: float, top1: float) -> dict:
 
 def _fake_result(arm: str, species: float, genus: float, family: float) -> dict:
     metrics = {"family": _fake_rank(family, 0.9), "genus": _fake_rank(genus, 0.6), "species": _fake_rank(species, 0.4)}
-    return {"arm": arm, "variant": "tta_consistent", "metrics": metrics, "variants": {"tta_consistent": metrics},
-            "seconds": {"stats": 0.0, "train": 90.0, "evaluate": 30.0, "total": 120.0}, "hardware": "CPU",
+    return {"arm": arm, "variant": "tta_heads", "metrics": metrics, "variants": {"tta_heads": metrics},
+            "seconds": {"train": 90.0, "evaluate": 30.0, "total": 120.0}, "hardware": "CPU",
             "date": "2024-01-01T00:00:00", "budget": dataclasses.asdict(BUDGET), "commands": [f"python train.py # {arm}"]}
 
 
 def test_comparison_table_rows_columns_and_margins():
-    results = {"herbarium": _fake_result("herbarium", 0.50, 0.70, 0.90),
-               "ce": _fake_result("ce", 0.30, 0.60, 0.85), "la": _fake_result("la", 0.40, 0.65, 0.80)}
+    results = {"stock_ce": _fake_result("stock_ce", 0.30, 0.60, 0.85), "stock_la": _fake_result("stock_la", 0.40, 0.65, 0.80),
+               "herbarium": _fake_result("herbarium", 0.50, 0.70, 0.90)}
     table = accuracy.comparison_table(results)
     assert table["ranks"] == ["species", "genus", "family"]
     assert table["columns"] == ["species macro-F1", "species top-1", "genus macro-F1", "genus top-1",
                                 "family macro-F1", "family top-1", "species many-shot acc",
                                 "species medium-shot acc", "species few-shot acc"]
-    assert [row["arm"] for row in table["rows"]] == ["herbarium", "ce", "la"]
-    la = table["rows"][2]
+    assert [row["arm"] for row in table["rows"]] == ["stock_ce", "stock_la", "herbarium"]
+    la = table["rows"][1]
     assert (la["species macro-F1"], la["genus top-1"], la["species few-shot acc"]) == (0.40, 0.6, 0.4 - 0.1)
     assert la["wall_minutes"] == 2.0
-    assert table["margins"]["species"] == pytest.approx({"vs_ce": 0.20, "vs_la": 0.10, "vs_better_baseline": 0.10})
-    assert table["margins"]["family"] == pytest.approx({"vs_ce": 0.05, "vs_la": 0.10, "vs_better_baseline": 0.05})
+    assert set(table["margins"]) == {"herbarium - stock_ce", "herbarium - stock_la"}
+    assert table["margins"]["herbarium - stock_la"] == pytest.approx({"species": 0.10, "genus": 0.05, "family": 0.10})
     markdown = accuracy.render_markdown(table, results)
-    assert "| herbarium | tta_consistent | 0.500 | 0.400 | 0.700 |" in markdown
+    assert "| herbarium | tta_heads | 0.500 | 0.400 | 0.700 |" in markdown
     assert "few < 5 <= medium <= 20 < many" in markdown
-    assert "python train.py # la" in markdown
+    assert "python train.py # stock_la" in markdown
 
 
-@pytest.mark.parametrize("arms", [("ce",), ("herbarium",)])
+@pytest.mark.parametrize("arms", [("stock_ce",), ("herbarium",)])
 def test_table_without_both_sides_has_no_margins(arms):
     results = {name: _fake_result(name, 0.3, 0.6, 0.85) for name in arms}
     table = accuracy.comparison_table(results)
     assert table["margins"] == {} and len(table["rows"]) == 1
-    assert "margin" not in accuracy.render_markdown(table, results)
+    assert "margins" not in accuracy.render_markdown(table, results)
+
+
+def test_paired_bootstrap_interval_holds_the_difference_and_shrinks_with_agreement():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 10, 400)
+    better = np.where(rng.random(400) < 0.8, truth, rng.integers(0, 10, 400))
+    worse = np.where(rng.random(400) < 0.5, truth, rng.integers(0, 10, 400))
+    interval = accuracy.paired_bootstrap(truth, better, worse, resamples=200)
+    assert interval["low"] <= interval["delta"] <= interval["high"] and interval["low"] > 0
+    same = accuracy.paired_bootstrap(truth, better, better, resamples=50)
+    assert same["delta"] == same["low"] == same["high"] == 0.0
 
 
 # ------------------------------------------------------------- end to end
@@ -204,16 +188,16 @@ def test_tiny_run_on_demo_data_writes_json_and_markdown(tmp_path):
                    genera_per_family=2, species_per_genus=2)
     out = tmp_path / "bench"
     assert accuracy.main([
-        "--data", str(data), "--train-split", "train", "--val-split", "none", "--trunk", "resnet10t", "--no-pretrained",
-        "--size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--out", str(out),
+        "--data", str(data), "--train-split", "train", "--val-split", "none", "--size", "32", "--epochs", "1",
+        "--workers", "0", "--device", "cpu", "--out", str(out), "--only", "stock_la,herbarium",
     ]) == 0
     document = json.loads((out / "comparison.json").read_text())
-    assert [row["arm"] for row in document["table"]["rows"]] == ["herbarium", "ce", "la"]
-    for name in ("ce", "la"):  # one species head: genus and family come from decoding its prediction
-        variants = document["results"][name]["variants"]
-        assert set(variants) == {"tta_heads", "tta_consistent"}
-        assert set(variants["tta_heads"]) == {"species"}
-        assert set(variants["tta_consistent"]) == {"family", "genus", "species"}
-        assert variants["tta_heads"]["species"] == variants["tta_consistent"]["species"]
+    assert [row["arm"] for row in document["table"]["rows"]] == ["stock_la", "herbarium"]
+    stock_species = document["results"]["stock_la"]["metrics"]["species"]
+    assert 0.0 <= stock_species["macro_f1"] <= 1.0 and stock_species["few_classes"] >= 1
+    interval = document["table"]["margins"]["herbarium - stock_la"]["finest_interval"]
+    assert interval["low"] <= interval["delta"] <= interval["high"]
+    herbarium = document["results"]["herbarium"]
+    assert herbarium["primary_choice"]["reason"].startswith("the run has no labelled validation split")
     markdown = (out / "comparison.md").read_text()
-    assert "| herbarium |" in markdown and "| la |" in markdown and "python tta_eval.py" in markdown
+    assert "| herbarium |" in markdown and "| stock_la |" in markdown and "python bench/stock.py" in markdown

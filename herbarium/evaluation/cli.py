@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--model-weights", type=_floats, default=S.model_weights, help="one weight per model of an ensemble (default: equal)")
     tta.add_argument("--rank-weights", type=_weights, default=S.rank_weights, help="weights of each rank's log-probability in consistent decoding, e.g. species=1,genus=0.5 (default: 1 each)")
     tta.add_argument("--primary", default=S.primary, choices=("tta_consistent", "tta_heads", "single_view_heads", "single_view_consistent", "retrieval_heads", "retrieval_consistent"),
-                     help="the variant headlined and written to the submission (default: retrieval_consistent with --retrieval-gallery, else tta_consistent)")
+                     help="the variant headlined and written to the submission (default: the best species macro-F1 on the run's own validation split; tta_heads for a run without one)")
     tta.add_argument("--class-weighted-ensemble", dest="class_weighted", action="store_true", default=S.class_weighted,
                      help="weight each model per class by its validation accuracy on that class (AliProducts) instead of one weight per model (default: off)")
     tta.add_argument("--weights-split", default=S.weights_split, help=f"split the class weights are measured on: 'val' = each run's own validation split, or a split of --data (default: {S.weights_split})")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--seed", type=int, default=S.seed, help=f"seed of the random views (default: {S.seed})")
     out = parser.add_argument_group("output and device")
     out.add_argument("--out", default=None, help="output folder (default: RUN/eval/SPLIT)")
-    out.add_argument("--shot-thresholds", type=_pair, default=S.shot_thresholds, help="few/many-shot training counts LOW,HIGH (default: 20,100, scaled down for small training sets)")
+    out.add_argument("--shot-thresholds", type=_pair, default=S.shot_thresholds, help="shot groups by training count: few < LOW <= medium <= HIGH < many (default: 20,100; where a group would be empty, thirds of the classes by count, the rarest third few-shot)")
     out.add_argument("--device", default=S.device, help=f"cpu, cuda or auto (default: {S.device})")
     out.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=S.precision, help="autocast precision (default: auto: bf16 on CUDA)")
     return parser
