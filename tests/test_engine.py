@@ -141,3 +141,59 @@ def test_ddp_two_processes_on_gloo_hold_the_same_weights(demo, tmp_path):
     assert_same_weights(rank0, rank1)
     saved = weights_of(tmp_path / "ddp")
     assert_same_weights(rank0, saved)
+
+
+# ------------------------------------------------------- defaults and rules
+def test_normalisation_rule_weights_own_then_dataset_stats_then_imagenet(demo, tmp_path):
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}')
+    pretrained = dataclasses.replace(tiny_config(demo, tmp_path / "run"),
+                                     model=ModelConfig(trunk="efficientnet_lite0", pretrained=True))
+    weights = engine.resolve_normalization(pretrained)
+    assert (weights.mean, weights.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # the packaged weights' own
+    assert "efficientnet_lite0" in weights.source
+    explicit = dataclasses.replace(pretrained, data=dataclasses.replace(pretrained.data, stats=str(stats)))
+    assert engine.resolve_normalization(explicit).mean == (0.1, 0.2, 0.3)  # --stats always wins
+    scratch = tiny_config(demo, tmp_path / "run")
+    (demo / "train" / "stats.json").write_text(stats.read_text())
+    try:
+        assert engine.resolve_normalization(scratch).std == (0.4, 0.5, 0.6)  # collect-stats' file of the split
+    finally:
+        (demo / "train" / "stats.json").unlink()
+    assert engine.resolve_normalization(scratch).source == "imagenet"
+
+
+def test_without_a_validation_split_every_image_trains_and_last_is_the_checkpoint(demo, tmp_path):
+    cfg = tiny_config(demo, tmp_path / "run", epochs=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_split=None))
+    assert cfg.data.holdout == 0.0  # the default
+    trainer = engine.Trainer(cfg)
+    assert trainer.val_split is None and len(trainer.train_split) == len(engine.read_split(demo, "train"))
+    record = trainer.fit()
+    assert record["val"] == {} and record["best_macro_f1"] is None
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+    held = dataclasses.replace(cfg, out=str(tmp_path / "held"), data=dataclasses.replace(cfg.data, holdout=0.1))
+    train, val = engine.read_train_val(held)
+    assert len(train) + len(val) == len(trainer.train_split) and len(val) > 0
+    plateau = dataclasses.replace(cfg, out=str(tmp_path / "p"), optim=dataclasses.replace(cfg.optim, plateau_patience=2))
+    with pytest.raises(ValueError, match="needs a validation split"):
+        engine.Trainer(plateau)
+
+
+def test_recipe_moves_defaults_and_explicit_flags_still_win():
+    from herbarium import train_cli
+
+    def parsed(*argv: str) -> TrainConfig:
+        return train_cli.config_from_args(train_cli.parse_train_args(train_cli.build_parser(), ["DATA", *argv]))
+
+    default = parsed()
+    assert (default.recipe, default.optim.optim, default.optim.schedule, default.loss.loss) == \
+        ("default", "adamw:0", "cosine:warmup=1", "logit_adjusted")
+    card = parsed("--recipe", "herbarium2020")
+    assert (card.recipe, card.optim.optim, card.optim.schedule, card.loss.loss, card.loss.class_weights) == \
+        ("herbarium2020", "adam:0", "step:5", "focal", "effective")
+    assert (card.loss.level_weights, card.model.dropout, card.data.holdout) == ({"species": 1.5}, 0.5, 0.1)
+    assert parsed("--recipe", "herbarium2020", "--loss", "ce").loss.loss == "ce"
+    with pytest.raises(SystemExit):
+        parsed("--recipe", "nonsense")

@@ -129,6 +129,19 @@ def test_logit_adjustment_only_in_train_mode():
     close(balanced(logits, target), F.cross_entropy(logits.double() + log_prior, target))
 
 
+def test_focal_logit_adjusted_is_focal_loss_on_the_adjusted_logits_in_training():
+    logits, target = make_batch()
+    counts = torch.tensor(COUNTS, dtype=torch.float64).clamp_min(1)
+    adjusted = logits.double() + 0.5 * (counts / counts.sum()).log()
+    loss = build_loss("focal_logit_adjusted", COUNTS, gamma=2.0, tau=0.5)
+    nll = F.cross_entropy(adjusted, target, reduction="none")
+    close(loss(logits, target), ((1 - torch.exp(-nll)) ** 2 * nll).mean())
+    loss.eval()  # raw logits at evaluation, as for plain logit adjustment
+    nll = F.cross_entropy(logits.double(), target, reduction="none")
+    close(loss(logits, target), ((1 - torch.exp(-nll)) ** 2 * nll).mean())
+    close(build_loss("focal_logit_adjusted", COUNTS, gamma=0.0)(logits, target), build_loss("logit_adjusted", COUNTS)(logits, target))
+
+
 def test_logit_adjusted_prior_is_a_buffer_that_round_trips():
     logits, target = make_batch()
     source = LogitAdjustedLoss(COUNTS)
