@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole accuracy comparison of BENCHMARKS.md in one command: grocery-store-128, lite0 pretrained,
+# 128 px, 30 epochs, every arm, on train_lt and train (validated on val) and on train_lt with no
+# validation split. About 10 minutes on one H100; on a CPU pass a smaller proxy budget, e.g.
+#   bash bench/accuracy_suite.sh DATA OUT --size 64 --epochs 10 --device cpu
+# Usage: bash bench/accuracy_suite.sh DATA [OUT] [bench/accuracy.py options...]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DATA=${1:?usage: bash bench/accuracy_suite.sh DATA [OUT] [options...]}
+OUT=${2:-bench/results/accuracy_suite}
+shift $(( $# >= 2 ? 2 : 1 ))
+python bench/accuracy.py --data "$DATA" --train-split train_lt --val-split val --out "$OUT/train_lt" "$@"
+python bench/accuracy.py --data "$DATA" --train-split train --val-split val --out "$OUT/train" "$@"
+python bench/accuracy.py --data "$DATA" --train-split train_lt --val-split none --out "$OUT/train_lt_noval" \
+    --only stock_la,herbarium "$@"
