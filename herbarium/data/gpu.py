@@ -461,7 +461,7 @@ class Decoded:
                 lengths = lengths.to(padded.device, non_blocking=True)  # [B, 4]: height, width, draft height, draft width
                 rows = draft_weights(lengths[:, 0], lengths[:, 2], padded.shape[2])
                 cols = draft_weights(lengths[:, 1], lengths[:, 3], padded.shape[3])
-                self._drafted = resample(padded, rows[:, None], cols[:, None])[:, 0]
+                self._drafted = resample(padded, rows[:, None], cols[:, None], round_between=False)[:, 0]
         return self._drafted
 
     def drafted_image(self, position: int) -> torch.Tensor:

@@ -77,15 +77,18 @@ def draft_weights(lengths: torch.Tensor, drafts: torch.Tensor, inputs: int) -> t
     return window.float() / (end - start).clamp(min=1)[:, :, None].float()
 
 
-def resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *, round_between: bool = True) -> torch.Tensor:
     """float32 [B, C, H, W] with weights rows [B, V, n, H] and cols [B, V, m, W] -> [B, V, C, n, m], whole grey levels.
 
-    Columns first, rounded to whole levels, then rows: the order and the
-    rounding of Pillow's and torchvision's uint8 resize, so the pixels are
-    theirs up to the last bit of their fixed-point weights. All ``V``
+    Columns first, rounded to whole levels (``round_between``), then rows:
+    the order and the rounding of Pillow's and torchvision's uint8 resize,
+    so the pixels are theirs up to the last bit of their fixed-point weights
+    (``interpolate(mode="area")`` rounds once, at the end). All ``V``
     outputs of an image (the TTA views) read its one copy in ``images``.
     """
-    wide = to_levels(torch.matmul(images[:, None], cols.transpose(-1, -2)[:, :, None]))  # [B, V, C, H, m]
+    wide = torch.matmul(images[:, None], cols.transpose(-1, -2)[:, :, None])  # [B, V, C, H, m]
+    if round_between:
+        wide = to_levels(wide)
     return to_levels(torch.matmul(rows[:, :, None], wide))  # [B, V, C, n, m]
 
 
