@@ -49,6 +49,7 @@ from herbarium.data.gpu import (
     train_ops,
     view_seeds,
 )
+from herbarium.data import gpu as gpu_module
 from herbarium.data.images import BadImageError, load_rgb
 from herbarium.data.loader import build_loader
 from herbarium.data.readers import read_split
@@ -115,9 +116,11 @@ def test_select_decode_on_a_machine_without_cuda_decoding():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_select_decode_picks_the_gpu_where_it_decodes():
-    assert select_decode("auto", "cuda") == "gpu"
+def test_select_decode_picks_the_gpu_where_it_decodes(monkeypatch):
+    assert select_decode("gpu", "cuda") == "gpu"
     assert select_decode("cpu", "cuda") == "cpu"
+    monkeypatch.setattr(gpu_module, "default_workers", lambda: 4)
+    assert select_decode("auto", "cuda") == "gpu"  # few cores per GPU
 
 
 # ------------------------------------------------------------------ bytes
@@ -383,6 +386,30 @@ def test_batched_and_per_image_augmentation_give_the_same_pixels(min_side):
         difference = (batched - one_by_one).abs()
         assert difference.max() <= 2, difference.max()  # grey levels
         assert difference.mean() < 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_batches_match_the_cpu_path_and_kernels_do_not_grow_with_the_batch(big_split):
+    size = 32
+    cpu = _cpu_batch(big_split, build_train_transform("crop_flip", size, MEAN, STD), 2 * size, _sampler(len(big_split)))
+    loader = GpuLoader(BytesDataset(big_split, RANKS), _sampler(len(big_split)), 100, 0, "cuda", "crop_flip", size, MEAN, STD,
+                       True, decode_min_side=2 * size)
+    (device,) = list(loader)
+    assert device["image"].is_cuda and device["image"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(device["index"], cpu["index"]) and loader.decoder.counts == {"device": len(big_split)}
+    assert (device["image"].cpu() - cpu["image"]).abs().mean() < 0.05  # nvJPEG's IDCT and upsampling differ from libjpeg's
+    kernels = {}
+    for batch in (4, 64):
+        decoded = _decoded(batch, min_side=40)
+        decoded = Decoded([image.cuda() for image in decoded.images], decoded.sizes)
+        seeds = list(range(batch))
+        plans = loader.plan(decoded.sizes, seeds, seeds)
+        loader.make(decoded, plans, seeds, seeds)  # warm-up: cuBLAS picks its kernels
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            loader.make(Decoded(decoded.images, decoded.sizes), plans, seeds, seeds)
+            torch.cuda.synchronize()
+        kernels[batch] = sum(event.count for event in profile.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA)
+    assert kernels[64] <= kernels[4] + 8, kernels  # cuBLAS may split a larger product in two
 
 
 class _CountOps(TorchDispatchMode):

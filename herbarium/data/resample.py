@@ -86,7 +86,9 @@ def resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *, ro
     (``interpolate(mode="area")`` rounds once, at the end). All ``V``
     outputs of an image (the TTA views) read its one copy in ``images``.
     """
-    wide = torch.matmul(images[:, None], cols.transpose(-1, -2)[:, :, None])  # [B, V, C, H, m]
+    batch, views, m, width = cols.shape
+    every_view = cols.permute(0, 3, 1, 2).reshape(batch, 1, width, views * m)  # [B, 1, W, V*m]
+    wide = torch.matmul(images, every_view).unflatten(3, (views, m)).permute(0, 3, 1, 2, 4)  # [B, V, C, H, m]
     if round_between:
         wide = to_levels(wide)
     return to_levels(torch.matmul(rows[:, :, None], wide))  # [B, V, C, n, m]
