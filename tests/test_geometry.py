@@ -7,10 +7,10 @@ import torch
 from torchvision.transforms import v2
 
 from herbarium.data.augment import PRESETS, preset_ops
+from herbarium.data.device_augment import tensor_ops
 from herbarium.data.geometry import batchable, plan_geometry
 from herbarium.data.transforms import FiveCropCorner
 from herbarium.evaluation.tta import InputProfile, parse_views, view_transform
-from herbarium.data.gpu import tensor_ops
 
 SIZE = 16
 

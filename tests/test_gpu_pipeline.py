@@ -1,4 +1,4 @@
-"""Tests for herbarium/data/gpu.py (run on a CPU device) and the helpers of bench/throughput.py.
+"""Tests for herbarium/data/gpu.py and device_augment.py (run on a CPU device) and the helpers of bench/throughput.py.
 
 The device path must give the CPU path's batches: the same samples, targets
 and augmentation parameters, and pixels within JPEG-decoder tolerance. Here
@@ -11,45 +11,39 @@ images, normalised pixels differ by at most 2 levels of 255 over std and
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 import importlib.util
 import io
 import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fixtures import truncate, write_jpeg
 from herbarium.data import augment
+from herbarium.data import gpu as gpu_module
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset, collate
+from herbarium.data.device_augment import BatchTransform, Decoded, augment_images, normalize, tensor_ops, train_ops, view_seeds
 from herbarium.data.gpu import (
-    BatchTransform,
     BytesDataset,
-    Decoded,
     GpuBatchDecoder,
     GpuLoader,
     GpuViewLoader,
-    augment_images,
     collate_bytes,
     device_decodable,
     draft_size,
     gpu_moment_batches,
-    normalize,
     select_decode,
-    tensor_ops,
-    train_ops,
-    view_seeds,
 )
-from herbarium.data import gpu as gpu_module
 from herbarium.data.images import BadImageError, load_rgb
 from herbarium.data.loader import build_loader
 from herbarium.data.readers import read_split
