@@ -364,10 +364,11 @@ def _smooth(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels[0].permute(1, 2, 0).to(torch.uint8).numpy())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16 (CUDA's)"])
 @pytest.mark.parametrize("min_side", [None, 40])
-def test_batched_and_per_image_augmentation_give_the_same_pixels(min_side):
+def test_batched_and_per_image_augmentation_give_the_same_pixels(min_side, dtype):
     """The default preset and the evaluation views, with and without draft-mode reduction (40: half size)."""
-    decoded = _decoded(8, min_side)
+    decoded = dataclasses.replace(_decoded(8, min_side), dtype=dtype)
     assert (min_side is None) == all(tuple(image.shape[-2:]) == size for image, size in zip(decoded.images, decoded.sizes))
     profile = InputProfile(SIZE, MEAN, STD, "crop_flip")
     for ops in ([train_ops("crop_flip", SIZE)], [tensor_ops(view_transform(v, profile)) for v in ("train", "plain", "flip", "scale:0.8")]):
@@ -375,7 +376,7 @@ def test_batched_and_per_image_augmentation_give_the_same_pixels(min_side):
         seeds = view_seeds(range(8), len(ops), seed=5)
         plans = transform.plan(decoded.sizes, seeds)
         assert plans is not None
-        batched, one_by_one = transform.run(decoded, plans, seeds), transform.run(decoded, None, seeds)
+        batched, one_by_one = transform.run(decoded, plans, seeds).float(), transform.run(decoded, None, seeds)
         assert batched.shape == one_by_one.shape == (8, len(ops), 3, SIZE, SIZE)
         difference = (batched - one_by_one).abs()
         assert difference.max() <= 2, difference.max()  # grey levels

@@ -49,20 +49,23 @@ def _per_image(ops, images, seeds):
     return torch.stack(outputs).float()
 
 
-def _batched(ops, images, seeds):
+def _batched(ops, images, seeds, dtype=torch.float32):
     plans = [plan_geometry(ops, image.shape[1], image.shape[2], SIZE, seed) for image, seed in zip(images, seeds)]
-    padded = pad_batch(images)
+    padded = pad_batch(images, dtype)
     rows = filter_weights(axis_numbers([plan.rows for plan in plans], padded.device), SIZE, padded.shape[2])
     cols = filter_weights(axis_numbers([plan.cols for plan in plans], padded.device), SIZE, padded.shape[3])
     return resample(padded, rows[:, None], cols[:, None])[:, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16 (CUDA's)"])
 @pytest.mark.parametrize("chain", list(CHAINS))
-def test_batched_pixels_are_torchvisions_per_image_pixels(images, chain):
+def test_batched_pixels_are_torchvisions_per_image_pixels(images, chain, dtype):
     seeds = [100 + i for i in range(len(images))]
-    difference = (_batched(CHAINS[chain], images, seeds) - _per_image(CHAINS[chain], images, seeds)).abs()
-    assert difference.max() <= 2  # grey levels: torchvision's fixed-point weights against float32 ones (measured 1, 2 upsampling)
-    assert difference.mean() < 0.1  # measured 0.002-0.014 downsampling, 0.06 upsampling
+    difference = (_batched(CHAINS[chain], images, seeds, dtype).float() - _per_image(CHAINS[chain], images, seeds)).abs()
+    # Grey levels: torchvision's fixed-point weights against ours. Measured: at most 1 level (2 upsampling);
+    # on average 0.002-0.014 in float32 and 0.05-0.08 in float16 downsampling, 0.06 / 0.11 upsampling.
+    assert difference.max() <= 2
+    assert difference.mean() < (0.1 if dtype == torch.float32 else 0.15)
 
 
 def test_pad_batch_pads_with_zeros(images):

@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as F
 
 from herbarium.data import augment
 from herbarium.data.geometry import Plan, batchable, plan_geometry
-from herbarium.data.resample import axis_numbers, draft_weights, filter_weights, pad_batch, resample
+from herbarium.data.resample import axis_numbers, compute_dtype, draft_weights, filter_weights, pad_batch, resample
 from herbarium.data.transforms import eval_transform
 
 # Ops that turn a PIL image into a normalised float tensor: on this path they are done once per batch.
@@ -144,7 +144,7 @@ class BatchTransform:
         return None if any(plan is None for image_plans in plans for plan in image_plans) else plans
 
     def run(self, decoded: "Decoded", plans: list[list[Plan]] | None, seeds: Sequence[Sequence[int | None]]) -> torch.Tensor:
-        """Every view of every image: float32 [B, V, 3, size, size] in whole grey levels (0-255)."""
+        """Every view of every image: [B, V, 3, size, size] in whole grey levels (0-255), float."""
         if plans is None:
             return self._one_by_one(decoded, seeds)
         drafted = decoded.drafted()  # [B, 3, H, W]
@@ -167,12 +167,13 @@ class Decoded:
 
     images: list[torch.Tensor]
     sizes: list[tuple[int, int]]
+    dtype: torch.dtype | None = None  # of the batched work; None: compute_dtype of the images' device
     _drafted: torch.Tensor | None = None
 
     def drafted(self) -> torch.Tensor:
-        """float32 [B, 3, max height, max width]: every image at its draft size, zero-padded; computed once."""
+        """[B, 3, max height, max width] in ``dtype``: every image at its draft size, zero-padded; computed once."""
         if self._drafted is None:
-            padded = pad_batch(self.images)  # [B, 3, H, W]
+            padded = pad_batch(self.images, self.dtype or compute_dtype(self.images[0].device))  # [B, 3, H, W]
             if all(tuple(image.shape[-2:]) == size for image, size in zip(self.images, self.sizes)):
                 self._drafted = padded
             else:
