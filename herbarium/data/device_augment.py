@@ -89,7 +89,9 @@ def augment_images(images: Sequence[torch.Tensor], seeds: Sequence[int | None], 
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W] channels_last, as ``ToDtype(scale=True)`` + ``Normalize``.
+    """Grey levels [B, 3, H, W] (uint8, or float from :class:`BatchTransform`) -> float32 channels_last, normalised.
+
+    As ``ToDtype(scale=True)`` + ``Normalize`` on the CPU path.
 
     ``mean``/``std``: float32 [3] on the images' device, in [0, 1] pixel units.
     """
@@ -98,7 +100,7 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 def image_moments(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> [B, 3 (count, mean, m2), 3 channels] float64, as collect-stats computes per image."""
+    """Grey levels [B, 3, H, W] -> [B, 3 (count, mean, m2), 3 channels] float64, as collect-stats computes per image."""
     pixels = images.to(torch.float32).mul_(1.0 / 255).double().flatten(2)  # [B, 3, H*W]
     mean = pixels.mean(dim=2)
     m2 = ((pixels - mean[..., None]) ** 2).sum(dim=2)
@@ -107,7 +109,7 @@ def image_moments(images: torch.Tensor) -> torch.Tensor:
 
 
 def draft_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [3, height, width], the draft-mode size (see :func:`draft_size`)."""
+    """uint8 [3, H, W] -> uint8 [3, height, width], the draft-mode size (see :func:`~herbarium.data.gpu.draft_size`)."""
     if tuple(image.shape[-2:]) == size:
         return image
     # Of the resizes tried, an area average comes closest to libjpeg's reduced-size DCT.
