@@ -6,12 +6,18 @@ Writes Herbarium-sized JPEGs (1000 x 661 px, about 180 KB) in the Herbarium
 
 a. the model-only training step: batches already on the device (bf16
    autocast on CUDA, channels_last, optionally compiled);
-b. end-to-end training through each input path: ``cpu`` (PIL in DataLoader
-   workers on every core, the engine's own loaders) and ``gpu`` (bytes from
-   the workers, nvJPEG decode and augmentation on the device);
+b. each input path alone (its loader, no model) and end-to-end training
+   through it: ``cpu`` (PIL in DataLoader workers on every core, the
+   engine's own loaders) and ``gpu`` (bytes from the workers, nvJPEG decode
+   and batched augmentation on the device, a batch ahead of the step);
 c. 4-view TTA evaluation through each path, and the inference ceiling
    (forward passes on device tensors) divided by the number of views;
 d. collect-stats through each path.
+
+(a)-(c) run for the main model (SE-ResNeXt50 at 224 px) and for a small
+one (``efficientnet_lite0`` at 128 px), each against its own model-only
+speed: a small model shows where the input path, not the model, is the
+bound. The default GPU run takes under 3 minutes, compile included.
 
 Every training figure uses the engine's step: the model, the MultiRankLoss,
 the phased optimizer and the NaN guard. Each figure is the median of several
@@ -20,7 +26,8 @@ clock read. Training samples cycle over the files so that no epoch boundary
 falls inside a measurement; the files stay in the page cache.
 
     python bench/throughput.py --device cuda --compile            # the GPU run
-    python bench/throughput.py --device cpu --trunk resnet10t --size 64 --batch-size 16 --images 64
+    python bench/throughput.py --device cpu --trunk resnet10t --size 64 --batch-size 16 --images 64 \
+        --small-trunk mobilenetv3_small_050 --small-size 32 --classes 50,10,5 --paths cpu,gpu
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.samplers import EpochSampler
 from herbarium.distributed import DistributedContext
 from herbarium.engine import NanGuard, autocast, autocast_dtype, build_loaders, forward_loss, resolve_device
-from herbarium.evaluation.runner import EvaluationSettings, LoadedModel, build_view_loader, model_scores
+from herbarium.evaluation.runner import EVAL_BATCH, EvaluationSettings, LoadedModel, build_view_loader, model_scores
 from herbarium.evaluation.tta import InputProfile, parse_views, plain_view_index
 from herbarium.losses import build_multi_rank_loss
 from herbarium.models import ModelConfig, build_model
@@ -69,7 +76,7 @@ SHEET_NOISE = 7.0  # grey levels of sensor noise; sets the file size (about 180 
 HERBARIUM_2020_CLASSES = (32093, 3678, 310)  # species, genera, families
 # (warm-up steps, timed windows, steps per window) by device type: a GPU needs compile and cudnn warm-up
 # and runs many steps a second; a CPU run is a functional check that has to end in minutes.
-TIMING = {"cuda": (10, 5, 10), "cpu": (3, 3, 2)}
+TIMING = {"cuda": (8, 3, 8), "cpu": (3, 3, 2)}
 LEVELS = ("species", "genus", "family")  # the heads, in the engine's default order
 
 
@@ -291,6 +298,13 @@ def measure_end_to_end(parts: TrainParts, loader, sampler: EpochSampler, setting
                         steps=settings.steps, synchronize=synchronizer(settings.device))
 
 
+def measure_input_only(loader, sampler: EpochSampler, settings: Settings) -> list[Window]:
+    """The input path alone: batches taken from the training loader as fast as it makes them, no model."""
+    batches = endless(loader, sampler)
+    return time_windows(lambda: len(next(batches)["image"]), warmup=settings.warmup, windows=settings.windows,
+                        steps=settings.steps, synchronize=synchronizer(settings.device))
+
+
 def measure_inference_ceiling(model: nn.Module, settings: Settings) -> list[Window]:
     """Forward passes on device tensors, at the TTA model batch (images x views)."""
     batch = settings.eval_batch_size * len(settings.views)
@@ -362,22 +376,27 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def model_table(model: dict[str, Any], views: int, paths: Sequence[str]) -> list[tuple[str, float, str]]:
+    """Rows of one model's figures: (what, images/s, ratio)."""
+    rates, ratios = model["images_per_s"], model["ratios"]
+    rows = [(f"{model['trunk']} at {model['size']} px, model-only training step", rates["model_only_train"], "")]
+    for path in paths:
+        rows.append((f"  {path} input path alone (no model)", rates[f"input_{path}"],
+                     f"{ratios[f'input_{path}']:.3f} of model-only"))
+        rows.append((f"  end-to-end training, {path} input path", rates[f"train_{path}"],
+                     f"{ratios[f'train_{path}']:.3f} of model-only"))
+    rows.append((f"  inference ceiling (model batch {model['eval_batch_size'] * views})", rates["inference_ceiling"], ""))
+    rows.append((f"  inference ceiling / {views} views", rates["inference_ceiling"] / views, ""))
+    for path in paths:
+        rows.append((f"  TTA evaluation ({views} views), {path} input path", rates[f"tta_{path}"],
+                     f"{ratios[f'tta_{path}']:.3f} of ceiling / {views}"))
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
-    rates = results["images_per_s"]
-    rows = [("model-only training step", rates["model_only_train"], "")]
-    for path in results["settings"]["paths"]:
-        key = f"train_{path}"
-        rows.append((f"end-to-end training, {path} input path", rates[key],
-                     f"{results['ratios'][key]:.3f} of model-only"))
-    views = len(results["settings"]["views"])
-    rows.append((f"inference ceiling (model batch {results['settings']['eval_batch_size'] * views})", rates["inference_ceiling"], ""))
-    rows.append((f"inference ceiling / {views} views", rates["inference_ceiling"] / views, ""))
-    for path in results["settings"]["paths"]:
-        key = f"tta_{path}"
-        rows.append((f"TTA evaluation ({views} views), {path} input path", rates[key],
-                     f"{results['ratios'][key]:.3f} of ceiling / {views}"))
-    for path in results["settings"]["paths"]:
-        rows.append((f"collect-stats, {path} input path", rates[f"stats_{path}"], ""))
+    paths, views = results["settings"]["paths"], len(results["settings"]["views"])
+    rows = [row for model in results["models"].values() for row in model_table(model, views, paths)]
+    rows += [(f"collect-stats, {path} input path", results["images_per_s"][f"stats_{path}"], "") for path in paths]
     width = max(len(row[0]) for row in rows)
     lines = [f"{'what':<{width}}  {'images/s':>10}  ratio", "-" * (width + 30)]
     lines += [f"{name:<{width}}  {rate:>10.1f}  {ratio}" for name, rate, ratio in rows]
@@ -396,20 +415,30 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--paths: unknown input path(s) {sorted(unknown)}; choose from cpu, gpu")
     warmup, windows, steps = (given if given is not None else default
                               for given, default in zip((args.warmup, args.windows, args.steps), TIMING[device.type]))
-    return Settings(device, args.trunk, args.size, args.batch_size, args.eval_batch_size or max(1, args.batch_size // 2),
+    return Settings(device, args.trunk, args.size, args.batch_size, args.eval_batch_size or EVAL_BATCH.get(device.type, EVAL_BATCH["cpu"]),
                     parse_views(args.views), args.workers or default_workers(), args.byte_workers or min(4, default_workers()),
                     warmup, windows, steps, paths)
 
 
+def model_settings(settings: Settings, args: argparse.Namespace) -> dict[str, Settings]:
+    """The settings of each model measured: the main one, and the small one unless ``--small-trunk none``."""
+    models = {"main": settings}
+    if args.small_trunk != "none":
+        models["small"] = dataclasses.replace(settings, trunk=args.small_trunk, size=args.small_size,
+                                              batch_size=args.small_batch_size or settings.batch_size)
+    return models
+
+
 def measure_training(parts: TrainParts, data: Path, files: DatasetSplit, settings: Settings,
                      timed: dict[str, list[Window]], routes: dict[str, dict[str, int]]) -> None:
-    """(a) and (b): the model alone, then each input path feeding the same training step."""
-    print("model-only training step ...", flush=True)
+    """(a) and (b): the model alone, then each input path alone and feeding the same training step."""
+    print(f"{settings.trunk}: model-only training step ...", flush=True)
     timed["model_only_train"] = measure_model_only(parts, files.taxonomy, settings)
-    samples = cycled(files, (settings.step_count + 2) * settings.batch_size)
+    samples = cycled(files, (2 * settings.step_count + 2) * settings.batch_size)
     for path in settings.paths:
-        print(f"end-to-end training, {path} input path ...", flush=True)
+        print(f"{settings.trunk}: {path} input path alone, then end-to-end training ...", flush=True)
         loader, sampler = train_loader(path, data, samples, settings)
+        timed[f"input_{path}"] = measure_input_only(loader, sampler, settings)
         timed[f"train_{path}"] = measure_end_to_end(parts, loader, sampler, settings)
         if path == "gpu":
             routes["train"] = dict(loader.decoder.counts)
@@ -422,15 +451,36 @@ def measure_evaluation(model: nn.Module, files: DatasetSplit, settings: Settings
     normalization = imagenet_normalization()
     profile = InputProfile(settings.size, normalization.mean, normalization.std, DataConfig().augment)
     loaded = LoadedModel(model, TrainConfig(), files.taxonomy, profile, {}, Path("bench"))
-    print("inference ceiling ...", flush=True)
+    print(f"{settings.trunk}: inference ceiling ...", flush=True)
     timed["inference_ceiling"] = measure_inference_ceiling(model, settings)
     samples = cycled(files, (settings.step_count + 2) * settings.eval_batch_size)
     for path in settings.paths:
-        print(f"TTA evaluation, {path} input path ...", flush=True)
+        print(f"{settings.trunk}: TTA evaluation, {path} input path ...", flush=True)
         loader = view_loader(path, samples, loaded, settings)
         timed[f"tta_{path}"] = measure_tta(loaded, loader, settings)
         if path == "gpu":
             routes["tta"] = dict(loader.decoder.counts)
+
+
+def measure_model(settings: Settings, data: Path, files: DatasetSplit, compile_model: bool) -> dict[str, Any]:
+    """(a)-(c) for one model: rates, ratios to its own model-only speed and ceiling, decoder routes, windows."""
+    parts = build_train_parts(settings.trunk, files.taxonomy, files, settings.device, compile_model)
+    timed: dict[str, list[Window]] = {}
+    routes: dict[str, dict[str, int]] = {}
+    measure_training(parts, data, files, settings, timed, routes)
+    measure_evaluation(parts.model, files, settings, timed, routes)
+    rates = {name: median_rate(windows) for name, windows in timed.items()}
+    views = len(settings.views)
+    ratios = {f"{kind}_{path}": rates[f"{kind}_{path}"] / rates["model_only_train"]
+              for kind in ("input", "train") for path in settings.paths}
+    ratios.update({f"tta_{path}": rates[f"tta_{path}"] / (rates["inference_ceiling"] / views) for path in settings.paths})
+    del parts
+    if settings.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"trunk": settings.trunk, "size": settings.size, "batch_size": settings.batch_size,
+            "eval_batch_size": settings.eval_batch_size, "images_per_s": rates, "ratios": ratios,
+            "gpu_decoder_routes": routes,
+            "windows": {name: [dataclasses.asdict(window) for window in windows] for name, windows in timed.items()}}
 
 
 def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
@@ -446,19 +496,11 @@ def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
           f"(min {min(sizes) / 1024:.0f}, max {max(sizes) / 1024:.0f}) in {time.perf_counter() - started:.1f} s", flush=True)
 
     files = read_split(data, "train", DEFAULT_RANKS)
-    parts = build_train_parts(settings.trunk, files.taxonomy, files, settings.device, args.compile)
-    timed: dict[str, list[Window]] = {}
-    routes: dict[str, dict[str, int]] = {}
-    measure_training(parts, data, files, settings, timed, routes)
-    measure_evaluation(parts.model, files, settings, timed, routes)
+    models = {name: measure_model(model, data, files, args.compile) for name, model in model_settings(settings, args).items()}
+    stats_windows = {}
     for path in settings.paths:  # (d)
         print(f"collect-stats, {path} input path ...", flush=True)
-        timed[f"stats_{path}"] = measure_stats(path, files, settings)
-
-    rates = {name: median_rate(windows) for name, windows in timed.items()}
-    views = len(settings.views)
-    ratios = {f"train_{path}": rates[f"train_{path}"] / rates["model_only_train"] for path in settings.paths}
-    ratios.update({f"tta_{path}": rates[f"tta_{path}"] / (rates["inference_ceiling"] / views) for path in settings.paths})
+        stats_windows[f"stats_{path}"] = measure_stats(path, files, settings)
     return {
         "benchmark": "throughput",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -469,11 +511,10 @@ def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                      "precision": str(autocast_dtype("auto", settings.device) or "fp32"), "channels_last": True},
         "data": {"sheet_size": list(SHEET_SIZE), "jpeg_quality": SHEET_QUALITY, "mean_file_kb": mean_kb,
                  "min_file_kb": min(sizes) / 1024, "max_file_kb": max(sizes) / 1024},
-        "images_per_s": rates,
-        "ratios": ratios,
-        "targets": {"train_gpu": 0.90, "tta_gpu": 0.90},
-        "gpu_decoder_routes": routes,
-        "windows": {name: [dataclasses.asdict(window) for window in windows] for name, windows in timed.items()},
+        "models": models,
+        "images_per_s": {name: median_rate(windows) for name, windows in stats_windows.items()},
+        "targets": {"main": {"train_gpu": 0.90, "tta_gpu": 0.90}},
+        "stats_windows": {name: [dataclasses.asdict(window) for window in windows] for name, windows in stats_windows.items()},
         "seconds": time.perf_counter() - started,
     }
 
@@ -486,19 +527,23 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--size", type=int, default=224, help="training and evaluation input side (default: 224)")
     setup.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
     setup.add_argument("--eval-batch-size", type=int, default=None,
-                       help="TTA batch in images; the model sees images x views (default: half the training batch)")
+                       help="TTA batch in images; the model sees images x views (default: the evaluator's, 128 on CUDA, 32 on CPU)")
+    setup.add_argument("--small-trunk", default="efficientnet_lite0",
+                       help="a small model measured as well, against its own model-only speed; none to skip (default: efficientnet_lite0)")
+    setup.add_argument("--small-size", type=int, default=128, help="input side of the small model (default: 128)")
+    setup.add_argument("--small-batch-size", type=int, default=None, help="training batch of the small model (default: --batch-size)")
     setup.add_argument("--views", default="4", help="TTA views, as evaluate's --views (default: 4: train,train,train,plain)")
     setup.add_argument("--compile", action="store_true", help="torch.compile the training model (default: off)")
     setup.add_argument("--paths", default="auto", help="input paths to measure, e.g. cpu,gpu (default: auto: gpu too when nvJPEG is available)")
     setup.add_argument("--classes", default=",".join(map(str, HERBARIUM_2020_CLASSES)),
                        help="species,genera,families of the heads (default: Herbarium 2020's 32093,3678,310)")
     data = parser.add_argument_group("data and timing")
-    data.add_argument("--images", type=int, default=2048, help="distinct JPEG files to write (default: 2048)")
+    data.add_argument("--images", type=int, default=1024, help="distinct JPEG files to write (default: 1024)")
     data.add_argument("--workers", type=int, default=None, help="CPU-path decoding workers (default: all cores)")
     data.add_argument("--byte-workers", type=int, default=None, help="GPU-path workers reading bytes (default: min(4, cores))")
-    data.add_argument("--warmup", type=int, default=None, help="steps before timing, per measurement (default: 10 on CUDA, 3 on CPU)")
-    data.add_argument("--windows", type=int, default=None, help="timed windows per measurement; the median is reported (default: 5 on CUDA, 3 on CPU)")
-    data.add_argument("--steps", type=int, default=None, help="steps per timed window (default: 10 on CUDA, 2 on CPU)")
+    data.add_argument("--warmup", type=int, default=None, help="steps before timing, per measurement (default: 8 on CUDA, 3 on CPU)")
+    data.add_argument("--windows", type=int, default=None, help="timed windows per measurement; the median is reported (default: 3)")
+    data.add_argument("--steps", type=int, default=None, help="steps per timed window (default: 8 on CUDA, 2 on CPU)")
     data.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"),
                       help="JSON file for the results (default: bench/results/throughput.json)")
     data.add_argument("--tmp", type=Path, default=None, help="folder for the generated images (default: a temporary folder)")

@@ -30,7 +30,7 @@ class DataConfig:
     workers: int | None = None  # None: all cores
     sampler: str = "none"
     augment: str = "crop_flip"
-    decode: str = "auto"  # where JPEGs are decoded: auto (the GPU when it can), cpu (PIL workers) or gpu (nvJPEG)
+    decode: str = "auto"  # where JPEGs are decoded: auto (gpu.select_decode's rule), cpu (PIL workers) or gpu (nvJPEG)
     skip_bad_images: bool = False
     subset: str | None = None  # CSV with an image_id column: train on these images of the train split only
     holdout_ids: str | None = None  # CSV with an image_id column: these train images are the validation split

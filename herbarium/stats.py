@@ -23,11 +23,13 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from herbarium.data.dataset import ImageDataset
+from herbarium.data.gpu import DECODES, gpu_moment_batches, loader_workers, select_decode
+from herbarium.data.loader import default_workers
 from herbarium.data.readers import DatasetSplit, read_split
+from herbarium.data.transforms import stats_transform
 from herbarium.stats_file import default_stats_path
 from herbarium.taxonomy import DEFAULT_RANKS
 
@@ -56,16 +58,6 @@ class ChannelMoments:
         return np.sqrt(self.m2 / self.count)
 
 
-def stats_transform(size: int) -> v2.Compose:
-    """The pixels collect-stats measures: shorter side to ``size``, centre crop, [0, 1] float64."""
-    return v2.Compose([
-        v2.Resize(size, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
-
-
 class _ImageMoments:
     """Turns an image tensor into its (count, mean, m2) per channel, inside the workers."""
 
@@ -80,10 +72,6 @@ class _ImageMoments:
         return torch.stack([count, mean, m2])  # [3 (count, mean, m2), 3 channels]
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def compute_stats(split: DatasetSplit, size: int = 224, workers: int | None = None, batch_size: int = 64,
                   skip_bad_images: bool = False, progress: bool = True, decode: str = "cpu", device: str = "cpu") -> dict:
     """Exact mean/std over every image of ``split`` plus class counts per rank.
@@ -91,10 +79,9 @@ def compute_stats(split: DatasetSplit, size: int = 224, workers: int | None = No
     ``decode='gpu'`` (or ``auto`` with a CUDA device) decodes with nvJPEG on
     the device; the per-image moments are the same, merged the same way.
     """
-    from herbarium.data.gpu import gpu_moment_batches, select_decode
-
-    workers = default_workers() if workers is None else workers
-    if select_decode(decode, torch.device(device)) == "gpu":
+    path = select_decode(decode, torch.device(device))
+    workers = loader_workers(workers, path)
+    if path == "gpu":
         loader = gpu_moment_batches(split, size, workers, batch_size, device, skip_bad_images)
     else:
         dataset = ImageDataset(split, split.taxonomy.ranks, _ImageMoments(size), decode_min_side=size, skip_bad_images=skip_bad_images)
@@ -102,7 +89,7 @@ def compute_stats(split: DatasetSplit, size: int = 224, workers: int | None = No
                             persistent_workers=False, prefetch_factor=4 if workers else None)
     moments, skipped, seen = ChannelMoments(), 0, 0
     start = time.perf_counter()
-    with tqdm(total=len(dataset), unit="img", desc=f"collect-stats {split.name}", disable=not progress) as bar:
+    with tqdm(total=len(split), unit="img", desc=f"collect-stats {split.name}", disable=not progress) as bar:
         for batch, batch_skipped in loader:
             for count, mean, m2 in batch.numpy():
                 moments.merge(count[0], mean, m2)
@@ -125,6 +112,7 @@ def compute_stats(split: DatasetSplit, size: int = 224, workers: int | None = No
         "images_per_s": seen / seconds if seconds > 0 else None,
         "seconds": seconds,
         "workers": workers,
+        "input_path": path,
         "hardware": f"{platform.processor() or platform.machine()}, {default_workers()} cores",
     }
 
@@ -183,10 +171,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--size", type=int, default=224, help="side the images are resized and centre-cropped to (default: 224)")
     parser.add_argument("--out", type=Path, default=None, help="output JSON (default: DATA/<split>/stats.json)")
     parser.add_argument("--ranks", default=",".join(DEFAULT_RANKS), help=f"rank names, coarse to fine (default: {','.join(DEFAULT_RANKS)})")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="loader processes (default: all cores with --decode cpu, 4 reading bytes with gpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per worker batch (default: 64)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images instead of failing (default: off)")
-    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="cpu", help="where JPEGs are decoded: cpu (PIL workers), gpu (nvJPEG on --device) or auto (default: cpu)")
+    parser.add_argument("--decode", choices=DECODES, default="cpu", help="where JPEGs are decoded: cpu (PIL workers), gpu (nvJPEG on --device, the workers only read bytes) or auto (the rule of train.py's --decode) (default: cpu)")
     parser.add_argument("--device", default="cpu", help="device for --decode gpu/auto, e.g. cuda (default: cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     return parser

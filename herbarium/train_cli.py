@@ -8,7 +8,7 @@ from typing import Sequence
 
 from herbarium.config import DataConfig, LossConfig, O2UConfig, OptimConfig, TrainConfig
 from herbarium.data.augment import PRESETS
-from herbarium.data.gpu import DECODES
+from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
 from herbarium.models import HEADS, ModelConfig
 from herbarium.noisy.o2u import O2U_WEIGHTINGS
 from herbarium.recipes import RECIPES, recipe_defaults
@@ -41,7 +41,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     data.add_argument("--workers", type=int, default=D.workers, help="decoding processes (default: all cores)")
     data.add_argument("--sampler", choices=("none", "balanced", "sqrt"), default=D.sampler, help=f"class rebalancing of the draws (default: {D.sampler})")
     data.add_argument("--augment", choices=sorted(PRESETS), default=D.augment, help=f"augmentation preset (default: {D.augment})")
-    data.add_argument("--decode", choices=DECODES, default=D.decode, help="where JPEGs are decoded and augmented: cpu (PIL in the workers), gpu (nvJPEG and augmentation on the device, the workers only read bytes) or auto: gpu on a CUDA device that decodes JPEGs, else cpu (default: auto)")
+    data.add_argument("--decode", choices=DECODES, default=D.decode, help=f"where JPEGs are decoded and augmented: cpu (PIL in the workers), gpu (nvJPEG and batched augmentation on the device, the workers only read bytes) or auto: gpu only on a CUDA device that decodes JPEGs with fewer than {AUTO_DEVICE_BELOW_CORES} cores per GPU, else cpu (measured faster with 16 cores; see README) (default: auto)")
     data.add_argument("--skip-bad-images", action="store_true", default=D.skip_bad_images, help="skip and count unreadable images instead of stopping (default: off)")
     data.add_argument("--subset", default=D.subset, help="CSV with an image_id column (e.g. clean-labels' kept.csv): train on these training images only (default: all)")
     data.add_argument("--holdout-ids", default=D.holdout_ids, help="CSV with an image_id column: these training images are the validation split (default: a random --holdout)")

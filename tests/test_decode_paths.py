@@ -12,10 +12,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from herbarium import engine
+from herbarium import engine, stats
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
 from herbarium.data import gpu
@@ -87,14 +88,41 @@ def test_both_paths_give_the_trainer_the_same_batches(demo, tmp_path):
 
 
 def test_training_on_the_device_path_logs_it_and_resumes_exactly(demo, tmp_path, device_decoding):
-    engine.train(tiny_config(demo, tmp_path / "straight"))  # decode "auto" picks the device path
-    engine.train(tiny_config(demo, tmp_path / "paused", stop_after_epoch=1))
-    engine.train(tiny_config(demo, tmp_path / "paused"), resume=tmp_path / "paused")
+    """Batches are made by a background thread a batch ahead; the run still replays bit for bit."""
+    engine.train(with_decode(tiny_config(demo, tmp_path / "straight"), "gpu"))
+    engine.train(with_decode(tiny_config(demo, tmp_path / "paused", stop_after_epoch=1), "gpu"))
+    engine.train(with_decode(tiny_config(demo, tmp_path / "paused"), "gpu"), resume=tmp_path / "paused")
     records = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert [record["input_path"] for record in records] == ["gpu", "gpu"]
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     resumed = load_checkpoint(tmp_path / "paused" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+@pytest.mark.parametrize("cores,local_processes,expected", [(16, None, "cpu"), (8, None, "cpu"), (7, None, "gpu"), (16, "4", "gpu")])
+def test_auto_takes_the_device_path_only_with_few_cores_per_gpu(monkeypatch, device_decoding, cores, local_processes, expected):
+    monkeypatch.setattr(gpu, "default_workers", lambda: cores)
+    if local_processes:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert gpu.select_decode("auto", "cpu") == expected
+    assert gpu.select_decode("gpu", "cpu") == "gpu" and gpu.select_decode("cpu", "cpu") == "cpu"
+
+
+def test_collect_stats_on_the_device_path(demo, tmp_path, device_decoding):
+    measured = {}
+    for decode in ("cpu", "gpu"):
+        out = tmp_path / f"{decode}.json"
+        stats.main([str(demo), "--size", "24", "--workers", "0", "--batch-size", "5", "--decode", decode, "--out", str(out),
+                    "--quiet"])
+        measured[decode] = json.loads(out.read_text())
+    cpu, device = measured["cpu"], measured["gpu"]
+    assert device["input_path"] == "gpu" and cpu["input_path"] == "cpu"
+    assert device["num_images"] == cpu["num_images"] == len(read_split(demo, "train"))
+    assert device["class_counts"] == cpu["class_counts"]
+    np.testing.assert_allclose(device["mean"], cpu["mean"], atol=2e-3)  # JPEG decoder and resize-kernel tolerance
+    np.testing.assert_allclose(device["std"], cpu["std"], atol=2e-3)
 
 
 def test_evaluation_on_the_device_path_matches_the_cpu_path(demo, tmp_path, device_decoding):

@@ -1,4 +1,4 @@
-"""Tests for herbarium/data/gpu.py (run on a CPU device) and the helpers of bench/throughput.py.
+"""Tests for herbarium/data/gpu.py and device_augment.py (run on a CPU device) and the helpers of bench/throughput.py.
 
 The device path must give the CPU path's batches: the same samples, targets
 and augmentation parameters, and pixels within JPEG-decoder tolerance. Here
@@ -16,40 +16,40 @@ import io
 import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from fixtures import truncate, write_jpeg
 from herbarium.data import augment
+from herbarium.data import gpu as gpu_module
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset, collate
+from herbarium.data.device_augment import BatchTransform, Decoded, augment_images, normalize, tensor_ops, train_ops, view_seeds
 from herbarium.data.gpu import (
     BytesDataset,
     GpuBatchDecoder,
     GpuLoader,
     GpuViewLoader,
-    augment_images,
     collate_bytes,
     device_decodable,
     draft_size,
     gpu_moment_batches,
-    normalize,
     select_decode,
-    tensor_ops,
-    train_ops,
 )
 from herbarium.data.images import BadImageError, load_rgb
 from herbarium.data.loader import build_loader
 from herbarium.data.readers import read_split
 from herbarium.data.samplers import EpochSampler, sample_weights
 from herbarium.data.transforms import eval_transform, resize_size, to_normalized_tensor
-from herbarium.evaluation.tta import InputProfile, MultiViewDataset, collate_views, view_transform
+from herbarium.evaluation.tta import InputProfile, MultiViewDataset, collate_views, parse_views, view_transform
 from herbarium.stats import ChannelMoments, compute_stats
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29 deprecates its decoders
@@ -110,9 +110,11 @@ def test_select_decode_on_a_machine_without_cuda_decoding():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_select_decode_picks_the_gpu_where_it_decodes():
-    assert select_decode("auto", "cuda") == "gpu"
+def test_select_decode_picks_the_gpu_where_it_decodes(monkeypatch):
+    assert select_decode("gpu", "cuda") == "gpu"
     assert select_decode("cpu", "cuda") == "cpu"
+    monkeypatch.setattr(gpu_module, "default_workers", lambda: 4)
+    assert select_decode("auto", "cuda") == "gpu"  # few cores per GPU
 
 
 # ------------------------------------------------------------------ bytes
@@ -342,6 +344,110 @@ def test_moments_match_collect_stats(train_split):
     assert moments.count == expected["num_images"] * size * size
     np.testing.assert_allclose(moments.mean, expected["mean"], atol=2e-4)
     np.testing.assert_allclose(moments.std, expected["std"], atol=2e-4)
+
+
+# ------------------------------------------------------ batched on the device
+def _decoded(count: int, min_side: int | None = None) -> Decoded:
+    """``count`` decoded sheets of varied sizes, full size, with the draft size the CPU path would decode them at."""
+    images, sizes = [], []
+    for seed in range(count):
+        data = _jpeg_bytes(_smooth(120 + 9 * (seed % 5), 90 + 13 * (seed % 3), seed))
+        decoded = GpuBatchDecoder("cpu", decode_min_side=min_side).decode([data], draft=False)
+        images.append(decoded.images[0])
+        sizes.append(decoded.sizes[0])
+    return Decoded(images, sizes)
+
+
+def _smooth(width: int, height: int, seed: int) -> Image.Image:
+    coarse = torch.rand(1, 3, height // 6 + 1, width // 6 + 1, generator=torch.Generator().manual_seed(seed)) * 255
+    pixels = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic").clamp(0, 255).round()
+    return Image.fromarray(pixels[0].permute(1, 2, 0).to(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16 (CUDA's)"])
+@pytest.mark.parametrize("min_side", [None, 40])
+def test_batched_and_per_image_augmentation_give_the_same_pixels(min_side, dtype):
+    """The default preset and the evaluation views, with and without draft-mode reduction (40: half size)."""
+    decoded = dataclasses.replace(_decoded(8, min_side), dtype=dtype)
+    assert (min_side is None) == all(tuple(image.shape[-2:]) == size for image, size in zip(decoded.images, decoded.sizes))
+    profile = InputProfile(SIZE, MEAN, STD, "crop_flip")
+    for ops in ([train_ops("crop_flip", SIZE)], [tensor_ops(view_transform(v, profile)) for v in ("train", "plain", "flip", "scale:0.8")]):
+        transform = BatchTransform(ops, SIZE)
+        seeds = view_seeds(range(8), len(ops), seed=5)
+        plans = transform.plan(decoded.sizes, seeds)
+        assert plans is not None
+        batched, one_by_one = transform.run(decoded, plans, seeds).float(), transform.run(decoded, None, seeds)
+        assert batched.shape == one_by_one.shape == (8, len(ops), 3, SIZE, SIZE)
+        difference = (batched - one_by_one).abs()
+        assert difference.max() <= 2, difference.max()  # grey levels
+        assert difference.mean() < 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_batches_match_the_cpu_path_and_kernels_do_not_grow_with_the_batch(big_split):
+    size = 32
+    cpu = _cpu_batch(big_split, build_train_transform("crop_flip", size, MEAN, STD), 2 * size, _sampler(len(big_split)))
+    loader = GpuLoader(BytesDataset(big_split, RANKS), _sampler(len(big_split)), 100, 0, "cuda", "crop_flip", size, MEAN, STD,
+                       True, decode_min_side=2 * size)
+    (device,) = list(loader)
+    assert device["image"].is_cuda and device["image"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(device["index"], cpu["index"]) and loader.decoder.counts == {"device": len(big_split)}
+    assert (device["image"].cpu() - cpu["image"]).abs().mean() < 0.05  # nvJPEG's IDCT and upsampling differ from libjpeg's
+    kernels = {}
+    for batch in (4, 64):
+        decoded = _decoded(batch, min_side=40)
+        decoded = Decoded([image.cuda() for image in decoded.images], decoded.sizes)
+        seeds = list(range(batch))
+        plans = loader.plan(decoded.sizes, seeds, seeds)
+        loader.make(decoded, plans, seeds, seeds)  # warm-up: cuBLAS picks its kernels
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            loader.make(Decoded(decoded.images, decoded.sizes), plans, seeds, seeds)
+            torch.cuda.synchronize()
+        kernels[batch] = sum(event.count for event in profile.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA)
+    assert kernels[64] <= kernels[4] + 8, kernels  # cuBLAS may split a larger product in two
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the tensor operations dispatched inside it (each is at least one kernel on a device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_operations_per_batch_do_not_grow_with_the_batch(train_split, train):
+    """What the device runs after decoding, for a batch of 4 and of 64: the same operations, as many."""
+    loader = GpuLoader(BytesDataset(train_split, RANKS), None, 4, 0, "cpu", "crop_flip", SIZE, MEAN, STD, train)
+    counts = {}
+    for batch in (4, 64):
+        decoded = _decoded(batch, min_side=40)
+        seeds, indices = list(range(batch)), list(range(batch))
+        plans = loader.plan(decoded.sizes, seeds, indices)  # CPU: the random parameters, per sample
+        with _CountOps() as counter:
+            images = loader.make(decoded, plans, seeds, indices)["image"]
+        assert images.shape == (batch, 3, SIZE, SIZE)
+        counts[batch] = counter.ops
+    assert counts[4] == counts[64]  # about 240 operations (a third of them views, which launch nothing), whatever the batch
+
+
+def test_views_of_every_kind_are_batched_and_other_presets_run_image_by_image(train_split):
+    profile = InputProfile(SIZE, MEAN, STD, "crop_flip")
+    views = parse_views("train,plain,flip,scale:1.15,fivecrop")
+    loader = GpuViewLoader(BytesDataset(train_split, RANKS), 4, 0, "cpu", [[view_transform(v, profile) for v in views]],
+                           [SIZE], [MEAN], [STD])
+    assert loader.background
+    loader = GpuLoader(BytesDataset(train_split, RANKS), _sampler(len(train_split)), 100, 0, "cpu", "shift_scale_rotate_cutout",
+                       SIZE, MEAN, STD, True, decode_min_side=2 * SIZE)
+    assert not loader.background  # its ops draw from the global generator, shared with the caller
+    (batch,) = list(loader)
+    cpu = _cpu_batch(train_split, build_train_transform("shift_scale_rotate_cutout", SIZE, MEAN, STD), 2 * SIZE,
+                     _sampler(len(train_split)))
+    assert batch["image"].shape == cpu["image"].shape and torch.equal(batch["index"], cpu["index"])
 
 
 # ------------------------------------------------------------ bad images

@@ -1,12 +1,15 @@
 """The GPU input path: CPU workers read JPEG bytes, the device decodes and augments them.
 
-A PIL DataLoader decodes about 1,000 Herbarium-sized JPEGs per second on 16
-cores, a quarter of what one H100 trains on. Here the workers only read file
-bytes; the main process decodes each batch with one
+A PIL DataLoader decodes about 180 Herbarium-sized JPEGs per second per
+core, so a machine with few cores per GPU cannot feed it. Here the workers
+only read file bytes; a background thread decodes each batch with one
 ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA),
-applies the training preset's own v2 ops to each image on the device, seeded
-with the sampler's per-sample seed so a sample looks as it does on the CPU
-path, then stacks, converts and normalises the batch on the device.
+then crops, resizes and flips the whole batch at once: every sample's
+random parameters are drawn on the CPU from its per-sample seed, exactly as
+the CPU path draws them (:mod:`herbarium.data.geometry`), and applied to
+all images in a few batched device calls (:mod:`herbarium.data.resample`),
+followed by one conversion and normalisation to channels_last. The thread
+works up to :data:`PREFETCH_BATCHES` batches ahead of the training step.
 
 Pieces, each usable alone:
 
@@ -16,13 +19,13 @@ Pieces, each usable alone:
   images on the device. Streams nvJPEG cannot take (not a JPEG, CMYK,
   lossless or 12-bit, no end marker) and streams a batched call fails on go
   to PIL, as on the CPU path; every route is counted.
-* :func:`tensor_ops`, :func:`augment_images`, :func:`normalize`: the CPU
-  path's transforms without their conversion to a float tensor, applied per
-  image, then one conversion for the whole batch.
+* :mod:`herbarium.data.device_augment`: the views of a batch, batched
+  where the ops are crops, resizes and flips, image by image otherwise.
 * :class:`GpuLoader` (training / validation batches), :class:`GpuViewLoader`
   (TTA views, as :class:`~herbarium.evaluation.tta.MultiViewDataset`) and
   :func:`gpu_moment_batches` (collect-stats moments).
 
+Which path ``--decode auto`` takes is :func:`select_decode`'s rule.
 Everything runs on a CPU device too (``decode_jpeg(..., device="cpu")``),
 which is how the tests check it against the CPU path.
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -40,29 +44,36 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from herbarium.data import augment
 from herbarium.data.dataset import ImageDataset
+from herbarium.data.device_augment import (
+    BatchTransform, Decoded, draft_image, eval_ops, image_moments, normalize, tensor_ops, train_ops, view_seeds,
+)
+from herbarium.data.geometry import Plan
 from herbarium.data.images import IMAGE_ERRORS, BadImageError, load_rgb
+from herbarium.data.loader import default_workers
+from herbarium.data.prefetch import prefetched
 from herbarium.data.readers import DatasetSplit
-from herbarium.data.transforms import eval_transform
+from herbarium.data.transforms import stats_transform
 
 DECODES = ("auto", "cpu", "gpu")
 BYTE_WORKERS = 4  # workers that only read files keep up with nvJPEG; more would only hold memory
+PREFETCH_BATCHES = 2  # device batches made ahead of the one in use
+# `--decode auto` takes the device path only below this many cores per GPU. Measured on one H200 with 16
+# cores (SE-ResNeXt50 at 224 px, bf16, compiled, batch 256): the CPU path trained at 0.756 of the
+# model-only speed (2,880 images/s, PIL at ~180 images/s per core), the device path of the time (one image
+# at a time on the device) at 0.350 (1,334 images/s). At ~180 images/s per core the CPU path falls below
+# that from 7 cores down. bench/throughput.py measures both paths; see the README for what would change this.
+AUTO_DEVICE_BELOW_CORES = 8
 
 
 def loader_workers(requested: int | None, decode: str) -> int:
     """DataLoader workers for an input path: ``requested``, else all cores to decode with PIL, or a few to read bytes."""
-    from herbarium.stats import default_workers  # imported here: herbarium.stats uses this module
-
     if requested is not None:
         return requested
     return min(BYTE_WORKERS, default_workers()) if decode == "gpu" else default_workers()
 
-# Ops that turn a PIL image into a normalised float tensor: on this path they are done once per batch.
-_CONVERSIONS = (v2.ToImage, v2.PILToTensor, v2.ToPureTensor, v2.ToDtype, v2.Normalize)
 
 
 # ------------------------------------------------------------------ choosing
@@ -82,11 +93,19 @@ def device_decode_available(device: str) -> bool:
     return True
 
 
+def cores_per_device() -> int:
+    """Cores for this process's loader: its CPU affinity shared among the processes a launcher started on this machine."""
+    return max(1, default_workers() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def select_decode(decode: str, device: str | torch.device) -> str:
     """``"cpu"`` (PIL in the workers) or ``"gpu"`` (nvJPEG on ``device``) for a ``--decode`` choice.
 
-    ``auto`` picks ``gpu`` when ``device`` is a CUDA device whose torchvision
-    decodes JPEGs there, ``cpu`` otherwise; ``gpu`` without one is an error.
+    ``auto`` picks ``gpu`` only where ``device`` is a CUDA device whose
+    torchvision decodes JPEGs there and the process has fewer than
+    :data:`AUTO_DEVICE_BELOW_CORES` cores for it (:func:`cores_per_device`):
+    with more, PIL workers were measured faster. ``gpu`` without a decoding
+    device is an error.
     """
     if decode not in DECODES:
         raise ValueError(f"unknown decode {decode!r}; choose one of {list(DECODES)}")
@@ -96,7 +115,9 @@ def select_decode(decode: str, device: str | torch.device) -> str:
     if decode == "gpu" and not available:
         raise ValueError(f"--decode gpu needs a CUDA device with torchvision's nvJPEG decoder; device {str(device)!r} has none "
                          "(use --decode cpu or auto)")
-    return "gpu" if available else "cpu"
+    if decode == "gpu":
+        return "gpu"
+    return "gpu" if available and cores_per_device() < AUTO_DEVICE_BELOW_CORES else "cpu"
 
 
 # ------------------------------------------------------------------- bytes
@@ -220,9 +241,15 @@ def _decode_with_pil(data: torch.Tensor, min_side: int | None) -> torch.Tensor:
 
 @dataclass
 class DecodedBatch:
-    """Decoded images, uint8 [3, H, W] on the device, ``None`` where no decoder could read the bytes."""
+    """Decoded images, uint8 [3, H, W] on the device, ``None`` where no decoder could read the bytes.
+
+    ``sizes[i]``: the (height, width) the CPU path decodes image ``i`` at
+    (draft mode, see :func:`draft_size`); the image itself has that size
+    unless the decoder was asked to leave the reduction to the caller.
+    """
 
     images: list[torch.Tensor | None]
+    sizes: list[tuple[int, int] | None]
     errors: dict[int, str] = field(default_factory=dict)  # position in the batch -> why it failed
 
 
@@ -235,7 +262,9 @@ class GpuBatchDecoder:
     PIL can read either).
 
     ``decode_min_side`` reproduces the CPU path's draft-mode decoding (see
-    :func:`draft_size`) by resizing device-decoded images to the same size.
+    :func:`draft_size`): PIL decodes in draft mode, and device-decoded
+    images are area-reduced to the same size, here (``draft=True``) or by
+    the caller in one batched step (``draft=False``, sizes in ``sizes``).
     """
 
     def __init__(self, device: str | torch.device, *, decode_min_side: int | None = None) -> None:
@@ -243,9 +272,9 @@ class GpuBatchDecoder:
         self.decode_min_side = decode_min_side
         self.counts: Counter[str] = Counter()
 
-    def decode(self, datas: Sequence[torch.Tensor]) -> DecodedBatch:
+    def decode(self, datas: Sequence[torch.Tensor], draft: bool = True) -> DecodedBatch:
         """``datas``: 1-D uint8 CPU tensors, one file each."""
-        batch = DecodedBatch([None] * len(datas))
+        batch = DecodedBatch([None] * len(datas), [None] * len(datas))
         routes = [device_decodable(data) for data in datas]
         on_device = [i for i, routed in enumerate(routes) if routed]
         with_pil = [i for i, routed in enumerate(routes) if not routed]
@@ -261,104 +290,20 @@ class GpuBatchDecoder:
                     on_device.remove(i)
                     with_pil.append(i)
         for i, image in zip(on_device, decoded):
-            batch.images[i] = self._draft(image)
+            height, width = image.shape[-2:]
+            width, height = draft_size(width, height, self.decode_min_side)
+            batch.sizes[i] = (height, width)
+            batch.images[i] = draft_image(image, (height, width)) if draft else image
         self.counts["device"] += len(on_device)
         for i in with_pil:
             try:
-                batch.images[i] = _decode_with_pil(datas[i], self.decode_min_side).to(self.device, non_blocking=True)
+                image = _decode_with_pil(datas[i], self.decode_min_side)
+                batch.images[i], batch.sizes[i] = image.to(self.device, non_blocking=True), tuple(image.shape[-2:])
                 self.counts["pil"] += 1
             except IMAGE_ERRORS as error:
                 batch.errors[i] = str(error)
                 self.counts["failed"] += 1
         return batch
-
-    def _draft(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        draft_width, draft_height = draft_size(width, height, self.decode_min_side)
-        if (draft_width, draft_height) == (width, height):
-            return image
-        # Of the resizes tried, an area average comes closest to libjpeg's reduced-size DCT.
-        reduced = torch.nn.functional.interpolate(image[None].float(), size=(draft_height, draft_width), mode="area")
-        return reduced[0].round_().to(torch.uint8)
-
-
-# -------------------------------------------------------------- augmentation
-def tensor_ops(transform: Callable) -> v2.Compose:
-    """The ops of a CPU-path transform (a preset, ``eval_transform``, a TTA view) without its tensor conversion.
-
-    The same op objects, flattened out of nested ``Compose``; ``ToImage``,
-    ``ToDtype`` and ``Normalize`` are left out because :func:`normalize`
-    does them once per batch.
-    """
-    ops: list[Callable] = []
-
-    def flatten(item: Callable) -> None:
-        if isinstance(item, v2.Compose):
-            for inner in item.transforms:
-                flatten(inner)
-        elif not isinstance(item, _CONVERSIONS):
-            ops.append(item)
-
-    flatten(transform)
-    return v2.Compose(ops)
-
-
-def train_ops(preset: str, size: int) -> v2.Compose:
-    """The training preset's augmentation ops, shared with the CPU path."""
-    shared = getattr(augment, "preset_ops", None)
-    if shared is not None:
-        ops = shared(preset, size)
-        return ops if isinstance(ops, v2.Compose) else v2.Compose(list(ops))
-    return tensor_ops(augment.build_train_transform(preset, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
-
-
-def eval_ops(size: int) -> v2.Compose:
-    """``eval_transform``'s resize and centre crop."""
-    return tensor_ops(eval_transform(size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
-
-
-def apply_seeded(ops: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int | None) -> torch.Tensor:
-    """``ops(image)`` with the CPU generator seeded as :class:`ImageDataset` seeds it; ``None``: unseeded.
-
-    The random parameters of v2 ops come from the CPU generator whatever the
-    image's device. Only that generator is seeded and restored afterwards:
-    ``torch.manual_seed`` would also reseed CUDA, whose state dropout uses.
-    """
-    if seed is None:
-        return ops(image)
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        return ops(image)
-
-
-def augment_images(images: Sequence[torch.Tensor], seeds: Sequence[int | None], ops: Callable[[torch.Tensor], torch.Tensor],
-                   size: int) -> torch.Tensor:
-    """uint8 [3, H_i, W_i] images -> uint8 [B, 3, size, size]: ``ops`` per image, then resized to ``size`` if needed."""
-    outputs = []
-    for image, seed in zip(images, seeds):
-        output = apply_seeded(ops, image, seed)
-        if tuple(output.shape[-2:]) != (size, size):
-            output = F.resize(output, [size, size], antialias=True)
-        outputs.append(output)
-    return torch.stack(outputs)
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W] channels_last, as ``ToDtype(scale=True)`` + ``Normalize``.
-
-    ``mean``/``std``: float32 [3] on the images' device, in [0, 1] pixel units.
-    """
-    floats = images.to(dtype=torch.float32, memory_format=torch.channels_last)
-    return floats.mul_(1.0 / 255).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
-
-
-def image_moments(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> [B, 3 (count, mean, m2), 3 channels] float64, as collect-stats computes per image."""
-    pixels = images.to(torch.float32).mul_(1.0 / 255).double().flatten(2)  # [B, 3, H*W]
-    mean = pixels.mean(dim=2)
-    m2 = ((pixels - mean[..., None]) ** 2).sum(dim=2)
-    count = torch.full_like(mean, float(pixels.shape[2]))
-    return torch.stack([count, mean, m2], dim=1)
 
 
 # ------------------------------------------------------------------- loaders
@@ -366,15 +311,21 @@ class _DeviceBatches:
     """Reads byte batches with DataLoader workers and turns each into a batch on the device.
 
     The workers read ahead (``prefetch_factor`` batches each, pinned on
-    CUDA) while the main process decodes the current batch. On CUDA the
-    decode and the augmentation run on their own stream, so they overlap the
-    model's work on the current stream, which waits for them only where it
-    uses the batch. Subclasses say what a batch holds (:meth:`make`).
+    CUDA). A background thread decodes and transforms up to ``prefetch``
+    batches ahead of the one the caller is using, on a CUDA stream of its
+    own, and hands a batch over only once its work is complete, so the
+    training step never waits for Python or kernels it could have had
+    ahead. Transforms that draw from the global generator
+    (``BatchTransform.batched`` false) run on the caller's thread instead,
+    one batch at a time: the generator is shared with the caller's dropout.
+    Subclasses say what a batch holds (:meth:`plan` and :meth:`make`).
     """
+
+    background = True
 
     def __init__(self, dataset: BytesDataset, batch_size: int, workers: int, device: str | torch.device, *,
                  sampler: Sampler | None = None, drop_last: bool = False, generator: torch.Generator | None = None,
-                 decode_min_side: int | None = None) -> None:
+                 decode_min_side: int | None = None, prefetch: int = PREFETCH_BATCHES) -> None:
         self.dataset = dataset
         self.device = torch.device(device)
         self.decoder = GpuBatchDecoder(self.device, decode_min_side=decode_min_side)
@@ -384,39 +335,51 @@ class _DeviceBatches:
             prefetch_factor=4 if workers > 0 else None, generator=generator,
         )
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
         return len(self.bytes)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for raw in self.bytes:
-            yield self.to_device(raw)
+        batches = prefetched(iter(self.bytes), self.to_device, self.prefetch) if self.background and self.prefetch > 0 \
+            else map(self.to_device, self.bytes)
+        for batch in batches:
+            yield self._hand_over(batch)
 
-    def make(self, images: list[torch.Tensor], seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
+    def plan(self, sizes: list[tuple[int, int]], seeds: list[int | None], indices: list[int]) -> Any:
+        """CPU work per sample (random parameters) for :meth:`make`."""
+        raise NotImplementedError
+
+    def make(self, decoded: Decoded, plans: Any, seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
+        """The batch's device tensors, from its decoded images and :meth:`plan`'s result."""
         raise NotImplementedError
 
     def to_device(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """A batch of :func:`collate_bytes` -> the batch :meth:`make` builds, plus targets, index and skipped."""
+        """A batch of :func:`collate_bytes` -> the batch :meth:`make` builds, plus targets, index and skipped; complete."""
         if "data" not in raw:
             return {"skipped": raw["skipped"]}
         if self.stream is None:
             return self._build(raw)
-        # torchvision's decoder writes on a stream of its own into memory allocated on ours: wait until our
-        # previous batch is done with the blocks it freed before they are handed out again.
-        self.stream.synchronize()
         with torch.cuda.stream(self.stream):
             batch = self._build(raw)
-        consumer = torch.cuda.current_stream(self.device)
-        consumer.wait_stream(self.stream)
-        for value in batch.values():
-            for tensor in value if isinstance(value, list) else [value]:
-                if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
-                    tensor.record_stream(consumer)
+        # Complete before the caller sees it, and before torchvision's decoder, which writes on a stream of its
+        # own, is handed the blocks this batch's intermediates freed on ours.
+        self.stream.synchronize()
+        return batch
+
+    def _hand_over(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tell the allocator that the caller's stream uses the batch's tensors (made on ours)."""
+        if self.stream is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            for value in batch.values():
+                for tensor in value if isinstance(value, list) else [value]:
+                    if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+                        tensor.record_stream(consumer)
         return batch
 
     def _build(self, raw: dict[str, Any]) -> dict[str, Any]:
         datas = raw["data"].split(raw["lengths"].tolist())
-        decoded = self.decoder.decode(datas)
+        decoded = self.decoder.decode(datas, draft=False)
         indices = raw["index"].tolist()
         for position, error in decoded.errors.items():
             if not self.dataset.skip_bad_images:
@@ -424,7 +387,10 @@ class _DeviceBatches:
         keep = [i for i, image in enumerate(decoded.images) if image is not None]
         batch: dict[str, Any] = {"skipped": raw["skipped"] + len(decoded.errors)}
         if keep:
-            batch.update(self.make([decoded.images[i] for i in keep], [raw["seed"][i] for i in keep], [indices[i] for i in keep]))
+            images = Decoded([decoded.images[i] for i in keep], [decoded.sizes[i] for i in keep])
+            seeds, kept_indices = [raw["seed"][i] for i in keep], [indices[i] for i in keep]
+            plans = self.plan(images.sizes, seeds, kept_indices)
+            batch.update(self.make(images, plans, seeds, kept_indices))
             batch["targets"] = raw["targets"][keep]
             batch["index"] = raw["index"][keep]
         return batch
@@ -444,32 +410,20 @@ class GpuLoader(_DeviceBatches):
     def __init__(self, dataset: BytesDataset, sampler: Sampler | None, batch_size: int, workers: int,
                  device: str | torch.device, preset: str, size: int, mean: Sequence[float], std: Sequence[float],
                  train: bool, *, drop_last: bool = False, generator: torch.Generator | None = None,
-                 decode_min_side: int | None = None) -> None:
+                 decode_min_side: int | None = None, prefetch: int = PREFETCH_BATCHES) -> None:
         super().__init__(dataset, batch_size, workers, device, sampler=sampler, drop_last=drop_last, generator=generator,
-                         decode_min_side=decode_min_side)
-        self.ops = train_ops(preset, size) if train else eval_ops(size)
-        self.size = size
+                         decode_min_side=decode_min_side, prefetch=prefetch)
+        self.transform = BatchTransform([train_ops(preset, size) if train else eval_ops(size)], size)
+        self.background = self.transform.batched
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
 
-    def make(self, images: list[torch.Tensor], seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
-        return {"image": normalize(augment_images(images, seeds, self.ops, self.size), self.mean, self.std)}
+    def plan(self, sizes: list[tuple[int, int]], seeds: list[int | None], indices: list[int]) -> list[list[Plan]] | None:
+        return self.transform.plan(sizes, [[seed] for seed in seeds])
 
-
-def make_views(images: Sequence[torch.Tensor], indices: Sequence[int], view_ops: Sequence[Callable], size: int,
-               mean: torch.Tensor, std: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Every view of every image: float32 [B, V, 3, size, size] (channels_last per view), normalised.
-
-    View ``v`` of the image at dataset index ``i`` is seeded with
-    ``hash((seed, i, v))``, as :class:`~herbarium.evaluation.tta.MultiViewDataset` seeds it.
-    """
-    views = [
-        apply_seeded(ops, image, hash((seed, index, number)) & 0x7FFFFFFF)
-        for image, index in zip(images, indices)
-        for number, ops in enumerate(view_ops)
-    ]
-    views = [view if tuple(view.shape[-2:]) == (size, size) else F.resize(view, [size, size], antialias=True) for view in views]
-    return normalize(torch.stack(views), mean, std).unflatten(0, (len(images), len(view_ops)))
+    def make(self, decoded: Decoded, plans: Any, seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
+        images = self.transform.run(decoded, plans, [[seed] for seed in seeds])[:, 0]  # [B, 3, size, size]
+        return {"image": normalize(images, self.mean, self.std)}
 
 
 class GpuViewLoader(_DeviceBatches):
@@ -478,34 +432,46 @@ class GpuViewLoader(_DeviceBatches):
     ``view_transforms[p][v]`` is the CPU-path transform of view ``v`` for
     input profile ``p`` (``tta.view_transform(view, profile)``); ``sizes``,
     ``means`` and ``stds`` are the profiles'. Batches are the ones
-    ``collate_views`` makes from a ``MultiViewDataset`` over the same files.
+    ``collate_views`` makes from a ``MultiViewDataset`` over the same files:
+    view ``v`` of the image at dataset index ``i`` is seeded with
+    ``hash((seed, i, v))``. Every view of every image of a profile comes
+    from one batched call (channels_last per view).
     """
 
     def __init__(self, dataset: BytesDataset, batch_size: int, workers: int, device: str | torch.device,
                  view_transforms: Sequence[Sequence[Callable]], sizes: Sequence[int], means: Sequence[Sequence[float]],
-                 stds: Sequence[Sequence[float]], *, seed: int = 0, decode_min_side: int | None = None) -> None:
-        super().__init__(dataset, batch_size, workers, device, decode_min_side=decode_min_side)
-        self.view_ops = [[tensor_ops(transform) for transform in transforms] for transforms in view_transforms]
-        self.sizes = list(sizes)
+                 stds: Sequence[Sequence[float]], *, seed: int = 0, decode_min_side: int | None = None,
+                 prefetch: int = PREFETCH_BATCHES) -> None:
+        super().__init__(dataset, batch_size, workers, device, decode_min_side=decode_min_side, prefetch=prefetch)
+        self.transforms = [BatchTransform([tensor_ops(transform) for transform in transforms], size)
+                           for transforms, size in zip(view_transforms, sizes)]
+        self.background = all(transform.batched for transform in self.transforms)
         self.means = [torch.tensor(mean, dtype=torch.float32, device=self.device) for mean in means]
         self.stds = [torch.tensor(std, dtype=torch.float32, device=self.device) for std in stds]
         self.seed = seed
 
-    def make(self, images: list[torch.Tensor], seeds: list[int | None], indices: list[int]) -> dict[str, Any]:
-        return {"views": [make_views(images, indices, ops, size, mean, std, self.seed)
-                          for ops, size, mean, std in zip(self.view_ops, self.sizes, self.means, self.stds)]}
+    def plan(self, sizes: list[tuple[int, int]], seeds: list[int | None], indices: list[int]) -> list[Any]:
+        return [transform.plan(sizes, view_seeds(indices, len(transform.view_ops), self.seed)) for transform in self.transforms]
+
+    def make(self, decoded: Decoded, plans: Any, seeds: list[int | None], indices: list[int]) -> dict[str, Any]:
+        views = []
+        for transform, profile_plans, mean, std in zip(self.transforms, plans, self.means, self.stds):
+            pixels = transform.run(decoded, profile_plans, view_seeds(indices, len(transform.view_ops), self.seed))
+            views.append(normalize(pixels.flatten(0, 1), mean, std).unflatten(0, pixels.shape[:2]))
+        return {"views": views}
 
 
 class _MomentBatches(_DeviceBatches):
     def __init__(self, dataset: BytesDataset, batch_size: int, workers: int, device: str | torch.device, size: int) -> None:
-        from herbarium.stats import stats_transform  # imported here: herbarium.stats uses this module
-
         super().__init__(dataset, batch_size, workers, device, decode_min_side=size)
-        self.ops = tensor_ops(stats_transform(size))
-        self.size = size
+        self.transform = BatchTransform([tensor_ops(stats_transform(size))], size)
+        self.background = self.transform.batched
 
-    def make(self, images: list[torch.Tensor], seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
-        return {"moments": image_moments(augment_images(images, seeds, self.ops, self.size))}
+    def plan(self, sizes: list[tuple[int, int]], seeds: list[int | None], indices: list[int]) -> list[list[Plan]] | None:
+        return self.transform.plan(sizes, [[None]] * len(sizes))
+
+    def make(self, decoded: Decoded, plans: Any, seeds: list[int | None], indices: list[int]) -> dict[str, torch.Tensor]:
+        return {"moments": image_moments(self.transform.run(decoded, plans, [[None]] * len(decoded.images))[:, 0])}
 
 
 def gpu_moment_batches(split: DatasetSplit, size: int, workers: int, batch_size: int, device: str | torch.device,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from herbarium.data.gpu import DECODES
+from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
 from herbarium.evaluation.runner import EvaluationSettings, evaluate
 from herbarium.evaluation.tta import VIEW_VOCABULARY, parse_views
 from herbarium.train_cli import _csv, _weights
@@ -30,10 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", required=True, help="dataset folder")
     data.add_argument("--split", default="test", help="split to evaluate (default: test)")
     data.add_argument("--labels", default=None, help="image_id,category_id CSV for a split whose metadata has no labels (default: the split's labels.csv if present)")
-    data.add_argument("--batch-size", type=int, default=S.batch_size, help=f"images per batch; each brings all its views (default: {S.batch_size})")
+    data.add_argument("--batch-size", type=int, default=S.batch_size, help="images per batch; each brings all its views (default: 128 on a CUDA device, 32 otherwise)")
     data.add_argument("--workers", type=int, default=S.workers, help="decoding processes (default: all cores)")
     data.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images (default: off)")
-    data.add_argument("--decode", choices=DECODES, default=S.decode, help="where JPEGs are decoded and cut into views: cpu (PIL in the workers), gpu (nvJPEG on the device) or auto: gpu on a CUDA device that decodes JPEGs, else cpu (default: auto)")
+    data.add_argument("--decode", choices=DECODES, default=S.decode, help=f"where JPEGs are decoded and cut into views: cpu (PIL in the workers), gpu (nvJPEG on the device, all views of a batch in one batched call) or auto: gpu only on a CUDA device that decodes JPEGs with fewer than {AUTO_DEVICE_BELOW_CORES} cores per GPU, else cpu (measured faster with 16 cores; see README) (default: auto)")
     tta = parser.add_argument_group("test-time augmentation and ensembling")
     tta.add_argument("--views", default=",".join(S.views), help=f"comma-separated views: {VIEW_VOCABULARY} (default: {','.join(S.views)})")
     tta.add_argument("--average", choices=("logits", "probs"), default=S.average, help=f"average logits or probabilities over views and models (default: {S.average})")

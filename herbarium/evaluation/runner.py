@@ -96,13 +96,19 @@ def check_same_taxonomy(models: Sequence[LoadedModel]) -> Taxonomy:
     return first.taxonomy
 
 
+# Default images per evaluation batch. A batch brings all its views: 32 images of 4 views were a model
+# batch of 128, which leaves a GPU idle between batches; 128 images make it 512, the batch at which
+# bench/throughput.py measures the inference ceiling.
+EVAL_BATCH = {"cuda": 128, "cpu": 32}
+
+
 @dataclass
 class EvaluationSettings:
     views: tuple[str, ...] = DEFAULT_VIEWS
     average: str = "logits"
     model_weights: tuple[float, ...] | None = None
     rank_weights: dict[str, float] = field(default_factory=dict)
-    batch_size: int = 32
+    batch_size: int | None = None  # images per batch; None: EVAL_BATCH of the device type
     workers: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -133,6 +139,9 @@ class EvaluationSettings:
         if self.class_weighted and self.model_weights is not None:
             raise ValueError("class-weighted ensembles set each model's weight per class; drop the model weights")
 
+    def batch_for(self, device: torch.device) -> int:
+        """Images per batch on ``device``: ``batch_size``, else :data:`EVAL_BATCH` of its type."""
+        return self.batch_size or EVAL_BATCH.get(device.type, EVAL_BATCH["cpu"])
 
 
 @dataclass
@@ -235,14 +244,14 @@ def build_view_loader(split: DatasetSplit, taxonomy: Taxonomy, models: Sequence[
     workers = loader_workers(settings.workers, decode)
     if decode == "gpu":
         images = BytesDataset(split, taxonomy.ranks, skip_bad_images=settings.skip_bad_images)
-        return GpuViewLoader(images, settings.batch_size, workers, device,
+        return GpuViewLoader(images, settings.batch_for(device), workers, device,
                              [[view_transform(view, p) for view in settings.views] for p in profiles],
                              [p.size for p in profiles], [p.mean for p in profiles], [p.std for p in profiles],
                              seed=settings.seed, decode_min_side=largest)
     images = ImageDataset(split, taxonomy.ranks, transform=lambda image: image, decode_min_side=largest,
                           skip_bad_images=settings.skip_bad_images)
     dataset = MultiViewDataset(images, settings.views, profiles, settings.seed)
-    return DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=collate_views,
+    return DataLoader(dataset, batch_size=settings.batch_for(device), num_workers=workers, collate_fn=collate_views,
                       pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
@@ -434,7 +443,7 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
 
     metrics: dict[str, Any] = {
         "throughput": {"images_per_s": outputs["images_per_s"], "hardware": hardware(device), "views": len(settings.views),
-                       "batch_size": settings.batch_size, "models": len(models), "seconds": outputs["seconds"],
+                       "batch_size": settings.batch_for(device), "models": len(models), "seconds": outputs["seconds"],
                        "input_path": decode, **({"decoder_routes": dict(loader.decoder.counts)} if decode == "gpu" else {})},
         "taxonomy_disagreement": outputs["disagreement"],
         "skipped_bad_images": outputs["skipped"],

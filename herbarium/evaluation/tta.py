@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -55,7 +54,7 @@ from torchvision.transforms import v2
 
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset
-from herbarium.data.transforms import DEFAULT_CROP_PCT, eval_transform, resize_size, to_normalized_tensor
+from herbarium.data.transforms import DEFAULT_CROP_PCT, FiveCropCorner, eval_transform, resize_size, to_normalized_tensor
 
 PLAIN = "plain"
 FLIP = "flip"
@@ -160,10 +159,6 @@ class InputProfile:
     augment: str
 
 
-def _five_crop_part(image: torch.Tensor, size: int, index: int) -> torch.Tensor:
-    return v2.functional.five_crop(image, [size, size])[index]
-
-
 def view_transform(view: str, profile: InputProfile) -> Callable[[Any], torch.Tensor]:
     """PIL image -> normalised float tensor [3, size, size] for one single view."""
     check_view(view)
@@ -175,8 +170,8 @@ def view_transform(view: str, profile: InputProfile) -> Callable[[Any], torch.Te
     if view == TRAIN:
         return build_train_transform(profile.augment, size, mean, std)
     if view in FIVECROP_CORNERS:
-        pick = partial(_five_crop_part, size=size, index=FIVECROP_CORNERS.index(view))
-        return v2.Compose([v2.Resize(resize_size(size), antialias=True), v2.Lambda(pick), to_normalized_tensor(mean, std)])
+        corner = FiveCropCorner(size, FIVECROP_CORNERS.index(view))
+        return v2.Compose([v2.Resize(resize_size(size), antialias=True), corner, to_normalized_tensor(mean, std)])
     return eval_transform(size, mean, std, crop_pct=scaled_crop_pct(scale_factor(view)))
 
 
