@@ -25,9 +25,11 @@ Coarser ranks are scored by mapping the finest prediction up the taxonomy.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -207,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=R.seed, help=f"seed (default: {R.seed})")
     parser.add_argument("--workers", type=int, default=R.workers, help=f"loader processes (default: {R.workers})")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--out", default=None, help="JSON file for the scores and the per-image predictions (default: none)")
     return parser
 
 
@@ -218,8 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_stock(args.data, args.train_split, args.test_split, recipe, device=args.device)
     taxonomy, test = result["taxonomy"], result["test"]
     truth = {rank: np.array([taxonomy.targets(s.category_id, [rank])[rank] for s in test.samples]) for rank in taxonomy.ranks}
-    for rank in reversed(taxonomy.ranks):
-        print(f"{rank}: macro-F1 {macro_f1(truth[rank], result['predictions'][rank]):.4f}")
+    scores = {rank: macro_f1(truth[rank], result["predictions"][rank]) for rank in reversed(taxonomy.ranks)}
+    for rank, score in scores.items():
+        print(f"{rank}: macro-F1 {score:.4f}")
+    if args.out:
+        ids = [str(sample.image_id) for sample in test.samples]
+        Path(args.out).write_text(json.dumps({
+            "macro_f1": scores, "recipe": asdict(recipe),
+            "predictions": {rank: dict(zip(ids, map(int, result["predictions"][rank]))) for rank in taxonomy.ranks},
+            "truth": {rank: dict(zip(ids, map(int, truth[rank]))) for rank in taxonomy.ranks},
+        }))
     return 0
 
 
