@@ -339,8 +339,9 @@ class RunState:
 class Trainer:
     """Holds what one training run needs; :meth:`fit` runs it to the end."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False, quiet: bool = False) -> None:
         self.cfg = cfg
+        self.quiet = quiet  # no progress bars (for logs): the start-up, per-epoch and end-of-run lines stay
         self.resuming = bool(resume)
         self.overwrite = overwrite
         self.device = resolve_device(cfg.device)
@@ -527,7 +528,7 @@ class Trainer:
         term_sums = {rank: torch.zeros((), device=self.device) for rank in self.levels}
         batches, images_seen, started = 0, 0, time.perf_counter()
         progress = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                        disable=not self.context.is_main, leave=False, dynamic_ncols=True)
+                        disable=self.quiet or not self.context.is_main, leave=False, dynamic_ncols=True)
         for batch in progress:
             self.skipped_images += batch["skipped"]
             if "image" not in batch:
@@ -639,6 +640,6 @@ class Trainer:
             tqdm.write(f"skipped {record['skipped_bad_images']} unreadable images so far")
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Train (or resume) a run as configured; returns the last epoch's record."""
-    return Trainer(cfg, resume, overwrite).fit()
+def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run as configured; returns the last epoch's record. ``quiet``: no progress bars."""
+    return Trainer(cfg, resume, overwrite, quiet).fit()

@@ -102,7 +102,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description="Train one trunk with a head per taxonomic rank.")
+    from herbarium.cli import prog
+
+    parser = argparse.ArgumentParser(prog=prog("train.py"), description="Train one trunk with a head per taxonomic rank.")
     return add_train_arguments(parser)
 
 

@@ -1,0 +1,142 @@
+"""Using a trained run: the Python API, ``herbarium predict`` and ``herbarium export``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import herbarium
+from herbarium import cli, engine
+from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.data.images import BadImageError
+from herbarium.data.readers import read_split
+from herbarium.demo import make_demo_data
+from herbarium.evaluation.runner import load_run
+from herbarium.models.config import ModelConfig
+from herbarium.predict import expand_images
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A one-epoch run with heads on species and genus only (family comes from the tree)."""
+    root = tmp_path_factory.mktemp("use")
+    data = root / "demo"
+    make_demo_data(data, seed=3, image_size=32, max_per_class=6, min_per_class=2, test_per_class=1)
+    cfg = TrainConfig(
+        out=str(root / "run"), epochs=1, seed=0, device="cpu",
+        data=DataConfig(data=str(data), size=32, batch_size=16, workers=0),
+        model=ModelConfig(trunk="resnet10t", dropout=0.0),
+        loss=LossConfig(levels=("species", "genus")),
+        optim=OptimConfig(optim="adam@2e-3:0", schedule="constant"),
+    )
+    engine.train(cfg, quiet=True)
+    return data, Path(cfg.out)
+
+
+def image_files(data: Path) -> list[Path]:
+    split = read_split(data, "test")
+    return [split.path(sample) for sample in split.samples]
+
+
+# ------------------------------------------------------------------ the API
+def test_load_exposes_model_taxonomy_and_transform(trained):
+    data, run_dir = trained
+    run = herbarium.load(run_dir, device="cpu")
+    assert isinstance(run, herbarium.Run)
+    assert run.checkpoint == run_dir / "checkpoints" / "best.pt"
+    assert run.ranks == ("genus", "species")
+    assert run.taxonomy.ranks == ("family", "genus", "species")
+    tensor = run.transform(Image.open(image_files(data)[0]))
+    assert tensor.shape == (3, 32, 32)
+    with torch.no_grad():
+        logits = run.model(tensor[None])
+    assert set(logits) == {"species", "genus"} and logits["species"].shape == (1, run.taxonomy.num_classes("species"))
+    assert "resnet10t" in repr(run)
+
+
+def test_predict_round_trip_matches_the_model(trained):
+    data, run_dir = trained
+    run = herbarium.load(run_dir, device="cpu")
+    files = image_files(data)[:4]
+    predictions = run.predict(files + [Image.open(files[1]).convert("L")], topk=3, batch_size=2)
+    assert [p.index for p in predictions] == [0, 1, 2, 3, 4]
+    assert predictions[0].path == str(files[0]) and predictions[4].path is None
+    with torch.no_grad():
+        logits = run.model(torch.stack([run.transform(Image.open(f).convert("RGB")) for f in files]))
+    taxonomy = run.taxonomy
+    for row, p in enumerate(predictions[:4]):
+        assert set(p.top) == {"genus", "species"}
+        for rank in p.top:
+            names = [name for name, _ in p.top[rank]]
+            probabilities = [probability for _, probability in p.top[rank]]
+            expected = torch.softmax(logits[rank][row], 0).topk(3)
+            assert names == [taxonomy.names[rank][i] for i in expected.indices.tolist()]
+            assert probabilities == pytest.approx(expected.values.tolist(), abs=1e-5)
+        # the consistent path is a real path of the tree, one name per rank
+        species = taxonomy.names["species"].index(p.consistent["species"])
+        assert [taxonomy.names[r][i] for r, i in zip(taxonomy.ranks, taxonomy.paths[species])] == list(p.consistent.values())
+        assert p.category_id == taxonomy.category_ids[species]
+        assert 0 < p.consistent_probability <= 1
+    # a grey PIL image is converted, not refused
+    assert len(predictions[4].top["species"]) == 3
+    # views are the evaluation's: 4 views (3 seeded training augmentations) give repeatable numbers
+    first, second = run.predict(files[:2], views="4"), run.predict(files[:2], views="4")
+    assert first == second
+
+
+def test_predict_names_an_unreadable_file_or_skips_it(trained, tmp_path):
+    data, run_dir = trained
+    run = herbarium.load(run_dir, device="cpu")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    good = image_files(data)[0]
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        run.predict([good, bad])
+    assert [p.path for p in run.predict([good, bad], skip_bad_images=True)] == [str(good)]
+
+
+# -------------------------------------------------------------- the command
+def test_expand_images_folders_globs_and_files(tmp_path):
+    for name in ("a/1.jpg", "a/b/2.PNG", "a/notes.txt", "c/3.jpeg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = expand_images([str(tmp_path / "a"), str(tmp_path / "c" / "*.jpeg"), str(tmp_path / "a" / "1.jpg")])
+    assert found == [tmp_path / "a/1.jpg", tmp_path / "a/b/2.PNG", tmp_path / "c/3.jpeg"]
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        expand_images([str(tmp_path / "nothing_here*.jpg")])
+
+
+def test_predict_command_on_a_folder(trained, tmp_path, capsys):
+    data, run_dir = trained
+    folder = tmp_path / "my photos"
+    files = image_files(data)[:3]
+    for i, file in enumerate(files):
+        (folder / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, folder / f"sub{i % 2}" / f"sheet{i}.jpg")
+    out = tmp_path / "predictions.csv"
+    assert cli.main(["predict", str(run_dir), str(folder), "--out", str(out), "--topk", "2", "--device", "cpu",
+                     "--workers", "0", "--quiet"]) == 0
+    assert f"3 images -> {out}" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert [Path(row["path"]).name for row in rows] == ["sheet0.jpg", "sheet2.jpg", "sheet1.jpg"]
+    assert list(rows[0]) == ["path", "consistent_family", "consistent_genus", "consistent_species", "consistent_prob",
+                             "category_id", "genus_top1", "genus_top1_prob", "genus_top2", "genus_top2_prob",
+                             "species_top1", "species_top1_prob", "species_top2", "species_top2_prob"]
+    expected = herbarium.load(run_dir, device="cpu").predict([Path(row["path"]) for row in rows], topk=2)
+    for row, p in zip(rows, expected):
+        assert row["consistent_species"] == p.consistent["species"]
+        assert row["species_top1"] == p.top["species"][0][0]
+        assert float(row["genus_top2_prob"]) == pytest.approx(p.top["genus"][1][1], abs=1e-6)
+
+
+def test_predict_command_refuses_a_missing_input(trained, tmp_path, capsys):
+    _, run_dir = trained
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(run_dir), str(tmp_path / "missing.jpg")])
+    assert "missing.jpg: no such file or folder" in capsys.readouterr().err
