@@ -210,11 +210,20 @@ class Run:
 
 
 def load(run: str | Path, device: str | torch.device = "auto", precision: str = "auto") -> Run:
-    """Load a trained run (a run folder or a checkpoint file) for prediction.
+    """Load a trained run (a run folder, a checkpoint file, or a ``herbarium export`` folder with
+    ``model.safetensors``) for prediction.
 
     ``device``: ``"auto"`` (CUDA when there is one), ``"cpu"``, ``"cuda:1"``, ...
     ``precision``: autocast precision, ``"auto"`` (bf16 on CUDA, fp32 on the CPU),
     ``"bf16"``, ``"fp16"`` or ``"fp32"``.
     """
     device = resolve_device(device) if isinstance(device, str) else device
+    from herbarium.export import is_export_folder, load_safetensors
+
+    if is_export_folder(run):
+        model, config, taxonomy, info = load_safetensors(run, device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        profile = InputProfile(int(info["size"]), tuple(info["mean"]), tuple(info["std"]), config.data.augment)
+        return Run(LoadedModel(model, config, taxonomy, profile, {}, Path(run) / "model.safetensors"), device, precision)
     return Run(load_run(run, device), device, precision)

@@ -140,3 +140,71 @@ def test_predict_command_refuses_a_missing_input(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["predict", str(run_dir), str(tmp_path / "missing.jpg")])
     assert "missing.jpg: no such file or folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ export
+@pytest.fixture(scope="module")
+def reference(trained):
+    """The run's own model and a batch of inputs, with its logits."""
+    _, run_dir = trained
+    loaded = load_run(run_dir, torch.device("cpu"))
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = loaded.model(images)
+    return loaded, images, logits
+
+
+def test_export_safetensors_and_torchscript_reload_with_the_same_logits(trained, reference, tmp_path, capsys):
+    from herbarium.export import load_safetensors
+
+    _, run_dir = trained
+    loaded, images, logits = reference
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run_dir), "--format", "safetensors,torchscript", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.safetensors" in printed and "model.torchscript.pt" in printed
+    # weights only: far smaller than the checkpoint with its optimizer state
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (run_dir / "checkpoints" / "best.pt").stat().st_size
+    info = json.loads((out / "preprocessing.json").read_text())
+    assert info["size"] == 32 and info["resize"] == 36 and info["mean"] == list(loaded.profile.mean)
+    assert info["outputs"] == ["species", "genus"]
+    assert json.loads((out / "taxonomy.json").read_text()) == loaded.taxonomy.to_dict()
+
+    model, config, taxonomy, _ = load_safetensors(out)
+    traced = torch.jit.load(str(out / "model.torchscript.pt"))
+    with torch.no_grad():
+        rebuilt, scripted = model(images), traced(images)
+        scripted_one = traced(images[:1])  # another batch size than the trace's
+    for rank in ("species", "genus"):
+        torch.testing.assert_close(rebuilt[rank], logits[rank])
+        torch.testing.assert_close(scripted[rank], logits[rank], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scripted_one[rank], logits[rank][:1], rtol=1e-4, atol=1e-5)
+    # the export folder loads through the API too, and predicts as the run does
+    files = image_files(trained[0])[:2]
+    assert herbarium.load(out, device="cpu").predict(files) == herbarium.load(run_dir, device="cpu").predict(files)
+
+
+def test_export_onnx_reloads_with_the_same_logits(trained, reference, tmp_path):
+    pytest.importorskip("onnx")
+    runtime = pytest.importorskip("onnxruntime")
+    from herbarium.export import export
+
+    _, run_dir = trained
+    loaded, images, logits = reference
+    written = export(run_dir, ["onnx"], tmp_path)
+    session = runtime.InferenceSession(str(written["onnx"]))
+    assert [output.name for output in session.get_outputs()] == ["species", "genus"]
+    outputs = session.run(None, {"images": images.numpy()})
+    for rank, value in zip(("species", "genus"), outputs):
+        torch.testing.assert_close(torch.from_numpy(value), logits[rank], rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_without_the_package_says_what_to_install(trained, tmp_path, monkeypatch, capsys):
+    import sys
+
+    _, run_dir = trained
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")])
+    assert "pip install 'herbarium[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written
