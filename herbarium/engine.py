@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from herbarium import run_summary
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.augment import build_train_transform
@@ -480,7 +482,9 @@ class Trainer:
         """Train from the current state to ``cfg.epochs``; returns the last epoch's record."""
         self.write_run_files()
         self.writer = SummaryWriter(self.run_dir / "tb") if self.context.is_main else None
+        self.announce()
         record: dict[str, Any] = {}
+        started = time.perf_counter()
         try:
             while self.state.epoch < self.cfg.epochs:
                 record = self.run_epoch()
@@ -490,7 +494,26 @@ class Trainer:
             if self.writer:
                 self.writer.close()
             cleanup(self.context)
+        if self.context.is_main:
+            for line in run_summary.end_lines(self.cfg, self.run_dir, self.finest_level, time.perf_counter() - started,
+                                              finished=self.state.epoch >= self.cfg.epochs):
+                tqdm.write(line)
         return record
+
+    def announce(self) -> None:
+        """The start-up summary (see :mod:`herbarium.run_summary`) and the from-scratch warning."""
+        if not self.context.is_main:
+            return
+        lines = run_summary.startup_lines(
+            self.cfg, layout=self.train_split.layout, train_images=len(self.train_split), val_images=len(self.val_split),
+            taxonomy=self.taxonomy, levels=self.levels, model=self.model, normalization=self.normalization,
+            device=self.device, dtype=self.dtype, world_size=self.context.world_size, decode=self.loaders.decode,
+            workers=loader_workers(self.cfg.data.workers, self.loaders.decode), resumed_epoch=self.state.epoch)
+        for line in lines:
+            tqdm.write(line)
+        warning = run_summary.scratch_warning(self.cfg, run_summary.parameters(self.model.trunk), len(self.train_split))
+        if warning:
+            warnings.warn(warning, stacklevel=2)
 
     def run_epoch(self) -> dict[str, Any]:
         epoch = self.state.epoch
@@ -529,12 +552,18 @@ class Trainer:
         batches, images_seen, started = 0, 0, time.perf_counter()
         progress = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                         disable=self.quiet or not self.context.is_main, leave=False, dynamic_ncols=True)
+        self._postfix, shown = {}, None
         for batch in progress:
             self.skipped_images += batch["skipped"]
             if "image" not in batch:
                 continue
             accumulating = (self.state.batches_done + 1) % cfg.optim.accum_steps != 0
             result = self._micro_step(model, batch, accumulating)
+            if not progress.disable:  # the previous step's loss: computed by now, so reading it does not stall the device
+                if shown is not None:
+                    self._postfix["loss"] = f"{float(shown):.3f}"
+                    progress.set_postfix(self._postfix, refresh=False)
+                shown = result.total.detach()
             loss_sum += result.total.detach()
             for rank, term in result.terms.items():
                 term_sums[rank] += term
@@ -598,7 +627,8 @@ class Trainer:
             return
         loss = float(result.total.detach())
         rate = images_seen * self.context.world_size / max(time.perf_counter() - started, 1e-9)
-        progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", opt=self.optimizer.active_phase.name)
+        self._postfix.update(img_s=f"{rate:.0f}", opt=self.optimizer.active_phase.name)
+        progress.set_postfix(self._postfix, refresh=False)
         step = self.state.global_step
         self.writer.add_scalar("train/loss", loss, step)
         for rank, term in result.terms.items():

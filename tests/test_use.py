@@ -12,31 +12,16 @@ import torch
 from PIL import Image
 
 import herbarium
-from herbarium import cli, engine
-from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium import cli
 from herbarium.data.images import BadImageError
 from herbarium.data.readers import read_split
-from herbarium.demo import make_demo_data
 from herbarium.evaluation.runner import load_run
-from herbarium.models.config import ModelConfig
 from herbarium.predict import expand_images
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """A one-epoch run with heads on species and genus only (family comes from the tree)."""
-    root = tmp_path_factory.mktemp("use")
-    data = root / "demo"
-    make_demo_data(data, seed=3, image_size=32, max_per_class=6, min_per_class=2, test_per_class=1)
-    cfg = TrainConfig(
-        out=str(root / "run"), epochs=1, seed=0, device="cpu",
-        data=DataConfig(data=str(data), size=32, batch_size=16, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.0),
-        loss=LossConfig(levels=("species", "genus")),
-        optim=OptimConfig(optim="adam@2e-3:0", schedule="constant"),
-    )
-    engine.train(cfg, quiet=True)
-    return data, Path(cfg.out)
+def trained(tiny_run) -> tuple[Path, Path]:
+    return tiny_run
 
 
 def image_files(data: Path) -> list[Path]:
