@@ -205,25 +205,34 @@ def classification_metrics(targets: np.ndarray, predictions: np.ndarray, levels:
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, levels: tuple[str, ...], device: torch.device,
              dtype: torch.dtype | None, context: DistributedContext) -> dict[str, dict[str, float]]:
-    """Top-1 and macro-F1 per rank over the whole validation split (gathered across ranks)."""
+    """Top-1, macro-F1 and mean cross-entropy (``loss``) per rank over the whole validation split (gathered across ranks)."""
     model.eval()
-    indices, targets, predictions = [], [], []
+    indices, targets, predictions, losses = [], [], [], []
     for batch in loader:
         if "image" not in batch:
             continue
         images = batch["image"].to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(images)
+        batch_targets = batch["targets"].to(device, non_blocking=True)  # [B, R], -1 = unlabelled
         predictions.append(torch.stack([logits[rank].argmax(dim=1) for rank in levels], dim=1).cpu())
+        losses.append(torch.stack([nn.functional.cross_entropy(logits[rank].float(), batch_targets[:, i].clamp(min=0), reduction="none")
+                                   for i, rank in enumerate(levels)], dim=1).cpu())
         targets.append(batch["targets"])
         indices.append(batch["index"])
-    local = (torch.cat(indices).numpy(), torch.cat(targets).numpy(), torch.cat(predictions).numpy()) if indices else None
+    local = ((torch.cat(indices).numpy(), torch.cat(targets).numpy(), torch.cat(predictions).numpy(), torch.cat(losses).numpy())
+             if indices else None)
     parts = [part for part in all_gather_objects(local, context) if part is not None]
     index = np.concatenate([p[0] for p in parts])
     _, first = np.unique(index, return_index=True)  # drop duplicates of any padding
     all_targets = np.concatenate([p[1] for p in parts])[first]
     all_predictions = np.concatenate([p[2] for p in parts])[first]
-    return classification_metrics(all_targets, all_predictions, levels)
+    all_losses = np.concatenate([p[3] for p in parts])[first]
+    metrics = classification_metrics(all_targets, all_predictions, levels)
+    for column, rank in enumerate(levels):
+        labelled = all_targets[:, column] >= 0
+        metrics[rank]["loss"] = float(all_losses[labelled, column].mean()) if labelled.any() else float("nan")
+    return metrics
 
 
 # -------------------------------------------------------------------- steps
@@ -482,6 +491,8 @@ class Trainer:
         """Train from the current state to ``cfg.epochs``; returns the last epoch's record."""
         self.write_run_files()
         self.writer = SummaryWriter(self.run_dir / "tb") if self.context.is_main else None
+        if self.writer and not self.resuming:
+            self.writer.add_text("config", "```json\n" + json.dumps(self.cfg.to_dict(), indent=2) + "\n```", 0)
         self.announce()
         record: dict[str, Any] = {}
         started = time.perf_counter()
@@ -558,6 +569,8 @@ class Trainer:
             if "image" not in batch:
                 continue
             accumulating = (self.state.batches_done + 1) % cfg.optim.accum_steps != 0
+            if self.writer is not None and self.state.global_step == 0 and batches == 0:
+                self._log_augmented_images(batch["image"])
             result = self._micro_step(model, batch, accumulating)
             if not progress.disable:  # the previous step's loss: computed by now, so reading it does not stall the device
                 if shown is not None:
@@ -637,6 +650,15 @@ class Trainer:
         self.writer.add_scalar("train/optimizer_phase", self.optimizer.active_index, step)
         self.writer.add_scalar("train/images_per_s", rate, step)
 
+    def _log_augmented_images(self, images: torch.Tensor, count: int = 32) -> None:
+        """TensorBoard: the run's first training images as the model sees them (augmented), once."""
+        from torchvision.utils import make_grid
+
+        mean = torch.tensor(self.normalization.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.normalization.std).view(1, 3, 1, 1)
+        shown = (images[:count].detach().float().cpu() * std + mean).clamp(0, 1)
+        self.writer.add_image("train/augmented_images", make_grid(shown, nrow=8, padding=2), 0)
+
     def write_o2u_weights(self, epoch: int) -> None:
         """TensorBoard histogram of the new O2U weights, and ``o2u_weights.csv`` (lowest weight first) to review."""
         if not self.context.is_main:
@@ -651,11 +673,15 @@ class Trainer:
     def log_epoch(self, record: dict[str, Any]) -> None:
         if not self.context.is_main:
             return
-        epoch = record["epoch"]
+        epoch, step = record["epoch"], self.state.global_step  # the training curves' axis: optimizer steps
         for rank, values in record["val"].items():
             for name, value in values.items():
-                self.writer.add_scalar(f"val/{rank}_{name}", value, epoch)
-        self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], epoch)
+                self.writer.add_scalar(f"val/{rank}_{name}", value, step)
+        self.writer.add_scalar("epoch/train_loss", record["loss"], step)  # the epoch's mean, beside the per-step values
+        for rank, value in record["loss_terms"].items():
+            self.writer.add_scalar(f"epoch/train_loss_{rank}", value, step)
+        self.writer.add_scalar("epoch/epoch", epoch, step)
+        self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], step)
         with open(self.run_dir / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
         scores = "  ".join(f"{rank} F1 {v['macro_f1']:.3f} top1 {v['top1']:.3f}" for rank, v in record["val"].items())

@@ -122,9 +122,12 @@ def test_printed_eval_command_rebuilds_the_settings(arms, name):
     assert ("--views" in arguments) == (name != "herbarium")
 
 
-def test_a_setting_train_py_cannot_express_is_refused():
+def test_a_setting_train_py_cannot_express_is_refused(monkeypatch):
     cfg = TrainConfig(data=DataConfig(data="x"), model=ModelConfig(drop_path=0.1))
-    with pytest.raises(ValueError, match="drop_path"):
+    assert "--drop-path" in accuracy.train_arguments(cfg)  # a flag since it got one
+    real = accuracy.flat_config
+    monkeypatch.setattr(accuracy, "flat_config", lambda config: {**real(config), "model.no_flag": id(config)})
+    with pytest.raises(ValueError, match="no_flag"):
         accuracy.train_arguments(cfg)
 
 

@@ -101,3 +101,23 @@ def test_scratch_warning_for_a_large_trunk_on_few_images():
     assert run_summary.scratch_warning(cfg, 4_900_000, 2_000) is None
     pretrained = TrainConfig(model=ModelConfig(trunk="legacy_seresnext50_32x4d", pretrained=True))
     assert run_summary.scratch_warning(pretrained, 25_500_000, 2_000) is None
+
+
+def test_tensorboard_curves_share_the_step_axis(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = tiny_run
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    events.Reload()
+    record = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+    steps = {event.step for event in events.Scalars("epoch/train_loss")}
+    assert len(steps) == 1 and steps.pop() > 1  # the epoch ends at its last optimizer step, not at "1"
+    end = events.Scalars("epoch/train_loss")[0].step
+    for tag in ("val/species_macro_f1", "val/genus_top1", "val/species_loss", "val/genus_loss", "epoch/train_loss_species"):
+        assert [event.step for event in events.Scalars(tag)] == [end], tag
+    assert events.Scalars("epoch/train_loss")[0].value == pytest.approx(record["loss"], rel=1e-5)
+    assert events.Scalars("val/species_loss")[0].value == pytest.approx(record["val"]["species"]["loss"], rel=1e-5)
+    assert record["val"]["species"]["loss"] > 0
+    assert "config/text_summary" in events.Tags()["tensors"]
+    image = events.Images("train/augmented_images")
+    assert len(image) == 1 and image[0].width > 32
