@@ -121,3 +121,50 @@ def test_tensorboard_curves_share_the_step_axis(tiny_run):
     assert "config/text_summary" in events.Tags()["tensors"]
     image = events.Images("train/augmented_images")
     assert len(image) == 1 and image[0].width > 32
+
+
+# ------------------------------------------------------------------ report
+def test_report_names_the_run_files_truth_and_confident_mistakes(tiny_run, tmp_path):
+    import csv
+
+    from herbarium.data.readers import read_split
+    from herbarium.evaluation.runner import EvaluationSettings, evaluate
+
+    data, run_dir = tiny_run
+    settings = EvaluationSettings(views=("plain", "flip"), workers=0, device="cpu", batch_size=8)
+    result = evaluate([run_dir], data, "test", out=tmp_path, settings=settings)
+    split = read_split(data, "test")
+    truth = {str(s.image_id): (str(split.path(s)), s.category_id) for s in split.samples}
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(rows) == len(truth)
+    for row in rows:
+        assert (row["path"], row["true_category_id"]) == (truth[row["image_id"]][0], str(truth[row["image_id"]][1]))
+        assert row["true_species"].startswith(row["true_genus"])  # demo species are named after their genus
+    metrics = result["metrics"]
+    context = json.loads((tmp_path / "metrics.json").read_text())["context"]
+    assert context["models"] == ["resnet10t (from scratch), 32 px, heads species, genus; checkpoint best.pt at epoch 1 of 1; "
+                                 "loss focal, class weights effective, optim adam@2e-3:0, schedule constant, augment crop_flip, "
+                                 "sampler none"]
+    wrong = [r for r in rows if r["species"] != r["true_species"]]
+    mistakes = metrics["mistakes"]
+    assert len(mistakes) == min(12, len(wrong))
+    assert [m["probability"] for m in mistakes] == sorted((m["probability"] for m in mistakes), reverse=True)
+    assert all(m["true"] != m["predicted"] and Path(m["path"]).is_file() for m in mistakes)
+    report = (tmp_path / "report.md").read_text()
+    if mistakes:
+        assert "## Most confident mistakes" in report and (tmp_path / "plots" / "mistakes.png").is_file()
+        assert "data:image/png;base64" in (tmp_path / "report.html").read_text()
+
+
+def test_headline_warning_names_the_better_variants():
+    from herbarium.evaluation.report import build_sections, headline_warning
+
+    variants = {name: {"genus": {"macro_f1": 0.5}, "species": {"macro_f1": f1}}
+                for name, f1 in (("tta_consistent", 0.40), ("tta_heads", 0.45), ("single_view_heads", 0.41), ("x", 0.4001))}
+    warning = headline_warning(variants, "tta_consistent")
+    assert warning.startswith("Warning: the headline variant tta_consistent (species macro-F1 0.400) is worse on this split "
+                              "than tta_heads (0.450), single_view_heads (0.410);")
+    assert headline_warning(variants, "tta_heads") is None
+    document = {"variants": {name: {rank: {"macro_f1": m["macro_f1"], "images": 3} for rank, m in ranks.items()}
+                             for name, ranks in variants.items()}, "primary": "tta_consistent"}
+    assert build_sections(document)[0].paragraphs[0] == warning

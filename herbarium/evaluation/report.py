@@ -45,11 +45,13 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from herbarium.evaluation.metrics import SHOT_GROUPS
 from herbarium.evaluation.submission import write_atomic
 
-KNOWN_KEYS = ("variants", "primary", "baseline", "taxonomy_disagreement", "throughput")
+KNOWN_KEYS = ("variants", "primary", "baseline", "taxonomy_disagreement", "throughput", "mistakes")
 DEFAULT_BASELINE = "single_view_heads"
 WORST_CLASSES = 20
 CONFUSED_PAIRS = 15
 MISSING = "—"
+THUMBNAIL_SIDE = 160  # pixels of the longer side of a mistake's thumbnail
+MISTAKE_COLUMNS = 4
 LIST_ITEMS_SHOWN = 10
 NO_LABELS = "No labels for this split: predictions and throughput only."
 
@@ -247,6 +249,62 @@ def confused_pairs_section(rank: str, metrics: Mapping[str, Any]) -> Section:
     return Section(f"Most confused {rank} pairs", tables=[Table(headers, rows)], plots=["confusion"])
 
 
+def headline_warning(variants: Mapping[str, Any], primary: str) -> str | None:
+    """A warning when another variant beats the headline one on the finest rank's macro-F1, else None."""
+    finest = list(variants[primary])[-1]
+    score = variants[primary][finest].get("macro_f1")
+    if score is None:
+        return None
+    better = sorted(((m[finest]["macro_f1"], name) for name, m in variants.items()
+                     if name != primary and finest in m and m[finest].get("macro_f1") is not None
+                     and round(m[finest]["macro_f1"], 3) > round(score, 3)), reverse=True)
+    if not better:
+        return None
+    listed = ", ".join(f"{name} ({value:.3f})" for value, name in better)
+    return (f"Warning: the headline variant {primary} ({finest} macro-F1 {score:.3f}) is worse on this split than "
+            f"{listed}; see Variants, and choose the variant with tta_eval.py --primary.")
+
+
+def mistakes_section(mistakes: list[Mapping[str, Any]]) -> Section:
+    """The most confident wrong predictions at the finest rank, with their files."""
+    rows = [[str(m["image_id"]), m["true"], m["predicted"], fmt_fraction(m["probability"]), str(m["path"])] for m in mistakes]
+    paragraph = ("The labelled images the headline variant got wrong at the finest rank with the highest "
+                 "confidence (probability of its top class): label errors, look-alike classes or images unlike training.")
+    return Section("Most confident mistakes", [paragraph], [Table(["image", "true", "predicted", "probability", "file"], rows)],
+                   ["mistakes"])
+
+
+def _thumbnail(path: str) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            return np.asarray(image)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def plot_mistakes(mistakes: list[Mapping[str, Any]]) -> bytes | None:
+    """Thumbnails of the mistakes with the true and predicted path; None when no file can be read."""
+    shown = [(m, thumb) for m in mistakes if (thumb := _thumbnail(str(m["path"]))) is not None]
+    if not shown:
+        return None
+    columns = min(MISTAKE_COLUMNS, len(shown))
+    rows = math.ceil(len(shown) / columns)
+    figure = _new_figure(2.6 * columns, 2.9 * rows)
+    for i, (mistake, thumb) in enumerate(shown):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        axes.imshow(thumb)
+        axes.set_axis_off()
+        true = mistake["true"].split(" / ")[-1]
+        predicted = mistake["predicted"].split(" / ")[-1]
+        axes.set_title(f"true: {true}\npred: {predicted}\np = {mistake['probability']:.2f}", fontsize=7)
+    return _png(figure)
+
+
 def _shared_ancestor(distance: int | None, levels: Mapping[str, str]) -> str:
     return MISSING if distance is None else levels.get(str(distance), str(distance))
 
@@ -291,7 +349,12 @@ def build_sections(document: Mapping[str, Any]) -> list[Section]:
     if document.get("taxonomy_disagreement"):
         sections.append(disagreement_section(document["taxonomy_disagreement"]))
     if variants:
+        warning = headline_warning(variants, primary)
+        if warning:
+            sections[0].paragraphs.insert(0, warning)
         sections += failure_sections(variants[primary])
+    if document.get("mistakes"):
+        sections.append(mistakes_section(document["mistakes"]))
     if document.get("throughput"):
         sections.append(throughput_section(document["throughput"]))
     others = {key: value for key, value in document.items() if key not in KNOWN_KEYS + ("title", "context")}
@@ -451,6 +514,9 @@ def draw_plots(document: Mapping[str, Any]) -> dict[str, tuple[str, bytes]]:
             f"Most confused {finest} classes", lambda: plot_confusion(finest, finest_metrics.get("confusion"))
         ),
     }
+    if document.get("mistakes"):
+        drawers["mistakes"] = ("Most confident mistakes: true and predicted finest class",
+                               lambda: plot_mistakes(document["mistakes"]))
     plots = {}
     for key, (caption, draw) in drawers.items():
         png = draw()
