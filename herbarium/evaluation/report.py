@@ -45,7 +45,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from herbarium.evaluation.metrics import SHOT_GROUPS
 from herbarium.evaluation.submission import write_atomic
 
-KNOWN_KEYS = ("variants", "primary", "baseline", "taxonomy_disagreement", "throughput", "mistakes")
+KNOWN_KEYS = ("variants", "primary", "baseline", "taxonomy_disagreement", "throughput", "mistakes", "unlabelled_predictions")
 DEFAULT_BASELINE = "single_view_heads"
 WORST_CLASSES = 20
 CONFUSED_PAIRS = 15
@@ -274,6 +274,32 @@ def mistakes_section(mistakes: list[Mapping[str, Any]]) -> Section:
                    ["mistakes"])
 
 
+def unlabelled_section(summary: Mapping[str, Any]) -> Section:
+    """Without labels: the most predicted classes and how confident the predictions are."""
+    rank, images = summary["rank"], summary["images"]
+    paragraph = (f"{images:,} images predicted ({summary['variant']}) into {summary['classes_predicted']:,} of the "
+                 f"{summary['classes']:,} {rank} classes; median confidence (probability of the top class) "
+                 f"{fmt_fraction(summary.get('median_confidence'))}.")
+    rows = [[c["name"], f"{c['images']:,}", fmt_fraction(c["images"] / images if images else None)]
+            for c in summary.get("most_predicted", [])]
+    return Section("Predictions", [paragraph], [Table([f"most predicted {rank}", "images", "share"], rows)],
+                   ["confidence"])
+
+
+def plot_confidence(summary: Mapping[str, Any]) -> bytes | None:
+    histogram = summary.get("confidence_histogram") or {}
+    edges, counts = histogram.get("edges"), histogram.get("counts")
+    if not edges or not counts:
+        return None
+    figure = _new_figure(6.0, 3.0)
+    axes = figure.add_subplot()
+    axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0", edgecolor="white")
+    axes.set_xlabel("probability of the predicted class")
+    axes.set_ylabel("images")
+    axes.set_xlim(0, 1)
+    return _png(figure)
+
+
 def _thumbnail(path: str) -> np.ndarray | None:
     from PIL import Image
 
@@ -355,6 +381,8 @@ def build_sections(document: Mapping[str, Any]) -> list[Section]:
         sections += failure_sections(variants[primary])
     if document.get("mistakes"):
         sections.append(mistakes_section(document["mistakes"]))
+    if document.get("unlabelled_predictions"):
+        sections.append(unlabelled_section(document["unlabelled_predictions"]))
     if document.get("throughput"):
         sections.append(throughput_section(document["throughput"]))
     others = {key: value for key, value in document.items() if key not in KNOWN_KEYS + ("title", "context")}
@@ -502,7 +530,8 @@ def draw_plots(document: Mapping[str, Any]) -> dict[str, tuple[str, bytes]]:
     """``{key: (caption, PNG bytes)}`` for the plots the document has data for."""
     variants = document.get("variants") or {}
     if not variants:
-        return {}
+        png = plot_confidence(document["unlabelled_predictions"]) if document.get("unlabelled_predictions") else None
+        return {"confidence": ("Confidence of the predictions", png)} if png else {}
     primary = primary_variant(document)
     finest, finest_metrics = list(variants[primary].items())[-1]
     drawers: dict[str, tuple[str, Callable[[], bytes | None]]] = {

@@ -98,6 +98,25 @@ def describe_model(loaded: LoadedModel) -> str:
 
 
 MISTAKES_SHOWN = 12
+MOST_PREDICTED_SHOWN = 20
+CONFIDENCE_BINS = 20
+
+
+def unlabelled_summary(outputs: dict[str, Any], variant: str, taxonomy: Taxonomy) -> dict[str, Any]:
+    """For a split without labels: how the predictions spread over the finest classes and how confident they are."""
+    finest = taxonomy.finest
+    predicted = outputs["predictions"][variant][finest]
+    confidence = outputs["top_probabilities"][variant][finest][:, 0]
+    counts = np.bincount(predicted, minlength=taxonomy.num_classes(finest))
+    order = np.argsort(-counts, kind="stable")[:MOST_PREDICTED_SHOWN]
+    histogram, edges = np.histogram(confidence, bins=CONFIDENCE_BINS, range=(0.0, 1.0))
+    return {
+        "variant": variant, "rank": finest, "images": int(len(predicted)),
+        "classes_predicted": int((counts > 0).sum()), "classes": int(len(counts)),
+        "most_predicted": [{"name": taxonomy.names[finest][i], "images": int(counts[i])} for i in order if counts[i] > 0],
+        "median_confidence": float(np.median(confidence)) if len(confidence) else None,
+        "confidence_histogram": {"edges": edges.tolist(), "counts": histogram.tolist()},
+    }
 
 
 def most_confident_mistakes(outputs: dict[str, Any], variant: str, taxonomy: Taxonomy, files: Sequence[str],
@@ -444,6 +463,8 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
         metrics["primary"] = primary
         metrics["baseline"] = "single_view_heads" if "single_view_heads" in metrics["variants"] else "tta_heads"
         metrics["mistakes"] = most_confident_mistakes(outputs, primary, taxonomy, files, image_ids)
+    else:
+        metrics["unlabelled_predictions"] = unlabelled_summary(outputs, primary, taxonomy)
     context = {
         "checkpoints": [str(m.source) for m in models], "models": [describe_model(m) for m in models],
         "data": str(data), "split": split, "images": len(outputs["index"]),
