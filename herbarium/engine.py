@@ -501,6 +501,7 @@ class Trainer:
                 record = self.run_epoch()
                 if self.cfg.stop_after_epoch is not None and record["epoch"] >= self.cfg.stop_after_epoch:
                     break
+            self._log_hparams()
         finally:
             if self.writer:
                 self.writer.close()
@@ -649,6 +650,22 @@ class Trainer:
         self.writer.add_scalar("train/lr", self.optimizer.current_lr(), step)
         self.writer.add_scalar("train/optimizer_phase", self.optimizer.active_index, step)
         self.writer.add_scalar("train/images_per_s", rate, step)
+
+    def _log_hparams(self) -> None:
+        """TensorBoard's HPARAMS tab: the flattened config against the best validation scores so far."""
+        if self.writer is None:
+            return
+        best = run_summary.best_record(run_summary.read_log(self.run_dir), self.finest_level)
+        if best is None:
+            return
+        flat = {}
+        for section, values in self.cfg.to_dict().items():
+            for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+                name = f"{section}.{key}" if key else section
+                flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        metrics = {f"hparam/best_{rank}_{name}": value for rank, values in best["val"].items()
+                   for name, value in values.items() if name in ("macro_f1", "top1")}
+        self.writer.add_hparams(flat, {**metrics, "hparam/best_epoch": best["epoch"]}, run_name=".")
 
     def _log_augmented_images(self, images: torch.Tensor, count: int = 32) -> None:
         """TensorBoard: the run's first training images as the model sees them (augmented), once."""

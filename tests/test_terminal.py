@@ -119,6 +119,7 @@ def test_tensorboard_curves_share_the_step_axis(tiny_run):
     assert events.Scalars("val/species_loss")[0].value == pytest.approx(record["val"]["species"]["loss"], rel=1e-5)
     assert record["val"]["species"]["loss"] > 0
     assert "config/text_summary" in events.Tags()["tensors"]
+    assert [event.value for event in events.Scalars("hparam/best_epoch")] == [1.0]  # the HPARAMS tab's metric
     image = events.Images("train/augmented_images")
     assert len(image) == 1 and image[0].width > 32
 
