@@ -394,7 +394,10 @@ class Trainer:
 
     # ------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
-        return build_run_model(self.cfg, self.taxonomy, self.device)
+        cfg = self.cfg
+        if self.resuming:  # the checkpoint holds every weight: fetch no starting weights (no download, no file needed)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None))
+        return build_run_model(cfg, self.taxonomy, self.device)
 
     def _phases(self):
         return optimizer_phases(self.cfg.optim)
