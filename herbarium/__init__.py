@@ -3,10 +3,31 @@
 One trunk, one head per taxonomic rank (species -> genus -> family), losses
 for long tails and noisy labels, an Adam <-> SGD phased optimizer, and a
 test-time-augmentation evaluator that writes a report.
+
+Using a trained run from Python::
+
+    import herbarium
+    run = herbarium.load("runs/se50")
+    predictions = run.predict(["sheet.jpg"], topk=5)
 """
+
+from typing import Any
 
 from herbarium.taxonomy import DEFAULT_RANKS, Taxonomy, TaxonomyError
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_RANKS", "Taxonomy", "TaxonomyError", "__version__"]
+# Imported on first use: they bring in torch, timm and the evaluation code.
+_LAZY = {"load": "herbarium.api", "Run": "herbarium.api", "Prediction": "herbarium.api"}
+
+__all__ = ["DEFAULT_RANKS", "Prediction", "Run", "Taxonomy", "TaxonomyError", "__version__", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'herbarium' has no attribute {name!r}")

@@ -18,12 +18,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inject-label-noise": ("herbarium.noisy.inject", "copy a dataset with a fraction of its training labels flipped"),
     "prepare": ("herbarium.prepare", "copy a dataset with images shrunk to --max-side, for a faster CPU input path"),
     "lr-find": ("herbarium.lr_find", "LR range test: loss against an exponentially raised learning rate"),
+    "predict": ("herbarium.predict", "predict image files, folders or globs with a trained run into a CSV"),
+    "export": ("herbarium.export", "export a run's model: weights-only safetensors, TorchScript or ONNX"),
 }
+
+# The program name of the command running now ("herbarium train"), for its --help and errors.
+_running: str | None = None
+
+
+def prog(default: str) -> str:
+    """``herbarium COMMAND`` when the command was started through ``herbarium``, else ``default`` (``train.py``)."""
+    return _running or default
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: herbarium COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: herbarium COMMAND [ARGS...]", "       herbarium --version", "", "commands:"]
     lines += [f"  {name:<{width}}  {description}" for name, (_, description) in COMMANDS.items()]
     lines += ["", "Run 'herbarium COMMAND --help' for a command's options."]
     return "\n".join(lines)
@@ -34,12 +44,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from herbarium import __version__
+
+        print(f"herbarium {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"herbarium: unknown command {command!r}; choose one of {list(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         return 2
+    global _running
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest) or 0
+    _running = f"herbarium {command}"
+    try:
+        return module.main(rest) or 0
+    finally:
+        _running = None
 
 
 if __name__ == "__main__":

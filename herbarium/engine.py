@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from herbarium import run_summary
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.augment import build_train_transform
@@ -230,25 +232,34 @@ def classification_metrics(targets: np.ndarray, predictions: np.ndarray, levels:
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, levels: tuple[str, ...], device: torch.device,
              dtype: torch.dtype | None, context: DistributedContext) -> dict[str, dict[str, float]]:
-    """Top-1 and macro-F1 per rank over the whole validation split (gathered across ranks)."""
+    """Top-1, macro-F1 and mean cross-entropy (``loss``) per rank over the whole validation split (gathered across ranks)."""
     model.eval()
-    indices, targets, predictions = [], [], []
+    indices, targets, predictions, losses = [], [], [], []
     for batch in loader:
         if "image" not in batch:
             continue
         images = batch["image"].to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(images)
+        batch_targets = batch["targets"].to(device, non_blocking=True)  # [B, R], -1 = unlabelled
         predictions.append(torch.stack([logits[rank].argmax(dim=1) for rank in levels], dim=1).cpu())
+        losses.append(torch.stack([nn.functional.cross_entropy(logits[rank].float(), batch_targets[:, i].clamp(min=0), reduction="none")
+                                   for i, rank in enumerate(levels)], dim=1).cpu())
         targets.append(batch["targets"])
         indices.append(batch["index"])
-    local = (torch.cat(indices).numpy(), torch.cat(targets).numpy(), torch.cat(predictions).numpy()) if indices else None
+    local = ((torch.cat(indices).numpy(), torch.cat(targets).numpy(), torch.cat(predictions).numpy(), torch.cat(losses).numpy())
+             if indices else None)
     parts = [part for part in all_gather_objects(local, context) if part is not None]
     index = np.concatenate([p[0] for p in parts])
     _, first = np.unique(index, return_index=True)  # drop duplicates of any padding
     all_targets = np.concatenate([p[1] for p in parts])[first]
     all_predictions = np.concatenate([p[2] for p in parts])[first]
-    return classification_metrics(all_targets, all_predictions, levels)
+    all_losses = np.concatenate([p[3] for p in parts])[first]
+    metrics = classification_metrics(all_targets, all_predictions, levels)
+    for column, rank in enumerate(levels):
+        labelled = all_targets[:, column] >= 0
+        metrics[rank]["loss"] = float(all_losses[labelled, column].mean()) if labelled.any() else float("nan")
+    return metrics
 
 
 # -------------------------------------------------------------------- steps
@@ -366,8 +377,9 @@ class RunState:
 class Trainer:
     """Holds what one training run needs; :meth:`fit` runs it to the end."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False, quiet: bool = False) -> None:
         self.cfg = cfg
+        self.quiet = quiet  # no progress bars (for logs): the start-up, per-epoch and end-of-run lines stay
         self.resuming = bool(resume)
         self.overwrite = overwrite
         self.device = resolve_device(cfg.device)
@@ -412,7 +424,10 @@ class Trainer:
 
     # ------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
-        return build_run_model(self.cfg, self.taxonomy, self.device)
+        cfg = self.cfg
+        if self.resuming:  # the checkpoint holds every weight: fetch no starting weights (no download, no file needed)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None))
+        return build_run_model(cfg, self.taxonomy, self.device)
 
     def _phases(self):
         return optimizer_phases(self.cfg.optim)
@@ -509,17 +524,42 @@ class Trainer:
         """Train from the current state to ``cfg.epochs``; returns the last epoch's record."""
         self.write_run_files()
         self.writer = SummaryWriter(self.run_dir / "tb") if self.context.is_main else None
+        if self.writer and not self.resuming:
+            self.writer.add_text("config", "```json\n" + json.dumps(self.cfg.to_dict(), indent=2) + "\n```", 0)
+        self.announce()
         record: dict[str, Any] = {}
+        started = time.perf_counter()
         try:
             while self.state.epoch < self.cfg.epochs:
                 record = self.run_epoch()
                 if self.cfg.stop_after_epoch is not None and record["epoch"] >= self.cfg.stop_after_epoch:
                     break
+            self._log_hparams()
         finally:
             if self.writer:
                 self.writer.close()
             cleanup(self.context)
+        if self.context.is_main:
+            for line in run_summary.end_lines(self.cfg, self.run_dir, self.finest_level, time.perf_counter() - started,
+                                              finished=self.state.epoch >= self.cfg.epochs):
+                tqdm.write(line)
         return record
+
+    def announce(self) -> None:
+        """The start-up summary (see :mod:`herbarium.run_summary`) and the from-scratch warning."""
+        if not self.context.is_main:
+            return
+        lines = run_summary.startup_lines(
+            self.cfg, layout=self.train_split.layout, train_images=len(self.train_split),
+            val_images=len(self.val_split) if self.val_split is not None else 0,
+            taxonomy=self.taxonomy, levels=self.levels, model=self.model, normalization=self.normalization,
+            device=self.device, dtype=self.dtype, world_size=self.context.world_size, decode=self.loaders.decode,
+            workers=loader_workers(self.cfg.data.workers, self.loaders.decode), resumed_epoch=self.state.epoch)
+        for line in lines:
+            tqdm.write(line)
+        warning = run_summary.scratch_warning(self.cfg, run_summary.parameters(self.model.trunk), len(self.train_split))
+        if warning:
+            warnings.warn(warning, stacklevel=2)
 
     def run_epoch(self) -> dict[str, Any]:
         epoch = self.state.epoch
@@ -560,13 +600,21 @@ class Trainer:
         term_sums = {rank: torch.zeros((), device=self.device) for rank in self.levels}
         batches, images_seen, started = 0, 0, time.perf_counter()
         progress = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                        disable=not self.context.is_main, leave=False, dynamic_ncols=True)
+                        disable=self.quiet or not self.context.is_main, leave=False, dynamic_ncols=True)
+        self._postfix, shown = {}, None
         for batch in progress:
             self.skipped_images += batch["skipped"]
             if "image" not in batch:
                 continue
             accumulating = (self.state.batches_done + 1) % cfg.optim.accum_steps != 0
+            if self.writer is not None and self.state.global_step == 0 and batches == 0:
+                self._log_augmented_images(batch["image"])
             result = self._micro_step(model, batch, accumulating)
+            if not progress.disable:  # the previous step's loss: computed by now, so reading it does not stall the device
+                if shown is not None:
+                    self._postfix["loss"] = f"{float(shown):.3f}"
+                    progress.set_postfix(self._postfix, refresh=False)
+                shown = result.total.detach()
             loss_sum += result.total.detach()
             for rank, term in result.terms.items():
                 term_sums[rank] += term
@@ -630,7 +678,8 @@ class Trainer:
             return
         loss = float(result.total.detach())
         rate = images_seen * self.context.world_size / max(time.perf_counter() - started, 1e-9)
-        progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", opt=self.optimizer.active_phase.name)
+        self._postfix.update(img_s=f"{rate:.0f}", opt=self.optimizer.active_phase.name)
+        progress.set_postfix(self._postfix, refresh=False)
         step = self.state.global_step
         self.writer.add_scalar("train/loss", loss, step)
         for rank, term in result.terms.items():
@@ -638,6 +687,31 @@ class Trainer:
         self.writer.add_scalar("train/lr", self.optimizer.current_lr(), step)
         self.writer.add_scalar("train/optimizer_phase", self.optimizer.active_index, step)
         self.writer.add_scalar("train/images_per_s", rate, step)
+
+    def _log_hparams(self) -> None:
+        """TensorBoard's HPARAMS tab: the flattened config against the best validation scores so far."""
+        if self.writer is None:
+            return
+        best = run_summary.best_record(run_summary.read_log(self.run_dir), self.finest_level)
+        if best is None:
+            return
+        flat = {}
+        for section, values in self.cfg.to_dict().items():
+            for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+                name = f"{section}.{key}" if key else section
+                flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        metrics = {f"hparam/best_{rank}_{name}": value for rank, values in best["val"].items()
+                   for name, value in values.items() if name in ("macro_f1", "top1")}
+        self.writer.add_hparams(flat, {**metrics, "hparam/best_epoch": best["epoch"]}, run_name=".")
+
+    def _log_augmented_images(self, images: torch.Tensor, count: int = 32) -> None:
+        """TensorBoard: the run's first training images as the model sees them (augmented), once."""
+        from torchvision.utils import make_grid
+
+        mean = torch.tensor(self.normalization.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.normalization.std).view(1, 3, 1, 1)
+        shown = (images[:count].detach().float().cpu() * std + mean).clamp(0, 1)
+        self.writer.add_image("train/augmented_images", make_grid(shown, nrow=8, padding=2), 0)
 
     def write_o2u_weights(self, epoch: int) -> None:
         """TensorBoard histogram of the new O2U weights, and ``o2u_weights.csv`` (lowest weight first) to review."""
@@ -653,11 +727,15 @@ class Trainer:
     def log_epoch(self, record: dict[str, Any]) -> None:
         if not self.context.is_main:
             return
-        epoch = record["epoch"]
+        epoch, step = record["epoch"], self.state.global_step  # the training curves' axis: optimizer steps
         for rank, values in record["val"].items():
             for name, value in values.items():
-                self.writer.add_scalar(f"val/{rank}_{name}", value, epoch)
-        self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], epoch)
+                self.writer.add_scalar(f"val/{rank}_{name}", value, step)
+        self.writer.add_scalar("epoch/train_loss", record["loss"], step)  # the epoch's mean, beside the per-step values
+        for rank, value in record["loss_terms"].items():
+            self.writer.add_scalar(f"epoch/train_loss_{rank}", value, step)
+        self.writer.add_scalar("epoch/epoch", epoch, step)
+        self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], step)
         with open(self.run_dir / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
         scores = "  ".join(f"{rank} F1 {v['macro_f1']:.3f} top1 {v['top1']:.3f}" for rank, v in record["val"].items()) \
@@ -673,6 +751,6 @@ class Trainer:
             tqdm.write(f"skipped {record['skipped_bad_images']} unreadable images so far")
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Train (or resume) a run as configured; returns the last epoch's record."""
-    return Trainer(cfg, resume, overwrite).fit()
+def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run as configured; returns the last epoch's record. ``quiet``: no progress bars."""
+    return Trainer(cfg, resume, overwrite, quiet).fit()

@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_train_args(parser, argv)
     if args.resume or args.overwrite:
         parser.error("--resume and --overwrite are train options; lr-find starts from the initial weights and writes only into its --out")
-    if not args.data:
+    if not (args.data or args.data_option):
         parser.error("the DATA folder is required")
     try:
         settings = RangeTestSettings(args.start_lr, args.end_lr, args.steps, args.ema, args.diverge)

@@ -29,11 +29,12 @@ def _weights(value: str) -> dict[str, float]:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("data", nargs="?", default=D.data, help="dataset folder (Herbarium 2020/2021/2022 layout or CSV manifests)")
+    parser.add_argument("data", nargs="?", default=D.data, help="dataset folder (Herbarium 2020/2021/2022 layout or CSV manifests); or --data DATA")
+    parser.add_argument("--data", dest="data_option", metavar="DATA", default=None, help="the dataset folder, as tta_eval.py takes it (same as the positional DATA)")
     data = parser.add_argument_group("data")
     data.add_argument("--train-split", default=D.train_split, help=f"training split (default: {D.train_split})")
-    data.add_argument("--val-split", default=D.val_split, help="validation split (default: hold out --holdout of train, stratified)")
-    data.add_argument("--holdout", type=float, default=D.holdout, help=f"fraction of train held out when no --val-split (default: {D.holdout})")
+    data.add_argument("--val-split", default=D.val_split, help="validation split (default: none, or --holdout of train)")
+    data.add_argument("--holdout", type=float, default=D.holdout, help=f"fraction of train held out for validation when no --val-split, stratified; 0: no validation, every image trains and the last epoch is the checkpoint (default: {D.holdout:g})")
     data.add_argument("--ranks", type=_csv, default=D.ranks, help=f"the taxonomy's ranks, coarse to fine (default: {','.join(D.ranks)})")
     data.add_argument("--stats", default=D.stats, help="stats JSON from collect-stats (default: DATA/<train-split>/stats.json if present, else ImageNet mean/std)")
     data.add_argument("--size", type=int, default=D.size, help=f"input side in pixels (default: {D.size})")
@@ -48,8 +49,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     model = parser.add_argument_group("model")
     model.add_argument("--trunk", default=M.trunk, help=f"timm model name, or pretrainedmodels:NAME (default: {M.trunk})")
-    model.add_argument("--pretrained", action="store_true", default=M.pretrained, help="start from the trunk's packaged offline ImageNet weights (default: off)")
-    model.add_argument("--weights", default=M.weights, help="local trunk weights: .pth/.pt or .safetensors (default: none)")
+    model.add_argument("--pretrained", action="store_true", default=M.pretrained, help="start from ImageNet weights: packaged for efficientnet_lite0/1/2, else timm's own (its local cache, else a download); offline without them, says which file to pass with --weights (default: off)")
+    model.add_argument("--weights", "--trunk-weights", dest="weights", default=M.weights, help="local trunk weights: .pth/.pt or .safetensors (default: none)")
     model.add_argument("--pool", default=M.pool, help=f"pooling: avg, max or gem (default: {M.pool})")
     model.add_argument("--dropout", type=float, default=M.dropout, help=f"dropout before each head (default: {M.dropout})")
     model.add_argument("--embedding-dim", type=int, default=M.embedding_dim, help=f"embedding layer before the heads, 0 for none (default: {M.embedding_dim})")
@@ -57,12 +58,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     model.add_argument("--arcface-levels", type=_csv, default=M.arcface_levels, help="ranks that get an ArcFace head alongside --head for the others, e.g. species (default: none)")
     model.add_argument("--arcface-margin", type=float, default=M.arcface_margin, help=f"ArcFace additive angular margin in radians (default: {M.arcface_margin})")
     model.add_argument("--arcface-scale", type=float, default=M.arcface_scale, help=f"ArcFace scale: logits are scale * cosine (default: {M.arcface_scale:g})")
+    model.add_argument("--drop-path", type=float, default=M.drop_path, help=f"stochastic depth rate of the trunk, timm trunks that support it (default: {M.drop_path:g})")
     model.add_argument("--arcface-subcenters", type=int, default=M.arcface_subcenters, help=f"ArcFace centres per class, > 1 for sub-centre ArcFace (default: {M.arcface_subcenters})")
 
     loss = parser.add_argument_group("loss")
     loss.add_argument("--levels", type=_csv, default=L.levels, help=f"ranks that get a head (default: {','.join(L.levels)})")
-    loss.add_argument("--level-weights", type=_weights, default=L.level_weights, help="loss weight per rank, e.g. species=1.5,genus=1 (default: species=1.5, others 1)")
-    loss.add_argument("--loss", default=L.loss, help=f"focal, ce, label_smoothing, logit_adjusted, balanced_softmax or sce; one for all ranks or rank=name,... (default: {L.loss})")
+    loss.add_argument("--rank-weights", "--level-weights", dest="level_weights", type=_weights, default=L.level_weights, help="loss weight per rank, e.g. species=1.5,genus=1 (default: 1 per rank); --level-weights is the old name")
+    loss.add_argument("--loss", default=L.loss, help=f"logit_adjusted, focal, focal_logit_adjusted, ce, label_smoothing, balanced_softmax or sce; one for all ranks or rank=name,... (default: {L.loss})")
     loss.add_argument("--class-weights", default=L.class_weights, help=f"none, inverse, sqrt_inverse or effective (default: {L.class_weights})")
     loss.add_argument("--gamma", type=float, default=L.gamma, help=f"focal loss gamma (default: {L.gamma})")
     loss.add_argument("--beta", type=float, default=L.beta, help=f"effective-number beta (default: {L.beta})")
@@ -73,6 +75,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     optim.add_argument("--epochs", type=int, default=T.epochs, help=f"epochs (default: {T.epochs})")
     optim.add_argument("--optim", default=O.optim, help=f"optimizer phases name[@lr]:start_epoch, e.g. adam:0,sgd:10,adam:20 (default: {O.optim})")
     optim.add_argument("--schedule", default=O.schedule, help=f"LR schedule: step:N[:gamma], cosine[:warmup=N], sgdr:N[:mult=M], constant (default: {O.schedule})")
+    timm_style = ("timm-style shortcuts onto --optim/--schedule: --lr sets every phase's LR, --warmup-epochs and "
+                  "--min-lr the cosine/sgdr schedule's warmup and floor")
+    optim.add_argument("--lr", type=float, default=None, help=f"base LR of every optimizer phase without its own @LR (default: each optimizer's own). {timm_style}")
+    optim.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup epochs of a cosine or sgdr --schedule, as :warmup=N (default: the schedule's)")
+    optim.add_argument("--min-lr", type=float, default=None, help="lowest LR of a cosine or sgdr --schedule, as :min=MIN_LR/LR; the phases must share one LR (default: 0)")
     optim.add_argument("--weight-decay", type=float, default=O.weight_decay, help="weight decay for every phase (default: each optimizer's own: adamw 0.05, adam 0, sgd 1e-4)")
     optim.add_argument("--plateau-patience", type=int, default=O.plateau_patience, help="switch to the next optimizer phase after this many epochs without gain (default: off)")
     optim.add_argument("--accum-steps", type=int, default=O.accum_steps, help=f"gradient accumulation steps (default: {O.accum_steps})")
@@ -102,12 +109,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run.add_argument("--checkpoint-every", type=int, default=T.checkpoint_every, help="optimizer steps between mid-epoch checkpoints (default: 0, epoch ends only)")
     run.add_argument("--nan-policy", choices=("stop", "skip"), default=T.nan_policy, help=f"on a NaN/inf loss: stop naming the step, or skip and count (default: {T.nan_policy})")
     run.add_argument("--snapshots", action="store_true", default=T.snapshots, help="save checkpoints/snapshot_<k>.pt at the end of SGDR cycle k (default: off)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars, for logs: the start-up summary, one line per epoch and the end-of-run summary stay (default: off)")
     run.add_argument("--stop-after-epoch", type=int, default=T.stop_after_epoch, help="end the process after this epoch, resumable later (default: off)")
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description="Train one trunk with a head per taxonomic rank.")
+    from herbarium.cli import prog
+
+    parser = argparse.ArgumentParser(prog=prog("train.py"), description="Train one trunk with a head per taxonomic rank.")
     return add_train_arguments(parser)
 
 
@@ -118,8 +128,50 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     return parser.parse_args(argv)
 
 
+def resolve_data(args: argparse.Namespace) -> argparse.Namespace:
+    """Merge ``--data DATA`` into the positional ``DATA``; two different folders are an error."""
+    option = getattr(args, "data_option", None)
+    if option:
+        if args.data and str(args.data) != str(option):
+            raise SystemExit(f"train: DATA given twice, as {args.data!r} and --data {option!r}; give one")
+        args.data = option
+    return args
+
+
+def timm_style_schedule(args: argparse.Namespace) -> tuple[str, str]:
+    """``(--optim, --schedule)`` with ``--lr``, ``--warmup-epochs`` and ``--min-lr`` applied to them."""
+    from dataclasses import replace
+
+    from herbarium.optim import DEFAULT_LRS, parse_phases, parse_schedule
+
+    optim, schedule = args.optim, args.schedule
+    lr, warmup, min_lr = getattr(args, "lr", None), getattr(args, "warmup_epochs", None), getattr(args, "min_lr", None)
+    if lr is not None:
+        if lr <= 0:
+            raise SystemExit(f"train: --lr must be > 0, got {lr}")
+        entries = [entry.strip().rpartition(":") for entry in optim.split(",")]  # (name[@lr], ":", start)
+        optim = ",".join(f"{head if '@' in head else f'{head}@{lr:g}'}:{start}" for head, _, start in entries)
+        parse_phases(optim)  # a bad spec fails here with its own message
+    if warmup is None and min_lr is None:
+        return optim, schedule
+    parsed = parse_schedule(schedule)
+    if parsed.kind not in ("cosine", "sgdr"):
+        flag = "--warmup-epochs" if warmup is not None else "--min-lr"
+        raise SystemExit(f"train: {flag} applies to --schedule cosine or sgdr:N; {schedule!r} has no warmup or floor")
+    if warmup is not None:
+        parsed = replace(parsed, warmup_epochs=warmup)
+    if min_lr is not None:
+        lrs = {p.lr if p.lr is not None else DEFAULT_LRS[p.name] for p in parse_phases(optim)}
+        if len(lrs) != 1:
+            raise SystemExit(f"train: --min-lr needs one LR for every phase (--lr LR), but {optim!r} has {sorted(lrs)}; "
+                             "or give the floor as a factor: --schedule ...:min=FACTOR")
+        parsed = replace(parsed, min_factor=min_lr / lrs.pop())
+    return optim, parsed.to_spec()
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Build the run's config once from the parsed arguments; with --resume, the run's own config."""
+    resolve_data(args)
     if args.resume:
         run_dir = Path(args.resume)
         run_dir = run_dir if run_dir.is_dir() else run_dir.parent.parent
@@ -128,6 +180,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return cfg
     if not args.data:
         raise SystemExit("train: the DATA folder is required (or --resume RUN_DIR)")
+    optim, schedule = timm_style_schedule(args)
     return TrainConfig(
         out=args.out, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=args.device, precision=args.precision,
         channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
@@ -140,10 +193,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=ModelConfig(trunk=args.trunk, pretrained=args.pretrained, weights=args.weights, pool=args.pool,
                           dropout=args.dropout, embedding_dim=args.embedding_dim, head=args.head,
                           arcface_levels=args.arcface_levels, arcface_margin=args.arcface_margin,
-                          arcface_scale=args.arcface_scale, arcface_subcenters=args.arcface_subcenters),
+                          arcface_scale=args.arcface_scale, arcface_subcenters=args.arcface_subcenters,
+                          drop_path=args.drop_path),
         loss=LossConfig(levels=args.levels, level_weights=args.level_weights, loss=args.loss, class_weights=args.class_weights,
                         gamma=args.gamma, beta=args.beta, tau=args.tau, smoothing=args.smoothing),
-        optim=OptimConfig(optim=args.optim, schedule=args.schedule, weight_decay=args.weight_decay,
+        optim=OptimConfig(optim=optim, schedule=schedule, weight_decay=args.weight_decay,
                           plateau_patience=args.plateau_patience, accum_steps=args.accum_steps, clip_grad=args.clip_grad),
         o2u=O2UConfig(enabled=args.o2u, weighting=args.o2u_weighting, temperature=args.o2u_temperature,
                       floor=args.o2u_floor, warmup_cycles=args.o2u_warmup_cycles),
@@ -153,7 +207,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     from herbarium.engine import train
 
-    args = parse_train_args(build_parser(), argv)
+    from herbarium.models import PretrainedWeightsError
+
+    parser = build_parser()
+    args = parse_train_args(parser, argv)
     cfg = config_from_args(args)
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    except PretrainedWeightsError as error:  # one line: which file to get and how to pass it
+        raise SystemExit(f"{parser.prog}: {error}") from None
     return 0

@@ -131,6 +131,14 @@ def test_unlabelled_split_gets_a_submission_and_a_report(trained, tmp_path):
     rows = list(csv.reader((tmp_path / "out" / "submission.csv").open()))
     assert len(rows) == len(meta["images"]) + 1
     assert (tmp_path / "out" / "report.html").is_file()
+    # the predicted class distribution and a confidence histogram stand in for the metrics
+    summary = result["metrics"]["unlabelled_predictions"]
+    assert summary["images"] == len(meta["images"]) and sum(c["images"] for c in summary["most_predicted"]) <= summary["images"]
+    assert sum(summary["confidence_histogram"]["counts"]) == summary["images"]
+    assert "## Predictions" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "plots" / "confidence.png").is_file()
+    predictions = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert all(row["true_species"] == "" and row["path"].endswith(".jpg") for row in predictions)
 
 
 class Payload:

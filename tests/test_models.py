@@ -142,9 +142,10 @@ def test_unknown_pretrainedmodels_trunk():
         create_trunk(ModelConfig(trunk="pretrainedmodels:se_resnext51"))
 
 
-def test_pretrained_without_packaged_weights_says_nothing_is_downloaded():
-    with pytest.raises(ValueError, match="never downloads.*--weights FILE"):
-        build_model(ModelConfig(trunk=TINY, pretrained=True), CLASSES_BY_RANK)
+def test_pretrained_pretrainedmodels_trunk_names_the_file_for_weights():
+    # timm trunks use timm's own pretrained weights (tests/test_pretrained_timm.py); Cadene's are refused
+    with pytest.raises(ValueError, match=r"get the weights file http\S+ and pass it with --weights FILE"):
+        build_model(ModelConfig(trunk="pretrainedmodels:se_resnext50_32x4d", pretrained=True), CLASSES_BY_RANK)
 
 
 # --- pretrainedmodels (Cadene) -------------------------------------------

@@ -23,7 +23,9 @@ def _pair(value: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tta_eval.py", description="Test-time-augmentation evaluation of runs or checkpoints, "
+    from herbarium.cli import prog
+
+    parser = argparse.ArgumentParser(prog=prog("tta_eval.py"), description="Test-time-augmentation evaluation of runs or checkpoints, "
                                      "with hierarchy-aware decoding, a report and a submission file.")
     parser.add_argument("runs", nargs="+", help="run directories (best.pt, else last.pt) or checkpoint files; several make an ensemble")
     data = parser.add_argument_group("data")

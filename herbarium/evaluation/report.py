@@ -45,11 +45,14 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from herbarium.evaluation.metrics import SHOT_GROUPS
 from herbarium.evaluation.submission import write_atomic
 
-KNOWN_KEYS = ("variants", "primary", "primary_choice", "baseline", "taxonomy_disagreement", "throughput")
+KNOWN_KEYS = ("variants", "primary", "primary_choice", "baseline", "taxonomy_disagreement", "throughput", "mistakes",
+              "unlabelled_predictions")
 DEFAULT_BASELINE = "single_view_heads"
 WORST_CLASSES = 20
 CONFUSED_PAIRS = 15
 MISSING = "—"
+THUMBNAIL_SIDE = 160  # pixels of the longer side of a mistake's thumbnail
+MISTAKE_COLUMNS = 4
 LIST_ITEMS_SHOWN = 10
 NO_LABELS = "No labels for this split: predictions and throughput only."
 
@@ -248,6 +251,88 @@ def confused_pairs_section(rank: str, metrics: Mapping[str, Any]) -> Section:
     return Section(f"Most confused {rank} pairs", tables=[Table(headers, rows)], plots=["confusion"])
 
 
+def headline_warning(variants: Mapping[str, Any], primary: str) -> str | None:
+    """A warning when another variant beats the headline one on the finest rank's macro-F1, else None."""
+    finest = list(variants[primary])[-1]
+    score = variants[primary][finest].get("macro_f1")
+    if score is None:
+        return None
+    better = sorted(((m[finest]["macro_f1"], name) for name, m in variants.items()
+                     if name != primary and finest in m and m[finest].get("macro_f1") is not None
+                     and round(m[finest]["macro_f1"], 3) > round(score, 3)), reverse=True)
+    if not better:
+        return None
+    listed = ", ".join(f"{name} ({value:.3f})" for value, name in better)
+    return (f"Warning: the headline variant {primary} ({finest} macro-F1 {score:.3f}) is worse on this split than "
+            f"{listed}; see Variants, and choose the variant with tta_eval.py --primary.")
+
+
+def mistakes_section(mistakes: list[Mapping[str, Any]]) -> Section:
+    """The most confident wrong predictions at the finest rank, with their files."""
+    rows = [[str(m["image_id"]), m["true"], m["predicted"], fmt_fraction(m["probability"]), str(m["path"])] for m in mistakes]
+    paragraph = ("The labelled images the headline variant got wrong at the finest rank with the highest "
+                 "confidence (probability of its top class): label errors, look-alike classes or images unlike training.")
+    return Section("Most confident mistakes", [paragraph], [Table(["image", "true", "predicted", "probability", "file"], rows)],
+                   ["mistakes"])
+
+
+def unlabelled_section(summary: Mapping[str, Any]) -> Section:
+    """Without labels: the most predicted classes and how confident the predictions are."""
+    rank, images = summary["rank"], summary["images"]
+    paragraph = (f"{images:,} images predicted ({summary['variant']}) into {summary['classes_predicted']:,} of the "
+                 f"{summary['classes']:,} {rank} classes; median confidence (probability of the top class) "
+                 f"{fmt_fraction(summary.get('median_confidence'))}.")
+    rows = [[c["name"], f"{c['images']:,}", fmt_fraction(c["images"] / images if images else None)]
+            for c in summary.get("most_predicted", [])]
+    return Section("Predictions", [paragraph], [Table([f"most predicted {rank}", "images", "share"], rows)],
+                   ["confidence"])
+
+
+def plot_confidence(summary: Mapping[str, Any]) -> bytes | None:
+    histogram = summary.get("confidence_histogram") or {}
+    edges, counts = histogram.get("edges"), histogram.get("counts")
+    if not edges or not counts:
+        return None
+    figure = _new_figure(6.0, 3.0)
+    axes = figure.add_subplot()
+    axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0", edgecolor="white")
+    axes.set_xlabel("probability of the predicted class")
+    axes.set_ylabel("images")
+    axes.set_xlim(0, 1)
+    return _png(figure)
+
+
+def _thumbnail(path: str) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            return np.asarray(image)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def plot_mistakes(mistakes: list[Mapping[str, Any]]) -> bytes | None:
+    """Thumbnails of the mistakes with the true and predicted path; None when no file can be read."""
+    shown = [(m, thumb) for m in mistakes if (thumb := _thumbnail(str(m["path"]))) is not None]
+    if not shown:
+        return None
+    columns = min(MISTAKE_COLUMNS, len(shown))
+    rows = math.ceil(len(shown) / columns)
+    figure = _new_figure(2.6 * columns, 2.9 * rows)
+    for i, (mistake, thumb) in enumerate(shown):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        axes.imshow(thumb)
+        axes.set_axis_off()
+        true = mistake["true"].split(" / ")[-1]
+        predicted = mistake["predicted"].split(" / ")[-1]
+        axes.set_title(f"true: {true}\npred: {predicted}\np = {mistake['probability']:.2f}", fontsize=7)
+    return _png(figure)
+
+
 def _shared_ancestor(distance: int | None, levels: Mapping[str, str]) -> str:
     return MISSING if distance is None else levels.get(str(distance), str(distance))
 
@@ -295,7 +380,14 @@ def build_sections(document: Mapping[str, Any]) -> list[Section]:
     if document.get("taxonomy_disagreement"):
         sections.append(disagreement_section(document["taxonomy_disagreement"]))
     if variants:
+        warning = headline_warning(variants, primary)
+        if warning:
+            sections[0].paragraphs.insert(0, warning)
         sections += failure_sections(variants[primary])
+    if document.get("mistakes"):
+        sections.append(mistakes_section(document["mistakes"]))
+    if document.get("unlabelled_predictions"):
+        sections.append(unlabelled_section(document["unlabelled_predictions"]))
     if document.get("throughput"):
         sections.append(throughput_section(document["throughput"]))
     others = {key: value for key, value in document.items() if key not in KNOWN_KEYS + ("title", "context")}
@@ -443,7 +535,8 @@ def draw_plots(document: Mapping[str, Any]) -> dict[str, tuple[str, bytes]]:
     """``{key: (caption, PNG bytes)}`` for the plots the document has data for."""
     variants = document.get("variants") or {}
     if not variants:
-        return {}
+        png = plot_confidence(document["unlabelled_predictions"]) if document.get("unlabelled_predictions") else None
+        return {"confidence": ("Confidence of the predictions", png)} if png else {}
     primary = primary_variant(document)
     finest, finest_metrics = list(variants[primary].items())[-1]
     drawers: dict[str, tuple[str, Callable[[], bytes | None]]] = {
@@ -455,6 +548,9 @@ def draw_plots(document: Mapping[str, Any]) -> dict[str, tuple[str, bytes]]:
             f"Most confused {finest} classes", lambda: plot_confusion(finest, finest_metrics.get("confusion"))
         ),
     }
+    if document.get("mistakes"):
+        drawers["mistakes"] = ("Most confident mistakes: true and predicted finest class",
+                               lambda: plot_mistakes(document["mistakes"]))
     plots = {}
     for key, (caption, draw) in drawers.items():
         png = draw()

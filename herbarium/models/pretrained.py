@@ -1,4 +1,4 @@
-"""Trunk weights from local files and from pip packages; never from the network.
+"""Trunk weights from local files and from pip packages; the network only through timm when asked.
 
 * ``load_trunk_weights(trunk, path)`` reads a ``.safetensors`` or ``.pth``
   state dict, unwraps the usual containers, renames what needs renaming and
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .trunks import TRUNK_ALIASES, Trunk, import_pretrainedmodels, resolve_trunk_name
+from .trunks import TRUNK_ALIASES, PretrainedWeightsError, Trunk, import_pretrainedmodels, resolve_trunk_name
 
 # Keys under which training scripts commonly nest the state dict.
 CONTAINER_KEYS = ("state_dict", "model", "model_state")
@@ -250,9 +250,29 @@ def packaged_weights_for(trunk_name: str) -> PackagedWeights:
     if source == "timm" and name in PACKAGED_WEIGHTS:
         return PACKAGED_WEIGHTS[name]
     raise ValueError(
-        f"no packaged ImageNet weights for trunk {trunk_name!r}, and herbarium never downloads "
-        f"weights. Pass a local state dict instead (--weights FILE, a .safetensors or .pth "
-        f"file), or pick a trunk with packaged weights: {', '.join(TRUNK_ALIASES)}"
+        f"no packaged ImageNet weights for trunk {trunk_name!r}. Pass a local state dict instead "
+        f"(--weights FILE, a .safetensors or .pth file), or pick a trunk with packaged weights: "
+        f"{', '.join(TRUNK_ALIASES)}"
+    )
+
+
+def pretrained_source(trunk_name: str) -> str:
+    """Where ``--pretrained`` takes the weights of ``trunk_name`` from: ``"packaged"`` (a pip package) or ``"timm"``.
+
+    Packaged weights win (they need no network); any other timm model uses
+    timm's own pretrained weights. ``pretrainedmodels:`` trunks are refused
+    with the file to pass with ``--weights``.
+    """
+    source, name = resolve_trunk_name(trunk_name)
+    if source == "timm" and name in PACKAGED_WEIGHTS:
+        return "packaged"
+    if source == "timm":
+        return "timm"
+    settings = import_pretrainedmodels().pretrained_settings.get(name, {})
+    url = next((entry.get("url") for entry in settings.values() if entry.get("url")), None)
+    raise PretrainedWeightsError(
+        f"--pretrained works for timm trunks; for {trunk_name!r} get the weights file"
+        f"{f' {url}' if url else ''} and pass it with --weights FILE"
     )
 
 
@@ -272,10 +292,10 @@ def pretrained_normalization(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple
     normalisation that timm (or pretrainedmodels) lists for the architecture
     is assumed. None means the caller should use the dataset's own statistics.
     """
-    if cfg.pretrained:
+    if cfg.pretrained and pretrained_source(cfg.trunk) == "packaged":
         weights = packaged_weights_for(cfg.trunk)
         return weights.mean, weights.std
-    if not cfg.weights:
+    if not (cfg.weights or cfg.pretrained):
         return None
     source, name = resolve_trunk_name(cfg.trunk)
     if source == "pretrainedmodels":

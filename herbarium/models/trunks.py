@@ -10,8 +10,12 @@ Two sources of architectures:
   7x7 average pool that only fits 224 px inputs, so only ``features()`` is
   used here and our own pooling follows.
 
-Weights are never downloaded: models are built with random initialisation and
-weights come from local files or installed packages (see ``pretrained.py``).
+Models are built with random initialisation and weights come from local
+files or installed packages (see ``pretrained.py``), except when the user
+asks for a timm model's own ImageNet weights (``--pretrained``): then timm's
+own mechanism finds them, in its local cache first, downloading only if they
+are not there; when neither works, :class:`PretrainedWeightsError` says
+which file to get and how to pass it with ``--weights``.
 """
 from __future__ import annotations
 
@@ -145,7 +149,40 @@ def _near_matches(name: str, candidates: list[str]) -> str:
     return f"; close matches: {', '.join(matches)}" if matches else ""
 
 
-def _create_timm_model(name: str, drop_path: float) -> nn.Module:
+class PretrainedWeightsError(ValueError):
+    """Pretrained trunk weights were asked for and cannot be had; the message says what to do."""
+
+
+def timm_weights_source(name: str) -> str:
+    """Where timm takes the default pretrained weights of ``name`` from: a file to fetch, or '' if it has none."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return ""
+    if cfg.hf_hub_id:
+        return f"{cfg.hf_hub_filename or 'model.safetensors'} of https://huggingface.co/{cfg.hf_hub_id}"
+    return cfg.url or cfg.file or ""
+
+
+def _create_pretrained_timm_model(name: str, kwargs: dict) -> nn.Module:
+    """timm's own ``pretrained=True``: its local cache (HF_HOME, torch hub), else a download the user asked for."""
+    source = timm_weights_source(name)
+    if not source:
+        raise PretrainedWeightsError(
+            f"--pretrained: timm has no pretrained weights for {name!r}; train from scratch (drop --pretrained) "
+            f"or pass a local state dict with --weights FILE"
+        )
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, global_pool="", **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:  # cache miss offline, no network, a corrupt file
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 160 else reason[:159] + "…"
+        raise PretrainedWeightsError(
+            f"--pretrained: the ImageNet weights of {name!r} are neither in timm's local cache nor downloadable here "
+            f"({type(err).__name__}: {reason}). Get the file {source} and pass it with --weights FILE instead of --pretrained"
+        ) from err
+
+
+def _create_timm_model(name: str, drop_path: float, pretrained: bool = False) -> nn.Module:
     if not timm.is_model(name):
         raise ValueError(
             f"{name!r} is not a timm model{_near_matches(name, timm.list_models())}. "
@@ -154,6 +191,8 @@ def _create_timm_model(name: str, drop_path: float) -> nn.Module:
         )
     kwargs = {"drop_path_rate": drop_path} if drop_path > 0 else {}
     try:
+        if pretrained:
+            return _create_pretrained_timm_model(name, kwargs)
         return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
     except TypeError as err:
         if kwargs:
@@ -187,8 +226,9 @@ def _create_pretrainedmodels_model(name: str, drop_path: float) -> nn.Module:
     return pretrainedmodels.__dict__[name](num_classes=1000, pretrained=None)
 
 
-def create_trunk(cfg: ModelConfig) -> tuple[Trunk, int]:
-    """Build the trunk named by ``cfg.trunk`` with random initialisation.
+def create_trunk(cfg: ModelConfig, timm_pretrained: bool = False) -> tuple[Trunk, int]:
+    """Build the trunk named by ``cfg.trunk`` with random initialisation, or with timm's own
+    pretrained weights when ``timm_pretrained`` (see :func:`_create_pretrained_timm_model`).
 
     Returns:
         ``(trunk, num_features)``: ``trunk(images)`` maps [B, 3, H, W] to
@@ -200,5 +240,5 @@ def create_trunk(cfg: ModelConfig) -> tuple[Trunk, int]:
     if source == "pretrainedmodels":
         trunk: Trunk = PretrainedModelsTrunk(_create_pretrainedmodels_model(name, cfg.drop_path), pool, name)
     else:
-        trunk = TimmTrunk(_create_timm_model(name, cfg.drop_path), pool, name)
+        trunk = TimmTrunk(_create_timm_model(name, cfg.drop_path, timm_pretrained), pool, name)
     return trunk, trunk.num_features

@@ -1,0 +1,204 @@
+"""``herbarium export RUN --format safetensors|torchscript|onnx``: a trained model for use outside training.
+
+Every format goes to one folder (default ``RUN/export``) with what is needed
+to feed the model and read its output:
+
+* ``model.safetensors``: the weights alone (the checkpoint also carries
+  every optimizer's state, about 3x the size); rebuild with
+  :func:`load_safetensors` (or ``herbarium.load(FOLDER)``) from the
+  ``config.json`` beside it.
+* ``model.torchscript.pt``: a traced model, ``torch.jit.load(path)(images)``
+  gives ``{rank: logits}``; needs torch only, not herbarium or timm.
+* ``model.onnx``: one output per rank with a head (named as the ranks),
+  a dynamic batch axis; needs the optional ``onnx`` package
+  (``pip install 'herbarium[onnx]'``), and an ONNX runtime to run it.
+* ``taxonomy.json``: ranks, class names and category ids in class index order.
+* ``preprocessing.json``: input size, resize side, centre crop, mean/std
+  and the order of the outputs.
+* ``config.json``: the run's config, for :func:`load_safetensors`.
+
+Inputs are float32 RGB in [0, 1], normalised with the mean/std, NCHW:
+resize the shorter side to ``resize`` (bilinear, antialiased), centre-crop
+``size`` (the evaluation's plain view).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from herbarium.config import TrainConfig
+from herbarium.data.transforms import DEFAULT_CROP_PCT, resize_size
+from herbarium.evaluation.runner import LoadedModel, load_run, resolve_checkpoint
+from herbarium.models import build_model
+from herbarium.taxonomy import Taxonomy
+
+FORMATS = ("safetensors", "torchscript", "onnx")
+FILES = {"safetensors": "model.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+ONNX_HINT = "ONNX export needs the onnx package: pip install 'herbarium[onnx]' (or pip install onnx onnxruntime)"
+
+
+class ExportError(RuntimeError):
+    """An export cannot be made (e.g. a missing optional package)."""
+
+
+class _TupleOutputs(nn.Module):
+    """``{rank: logits}`` as a tuple in a fixed rank order, for exporters that want positional outputs."""
+
+    def __init__(self, model: nn.Module, ranks: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.ranks = tuple(ranks)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.model(images)
+        return tuple(logits[rank] for rank in self.ranks)
+
+
+def preprocessing(loaded: LoadedModel) -> dict:
+    """How to feed the exported model, and the order of its outputs."""
+    profile = loaded.profile
+    return {
+        "size": profile.size,
+        "resize": resize_size(profile.size),
+        "crop_pct": DEFAULT_CROP_PCT,
+        "mean": list(profile.mean),
+        "std": list(profile.std),
+        "input": "float32 RGB in [0, 1], minus mean, divided by std, NCHW [batch, 3, size, size]",
+        "transform": "resize the shorter side to `resize` (bilinear, antialiased), centre-crop `size`",
+        "outputs": list(loaded.model.ranks),
+        "classes": dict(loaded.model.classes_by_rank),
+        "trunk": loaded.config.model.trunk,
+        "checkpoint": str(loaded.source),
+    }
+
+
+def example_input(loaded: LoadedModel, batch: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, loaded.profile.size, loaded.profile.size, generator=generator)
+
+
+def export_safetensors(model: nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "producer": "herbarium"})
+    return path
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated; it still loads anywhere torch runs
+        traced = torch.jit.trace(model, example, strict=False)  # strict=False: the output is a dict
+    traced.save(str(path))
+    return path
+
+
+def export_onnx(model: nn.Module, ranks: Sequence[str], example: torch.Tensor, path: Path, opset: int = 17) -> Path:
+    try:
+        import onnx
+    except ImportError as error:
+        raise ExportError(ONNX_HINT) from error
+    outputs = list(ranks)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
+        torch.onnx.export(_TupleOutputs(model, ranks).eval(), (example,), str(path), input_names=["images"],
+                          output_names=outputs, dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
+                          opset_version=opset, dynamo=False)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def export(run: str | Path, formats: Sequence[str] = ("safetensors",), out: str | Path | None = None) -> dict[str, Path]:
+    """Export a run (folder or checkpoint) in each of ``formats``; returns ``{name: path}`` of every file written."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
+    if "onnx" in formats:
+        try:
+            import onnx  # noqa: F401  (fail before any file is written)
+        except ImportError as error:
+            raise ExportError(ONNX_HINT) from error
+    loaded = load_run(run, torch.device("cpu"))
+    model = loaded.model.float().eval()
+    out_dir = Path(out) if out else resolve_checkpoint(run)[1] / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    example = example_input(loaded)
+    for name in dict.fromkeys(formats):
+        path = out_dir / FILES[name]
+        if name == "safetensors":
+            written[name] = export_safetensors(model, path)
+        elif name == "torchscript":
+            written[name] = export_torchscript(model, example, path)
+        else:
+            written[name] = export_onnx(model, loaded.model.ranks, example, path)
+    (out_dir / "taxonomy.json").write_text(json.dumps(loaded.taxonomy.to_dict()))
+    (out_dir / "preprocessing.json").write_text(json.dumps(preprocessing(loaded), indent=2))
+    loaded.config.save(out_dir / "config.json")
+    for name in ("taxonomy", "preprocessing", "config"):
+        written[name] = out_dir / f"{name}.json"
+    stats = resolve_checkpoint(run)[1] / "stats.json"
+    if stats.is_file():
+        shutil.copy(stats, out_dir / "stats.json")
+        written["stats"] = out_dir / "stats.json"
+    return written
+
+
+def is_export_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / FILES["safetensors"]).is_file() and (path / "config.json").is_file()
+
+
+def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, Taxonomy, dict]:
+    """Rebuild an exported model from ``model.safetensors`` and the ``config.json`` beside it.
+
+    Returns ``(model in eval mode, config, taxonomy, preprocessing)``.
+    Nothing is downloaded: the trunk is built without its starting weights,
+    which the file replaces.
+    """
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = TrainConfig.load(folder / "config.json")
+    info = json.loads((folder / "preprocessing.json").read_text())
+    taxonomy = Taxonomy.from_dict(json.loads((folder / "taxonomy.json").read_text()))
+    model = build_model(replace(config.model, pretrained=False, weights=None), {r: int(n) for r, n in info["classes"].items()})
+    model.load_state_dict(load_file(str(folder / FILES["safetensors"]), device="cpu"))
+    return model.to(device).eval(), config, taxonomy, info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from herbarium.cli import prog
+
+    parser = argparse.ArgumentParser(prog=prog("herbarium export"), description="Export a run's model with its taxonomy and "
+                                     "normalisation: weights-only safetensors, traced TorchScript, or ONNX.")
+    parser.add_argument("run", help="run directory (checkpoints/best.pt, else last.pt) or a checkpoint file")
+    parser.add_argument("--format", default="safetensors",
+                        help=f"one or more of {', '.join(FORMATS)}, comma-separated (default: safetensors); "
+                             "onnx needs the optional onnx package: pip install 'herbarium[onnx]'")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN/export)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    formats = tuple(part.strip() for part in args.format.split(",") if part.strip())
+    try:
+        written = export(args.run, formats, args.out)
+    except (ValueError, ExportError) as error:
+        parser.error(str(error))
+    width = max(map(len, written))
+    for name, path in written.items():
+        print(f"{name:<{width}}  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0

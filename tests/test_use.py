@@ -1,0 +1,195 @@
+"""Using a trained run: the Python API, ``herbarium predict`` and ``herbarium export``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import herbarium
+from herbarium import cli
+from herbarium.data.images import BadImageError
+from herbarium.data.readers import read_split
+from herbarium.evaluation.runner import load_run
+from herbarium.predict import expand_images
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run) -> tuple[Path, Path]:
+    return tiny_run
+
+
+def image_files(data: Path) -> list[Path]:
+    split = read_split(data, "test")
+    return [split.path(sample) for sample in split.samples]
+
+
+# ------------------------------------------------------------------ the API
+def test_load_exposes_model_taxonomy_and_transform(trained):
+    data, run_dir = trained
+    run = herbarium.load(run_dir, device="cpu")
+    assert isinstance(run, herbarium.Run)
+    assert run.checkpoint == run_dir / "checkpoints" / "best.pt"
+    assert run.ranks == ("genus", "species")
+    assert run.taxonomy.ranks == ("family", "genus", "species")
+    tensor = run.transform(Image.open(image_files(data)[0]))
+    assert tensor.shape == (3, 32, 32)
+    with torch.no_grad():
+        logits = run.model(tensor[None])
+    assert set(logits) == {"species", "genus"} and logits["species"].shape == (1, run.taxonomy.num_classes("species"))
+    assert "resnet10t" in repr(run)
+
+
+def test_predict_round_trip_matches_the_model(trained):
+    data, run_dir = trained
+    run = herbarium.load(run_dir, device="cpu")
+    files = image_files(data)[:4]
+    predictions = run.predict(files + [Image.open(files[1]).convert("L")], topk=3, batch_size=2)
+    assert [p.index for p in predictions] == [0, 1, 2, 3, 4]
+    assert predictions[0].path == str(files[0]) and predictions[4].path is None
+    with torch.no_grad():
+        logits = run.model(torch.stack([run.transform(Image.open(f).convert("RGB")) for f in files]))
+    taxonomy = run.taxonomy
+    for row, p in enumerate(predictions[:4]):
+        assert set(p.top) == {"genus", "species"}
+        for rank in p.top:
+            names = [name for name, _ in p.top[rank]]
+            probabilities = [probability for _, probability in p.top[rank]]
+            expected = torch.softmax(logits[rank][row], 0).topk(3)
+            assert names == [taxonomy.names[rank][i] for i in expected.indices.tolist()]
+            assert probabilities == pytest.approx(expected.values.tolist(), abs=1e-5)
+        # the consistent path is a real path of the tree, one name per rank
+        species = taxonomy.names["species"].index(p.consistent["species"])
+        assert [taxonomy.names[r][i] for r, i in zip(taxonomy.ranks, taxonomy.paths[species])] == list(p.consistent.values())
+        assert p.category_id == taxonomy.category_ids[species]
+        assert 0 < p.consistent_probability <= 1
+    # a grey PIL image is converted, not refused
+    assert len(predictions[4].top["species"]) == 3
+    # views are the evaluation's: 4 views (3 seeded training augmentations) give repeatable numbers
+    first, second = run.predict(files[:2], views="4"), run.predict(files[:2], views="4")
+    assert first == second
+
+
+def test_predict_names_an_unreadable_file_or_skips_it(trained, tmp_path):
+    data, run_dir = trained
+    run = herbarium.load(run_dir, device="cpu")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    good = image_files(data)[0]
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        run.predict([good, bad])
+    assert [p.path for p in run.predict([good, bad], skip_bad_images=True)] == [str(good)]
+
+
+# -------------------------------------------------------------- the command
+def test_expand_images_folders_globs_and_files(tmp_path):
+    for name in ("a/1.jpg", "a/b/2.PNG", "a/notes.txt", "c/3.jpeg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = expand_images([str(tmp_path / "a"), str(tmp_path / "c" / "*.jpeg"), str(tmp_path / "a" / "1.jpg")])
+    assert found == [tmp_path / "a/1.jpg", tmp_path / "a/b/2.PNG", tmp_path / "c/3.jpeg"]
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        expand_images([str(tmp_path / "nothing_here*.jpg")])
+
+
+def test_predict_command_on_a_folder(trained, tmp_path, capsys):
+    data, run_dir = trained
+    folder = tmp_path / "my photos"
+    files = image_files(data)[:3]
+    for i, file in enumerate(files):
+        (folder / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, folder / f"sub{i % 2}" / f"sheet{i}.jpg")
+    out = tmp_path / "predictions.csv"
+    assert cli.main(["predict", str(run_dir), str(folder), "--out", str(out), "--topk", "2", "--device", "cpu",
+                     "--workers", "0", "--quiet"]) == 0
+    assert f"3 images -> {out}" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert [Path(row["path"]).name for row in rows] == ["sheet0.jpg", "sheet2.jpg", "sheet1.jpg"]
+    assert list(rows[0]) == ["path", "consistent_family", "consistent_genus", "consistent_species", "consistent_prob",
+                             "category_id", "genus_top1", "genus_top1_prob", "genus_top2", "genus_top2_prob",
+                             "species_top1", "species_top1_prob", "species_top2", "species_top2_prob"]
+    expected = herbarium.load(run_dir, device="cpu").predict([Path(row["path"]) for row in rows], topk=2)
+    for row, p in zip(rows, expected):
+        assert row["consistent_species"] == p.consistent["species"]
+        assert row["species_top1"] == p.top["species"][0][0]
+        assert float(row["genus_top2_prob"]) == pytest.approx(p.top["genus"][1][1], abs=1e-6)
+
+
+def test_predict_command_refuses_a_missing_input(trained, tmp_path, capsys):
+    _, run_dir = trained
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(run_dir), str(tmp_path / "missing.jpg")])
+    assert "missing.jpg: no such file or folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ export
+@pytest.fixture(scope="module")
+def reference(trained):
+    """The run's own model and a batch of inputs, with its logits."""
+    _, run_dir = trained
+    loaded = load_run(run_dir, torch.device("cpu"))
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = loaded.model(images)
+    return loaded, images, logits
+
+
+def test_export_safetensors_and_torchscript_reload_with_the_same_logits(trained, reference, tmp_path, capsys):
+    from herbarium.export import load_safetensors
+
+    _, run_dir = trained
+    loaded, images, logits = reference
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run_dir), "--format", "safetensors,torchscript", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.safetensors" in printed and "model.torchscript.pt" in printed
+    # weights only: far smaller than the checkpoint with its optimizer state
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (run_dir / "checkpoints" / "best.pt").stat().st_size
+    info = json.loads((out / "preprocessing.json").read_text())
+    assert info["size"] == 32 and info["resize"] == 36 and info["mean"] == list(loaded.profile.mean)
+    assert info["outputs"] == ["species", "genus"]
+    assert json.loads((out / "taxonomy.json").read_text()) == loaded.taxonomy.to_dict()
+
+    model, config, taxonomy, _ = load_safetensors(out)
+    traced = torch.jit.load(str(out / "model.torchscript.pt"))
+    with torch.no_grad():
+        rebuilt, scripted = model(images), traced(images)
+        scripted_one = traced(images[:1])  # another batch size than the trace's
+    for rank in ("species", "genus"):
+        torch.testing.assert_close(rebuilt[rank], logits[rank])
+        torch.testing.assert_close(scripted[rank], logits[rank], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scripted_one[rank], logits[rank][:1], rtol=1e-4, atol=1e-5)
+    # the export folder loads through the API too, and predicts as the run does
+    files = image_files(trained[0])[:2]
+    assert herbarium.load(out, device="cpu").predict(files) == herbarium.load(run_dir, device="cpu").predict(files)
+
+
+def test_export_onnx_reloads_with_the_same_logits(trained, reference, tmp_path):
+    pytest.importorskip("onnx")
+    runtime = pytest.importorskip("onnxruntime")
+    from herbarium.export import export
+
+    _, run_dir = trained
+    loaded, images, logits = reference
+    written = export(run_dir, ["onnx"], tmp_path)
+    session = runtime.InferenceSession(str(written["onnx"]))
+    assert [output.name for output in session.get_outputs()] == ["species", "genus"]
+    outputs = session.run(None, {"images": images.numpy()})
+    for rank, value in zip(("species", "genus"), outputs):
+        torch.testing.assert_close(torch.from_numpy(value), logits[rank], rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_without_the_package_says_what_to_install(trained, tmp_path, monkeypatch, capsys):
+    import sys
+
+    _, run_dir = trained
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")])
+    assert "pip install 'herbarium[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written
