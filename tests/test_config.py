@@ -56,7 +56,7 @@ def test_loss_by_rank_and_weights():
     loss = _custom().loss
     assert loss.loss_by_rank() == {"species": "focal", "genus": "ce"}
     assert loss.weight_of("genus") == 0.5 and loss.weight_of("family") == 1.0
-    assert LossConfig().loss_by_rank() == {"species": "focal", "genus": "focal", "family": "focal"}
+    assert LossConfig().loss_by_rank() == {"species": "logit_adjusted", "genus": "logit_adjusted", "family": "logit_adjusted"}
 
 
 def test_loss_by_rank_refuses_unknown_and_missing_ranks():

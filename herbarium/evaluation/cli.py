@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--model-weights", type=_floats, default=S.model_weights, help="one weight per model of an ensemble (default: equal)")
     tta.add_argument("--rank-weights", type=_weights, default=S.rank_weights, help="weights of each rank's log-probability in consistent decoding, e.g. species=1,genus=0.5 (default: 1 each)")
     tta.add_argument("--primary", default=S.primary, choices=("tta_consistent", "tta_heads", "single_view_heads", "single_view_consistent", "retrieval_heads", "retrieval_consistent"),
-                     help="the variant headlined and written to the submission (default: the best species macro-F1 on the run's own validation split; tta_heads for a run without one)")
+                     help="the variant headlined and written to the submission (default: the best species macro-F1 on the run's own validation split; tta_consistent for a run without one)")
     tta.add_argument("--class-weighted-ensemble", dest="class_weighted", action="store_true", default=S.class_weighted,
                      help="weight each model per class by its validation accuracy on that class (AliProducts) instead of one weight per model (default: off)")
     tta.add_argument("--weights-split", default=S.weights_split, help=f"split the class weights are measured on: 'val' = each run's own validation split, or a split of --data (default: {S.weights_split})")
