@@ -252,7 +252,7 @@ def train_arguments(cfg: TrainConfig) -> list[str]:
         ValueError: a field differs from its default but train.py has no option for it.
     """
     values = flat_config(cfg)
-    arguments, used = _arguments(train_cli.build_parser(), values, skip=("resume", "overwrite"))
+    arguments, used = _arguments(train_cli.build_parser(), values, skip=("resume", "resume_if_exists", "overwrite"))
     defaults = flat_config(TrainConfig())
     hidden = [key for key in values if key not in used and values[key] != defaults.get(key)]
     if hidden:

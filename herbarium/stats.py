@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import DatasetSplit, read_split
+from herbarium.errors import command
 from herbarium.stats_file import default_stats_path
 from herbarium.taxonomy import DEFAULT_RANKS
 
@@ -202,6 +203,7 @@ def run(args: argparse.Namespace) -> dict:
     return stats
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     run(build_parser().parse_args(argv))
     return 0

@@ -106,6 +106,7 @@ def write_predictions(
     top_indices: ArrayLike,
     top_probabilities: ArrayLike,
     taxonomy: Taxonomy,
+    fallback: Sequence[str] | None = None,
 ) -> Path:
     """Write a CSV for people to inspect: each rank's predicted name and the finest top-k.
 
@@ -114,7 +115,9 @@ def write_predictions(
     ``top<i>_category_id`` and ``top<i>_prob`` for i = 1..k, from
     ``top_indices`` / ``top_probabilities`` ([N, k], best first). The top-k
     need not start with the predicted category when the predictions come
-    from consistent decoding.
+    from consistent decoding. With ``fallback`` ([N] strings, empty for a
+    real prediction) a last column ``fallback`` says which rows are not the
+    model's, and why (e.g. an unreadable image given the most frequent class).
     """
     ranks = [rank for rank in taxonomy.ranks if rank in preds_by_rank]
     if taxonomy.finest not in preds_by_rank:
@@ -126,9 +129,12 @@ def write_predictions(
     top_probabilities = torch.as_tensor(np.asarray(top_probabilities)).float()
     if top_indices.shape != top_probabilities.shape or top_indices.shape[0] != count:
         raise ValueError(f"top-k indices {tuple(top_indices.shape)} and probabilities {tuple(top_probabilities.shape)} must both be [{count}, k]")
+    if fallback is not None and len(fallback) != count:
+        raise ValueError(f"{len(fallback)} fallback notes but {count} predictions")
     k = top_indices.shape[1]
     header = ["image_id", *ranks, "category_id"]
     header += [f"top{i}_{field}" for i in range(1, k + 1) for field in ("category_id", "prob")]
+    header += ["fallback"] if fallback is not None else []
     rows = []
     for row, image_id in enumerate(image_ids):
         names = [taxonomy.names[rank][preds[rank][row]] for rank in ranks]
@@ -137,5 +143,6 @@ def write_predictions(
             for index, probability in zip(top_indices[row].tolist(), top_probabilities[row].tolist())
             for value in (taxonomy.category_ids[index], f"{probability:.6f}")
         ]
-        rows.append([image_id, *names, taxonomy.category_ids[preds[taxonomy.finest][row]], *top])
+        note = [fallback[row]] if fallback is not None else []
+        rows.append([image_id, *names, taxonomy.category_ids[preds[taxonomy.finest][row]], *top, *note])
     return write_atomic(path, _csv_text(header, rows))
