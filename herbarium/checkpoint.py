@@ -10,15 +10,19 @@ is refused.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from herbarium.errors import HerbariumError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(HerbariumError, RuntimeError):
     """A checkpoint file is missing, unsafe or not one of ours."""
 
 
@@ -39,6 +43,36 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed save leaves no half-written file behind
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(folder: str | Path) -> None:
+    """Flush a folder's entries to disk, so that a rename into it survives a power loss.
+
+    ``os.replace`` changes the folder, not the file; until the folder itself
+    is synced, a crash may bring back the old entry. Platforms that cannot
+    open a folder (Windows) skip this.
+    """
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some filesystems (and Windows) do not sync folders
+    finally:
+        os.close(descriptor)
+
+
+def pickle_refusal(path: str | Path, error: BaseException) -> str:
+    """Why a file holding pickled objects is not read, and what to do instead (not torch's advice)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f" (it needs {found.group(1)})" if found else ""
+    return (f"{path}: refused to load: it holds pickled Python objects{what}, and only tensors, numbers, strings, "
+            "lists and dicts are read. Never load a pickle you do not trust: unpickling can run any code. "
+            "If you trust the file, convert it with a trusted tool to a plain state dict "
+            "(torch.save(model.state_dict(), path)) or to .safetensors")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -48,11 +82,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError and others for unsafe content
-        raise CheckpointError(
-            f"{path}: refused to load: it is not a plain weights/state file (it may contain pickled objects). "
-            f"Only tensors, numbers, strings, lists and dicts are read. Details: {str(error).splitlines()[0]}"
-        ) from None
+    except pickle.UnpicklingError as error:  # weights_only refuses anything but plain tensors and containers
+        raise CheckpointError(pickle_refusal(path, error)) from None
+    except Exception as error:  # not a torch file at all: truncated, another format, ...
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path}: refused to load: not a readable checkpoint file ({first_line})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a herbarium checkpoint (no 'model' entry)")
     return state

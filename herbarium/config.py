@@ -97,6 +97,8 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: at epoch ends only
     nan_policy: str = "stop"  # stop | skip
+    nan_skip_limit: float = 0.05  # skip policy: stop when more than this fraction of an epoch's steps in a row were skipped
+    dist_timeout: float | None = None  # seconds a DDP process waits for the others; None: torch's default (30 min)
     stop_after_epoch: int | None = None  # end the process after this epoch (a resumable pause)
     snapshots: bool = False  # save checkpoints/snapshot_<k>.pt at the end of each SGDR cycle
     data: DataConfig = field(default_factory=DataConfig)
@@ -104,6 +106,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     o2u: O2UConfig = field(default_factory=O2UConfig)
+    # Options changed when the run was resumed, oldest first:
+    # {"option": "--epochs", "from": 10, "to": 20, "epoch": E, "step": S} (the run's position when the change took effect).
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))

@@ -41,6 +41,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from herbarium.errors import command
+
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "cross", "star", "ring")
 TEXTURES: tuple[str, ...] = (
     "horizontal stripes",
@@ -457,11 +459,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> None:
     """``herbarium make-demo-data``: write the demo data and print its summary."""
     args = get_args_parser().parse_args(argv)
-    try:
-        summary = make_demo_data(
+    summary = make_demo_data(
             args.out,
             seed=args.seed,
             image_size=args.size,
@@ -473,8 +475,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             species_per_genus=args.species_per_genus,
             overwrite=args.overwrite,
         )
-    except (FileExistsError, NotADirectoryError, ValueError) as error:
-        raise SystemExit(f"make-demo-data: {error}") from None
     classes = summary["classes"]
     print(
         f"wrote {summary['out']}: {summary['images']['train']} train and {summary['images']['test']} test images, "
@@ -485,4 +485,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

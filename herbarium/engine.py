@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
@@ -36,12 +35,16 @@ from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.gpu import BytesDataset, GpuLoader, loader_workers, select_decode
+from herbarium.data.images import BadImageError
 from herbarium.data.loader import build_loader
-from herbarium.data.readers import DatasetSplit, read_split
+from herbarium.data.readers import DatasetSplit, read_csv_table, read_split
 from herbarium.data.samplers import EpochSampler, sample_weights
 from herbarium.data.splits import stratified_holdout
 from herbarium.data.transforms import eval_transform, resize_size
-from herbarium.distributed import DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
+from herbarium.distributed import (
+    DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed, is_collective_failure, timeout_text,
+)
+from herbarium.errors import DistributedError, HerbariumError, UsageError
 from herbarium.losses import build_multi_rank_loss
 from herbarium.models import build_model, pretrained_normalization
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
@@ -49,7 +52,7 @@ from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
 from herbarium.stats_file import Normalization, default_stats_path, read_normalization
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(HerbariumError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
@@ -77,7 +80,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # --------------------------------------------------------------------- data
 def read_image_ids(path: str | Path) -> set[str]:
     """The ``image_id`` column of a CSV (kept.csv, a fold's ids, ...), as strings."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = read_csv_table(Path(path), dtype=str, keep_default_na=False)
     if "image_id" not in frame.columns:
         raise ValueError(f"{path}: needs an image_id column; it has {list(frame.columns)}")
     return set(frame["image_id"])
@@ -231,11 +234,16 @@ def classification_metrics(targets: np.ndarray, predictions: np.ndarray, levels:
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, levels: tuple[str, ...], device: torch.device,
-             dtype: torch.dtype | None, context: DistributedContext) -> dict[str, dict[str, float]]:
-    """Top-1, macro-F1 and mean cross-entropy (``loss``) per rank over the whole validation split (gathered across ranks)."""
+             dtype: torch.dtype | None, context: DistributedContext) -> tuple[dict[str, dict[str, float]], int]:
+    """Top-1, macro-F1 and mean cross-entropy (``loss``) per rank over the whole validation split (gathered across ranks).
+
+    Returns the metrics and the number of unreadable images skipped (all
+    ranks), which are left out of the metrics.
+    """
     model.eval()
-    indices, targets, predictions, losses = [], [], [], []
+    indices, targets, predictions, losses, skipped = [], [], [], [], 0
     for batch in loader:
+        skipped += batch["skipped"]
         if "image" not in batch:
             continue
         images = batch["image"].to(device, non_blocking=True)
@@ -249,7 +257,11 @@ def validate(model: nn.Module, loader: DataLoader, levels: tuple[str, ...], devi
         indices.append(batch["index"])
     local = ((torch.cat(indices).numpy(), torch.cat(targets).numpy(), torch.cat(predictions).numpy(), torch.cat(losses).numpy())
              if indices else None)
-    parts = [part for part in all_gather_objects(local, context) if part is not None]
+    gathered = all_gather_objects((local, skipped), context)
+    skipped = sum(count for _, count in gathered)
+    parts = [part for part, _ in gathered if part is not None]
+    if not parts:
+        raise BadImageError(f"no validation image could be read ({skipped} skipped as unreadable)")
     index = np.concatenate([p[0] for p in parts])
     _, first = np.unique(index, return_index=True)  # drop duplicates of any padding
     all_targets = np.concatenate([p[1] for p in parts])[first]
@@ -259,7 +271,7 @@ def validate(model: nn.Module, loader: DataLoader, levels: tuple[str, ...], devi
     for column, rank in enumerate(levels):
         labelled = all_targets[:, column] >= 0
         metrics[rank]["loss"] = float(all_losses[labelled, column].mean()) if labelled.any() else float("nan")
-    return metrics
+    return metrics, skipped
 
 
 # -------------------------------------------------------------------- steps
@@ -272,42 +284,60 @@ class StepResult:
 
 
 class NanGuard:
-    """Finds a non-finite loss without a host sync on every step.
+    """Finds a non-finite loss; stops the run (``stop``) or skips the step and counts it (``skip``).
+
+    Steps are numbered from 1, as TensorBoard's x axis and ``log.jsonl``
+    count them: step N is the N-th optimizer step, taken or skipped.
 
     With ``policy='stop'`` each step records whether its loss was finite on
     the device, and the flag of the *previous* step is read after the next
     one is queued, when it is already computed: the run stops naming the bad
     step, and no checkpoint written after it exists. With ``policy='skip'``
     the flag is read at once (one sync per step) so the update can be
-    skipped; skipped steps are counted.
+    skipped; the trainer then leaves the model exactly as it was. A run of
+    more than ``skip_limit`` skipped steps in a row stops the run: the model
+    has diverged and skipping only hides it.
     """
 
-    def __init__(self, policy: str) -> None:
+    def __init__(self, policy: str, skip_limit: int = 1) -> None:
         if policy not in ("stop", "skip"):
             raise ValueError(f"unknown NaN policy {policy!r}; choose 'stop' or 'skip'")
         self.policy = policy
-        self.pending: tuple[int, torch.Tensor] | None = None
-        self.skipped = 0
+        self.skip_limit = max(1, int(skip_limit))
+        self.pending: tuple[int, int, torch.Tensor] | None = None  # (step, epoch, finite flag on the device)
+        self.skipped = 0  # steps skipped in the whole run
+        self.in_a_row = 0  # steps skipped since the last one taken
 
-    def should_skip(self, step: int, finite: torch.Tensor) -> bool:
-        if self.policy == "skip":
-            if not bool(finite):
-                self.skipped += 1
-                return True
-            return False
+    def defer(self, step: int, epoch: int, finite: torch.Tensor) -> None:
+        """``stop`` policy: check the previous step's flag, keep this one's for later."""
         self.check_pending()
-        self.pending = (step, finite)
-        return False
+        self.pending = (step, epoch, finite)
 
     def check_pending(self) -> None:
         if self.pending is not None:
-            step, finite = self.pending
+            step, epoch, finite = self.pending
             self.pending = None
             if not bool(finite):
                 raise NonFiniteLossError(
-                    f"the training loss became NaN or infinite at optimizer step {step}; lower the learning rate, "
-                    "check the input data, or pass --nan-policy skip to skip such steps and count them"
+                    f"the training loss became NaN or infinite at optimizer step {step} (epoch {epoch}; the step numbers of "
+                    "TensorBoard and log.jsonl); lower the learning rate, check the input data, or pass --nan-policy skip "
+                    "to skip such steps and count them"
                 )
+
+    def skip(self, step: int, epoch: int) -> None:
+        """``skip`` policy: count a skipped step; too many in a row stop the run."""
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row > self.skip_limit:
+            first = step - self.in_a_row + 1
+            raise NonFiniteLossError(
+                f"{self.in_a_row} optimizer steps in a row (steps {first}-{step}, epoch {epoch}) had a NaN or infinite loss "
+                f"and were skipped, more than --nan-skip-limit allows ({self.skip_limit} in a row); the model has diverged: "
+                "lower the learning rate or check the input data, then resume from a checkpoint before the divergence"
+            )
+
+    def taken(self) -> None:
+        self.in_a_row = 0
 
 
 def forward_loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any], levels: tuple[str, ...],
@@ -367,8 +397,11 @@ class RunState:
 
     epoch: int = 0
     batches_done: int = 0  # batches of `epoch` already trained (mid-epoch checkpoints)
-    global_step: int = 0
+    global_step: int = 0  # optimizer steps so far, taken or skipped (the step numbers of TensorBoard and the messages)
     best_metric: float = -math.inf
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (--nan-policy skip), whole run
+    skipped_in_a_row: int = 0  # of which since the last step taken
+    skipped_train_images: int = 0  # unreadable training images skipped in `epoch` so far
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -383,7 +416,7 @@ class Trainer:
         self.resuming = bool(resume)
         self.overwrite = overwrite
         self.device = resolve_device(cfg.device)
-        self.context = init_distributed(self.device.type)
+        self.context = init_distributed(self.device.type, cfg.dist_timeout)
         if self.device.type == "cuda" and self.context.enabled:
             self.device = torch.device("cuda", self.context.local_rank)
             torch.cuda.set_device(self.device)
@@ -394,13 +427,16 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
 
         self.train_split, self.val_split = read_train_val(cfg)
-        if self.val_split is None and cfg.optim.plateau_patience:
-            raise ValueError("--plateau-patience switches phases on the validation macro-F1 and needs a validation split: "
-                             "pass --val-split SPLIT or --holdout 0.1")
         self.taxonomy = self.train_split.taxonomy
         for rank in self.levels:
             self.taxonomy.check_rank(rank)
         self.finest_level = max(self.levels, key=self.taxonomy.rank_index)  # best.pt is chosen on its macro-F1
+        self.validating = self.val_split is not None  # no --val-split and --holdout 0: no validation, no best.pt
+        if not self.validating and cfg.optim.plateau_patience:
+            raise UsageError("--plateau-patience switches phases on the validation macro-F1 and needs a validation split: "
+                             "pass --val-split SPLIT or --holdout 0.1")
+        if resume:
+            self._check_same_taxonomy()
         self.normalization = resolve_normalization(cfg)
         self.loaders = build_loaders(cfg, self.train_split, self.val_split, self.normalization, self.context, self.device)
         self.model = self._build_model()
@@ -415,8 +451,13 @@ class Trainer:
         self._check_cycle_features()
         self.o2u = self._build_o2u()
         self.state = RunState()
-        self.skipped_images = 0
-        self.nan_guard = NanGuard(cfg.nan_policy)
+        self.nan_guard = NanGuard(cfg.nan_policy, math.floor(cfg.nan_skip_limit * steps_per_epoch))
+        self.skipped_train_images = 0  # unreadable images skipped in the last epoch: training split
+        self.skipped_val_images: int | None = None  # and validation split
+        self.new_changes: list[dict[str, Any]] = []  # option changes this resume applies, for the next log.jsonl line
+        self._buffers_before: list[torch.Tensor] | None = None  # --nan-policy skip: the model's buffers at the window start
+        self._window_finite = True  # --nan-policy skip: every batch of the accumulation window so far was finite
+        self._window_flags: list[torch.Tensor] = []  # --nan-policy stop: the window's finiteness, on the device
         if resume:
             self._resume(resume)
         self.train_model = self._wrap_model()
@@ -496,9 +537,26 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = RunState(**state["run"])
+        self.nan_guard.skipped, self.nan_guard.in_a_row = self.state.skipped_steps, self.state.skipped_in_a_row
         if self.o2u is not None and "o2u" in state:
             self.o2u.load_state_dict(state["o2u"], is_main=self.context.is_main)
         set_rng_state(state["rng"])
+        for change in self.cfg.changes:
+            if "epoch" not in change:  # made by this resume: it takes effect here
+                change.update(epoch=self.state.epoch, step=self.state.global_step)
+                self.new_changes.append(change)
+        if self.context.is_main:
+            where = f"epoch {self.state.epoch + 1}, batch {self.state.batches_done + 1}" if self.state.batches_done else f"the start of epoch {self.state.epoch + 1}"
+            tqdm.write(f"resuming {self.run_dir} from {path} at {where} (step {self.state.global_step})")
+            for change in self.new_changes:
+                tqdm.write(f"  {change['option']}: {change['from']!r} -> {change['to']!r} (recorded in config.json)")
+
+    def _check_same_taxonomy(self) -> None:
+        """A resumed run must read the classes it was trained on (the data folder may have moved or changed)."""
+        saved = self.run_dir / "taxonomy.json"
+        if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(self.taxonomy.to_dict())):
+            raise UsageError(f"{self.cfg.data.data}: its classes differ from those the run in {self.run_dir} was trained on "
+                             f"({saved}); resume with the data it was trained on")
 
     def write_run_files(self) -> None:
         if not self.context.is_main:
@@ -530,11 +588,19 @@ class Trainer:
         record: dict[str, Any] = {}
         started = time.perf_counter()
         try:
-            while self.state.epoch < self.cfg.epochs:
+            pause = self.cfg.stop_after_epoch
+            while self.state.epoch < self.cfg.epochs and (pause is None or self.state.epoch < pause):
                 record = self.run_epoch()
-                if self.cfg.stop_after_epoch is not None and record["epoch"] >= self.cfg.stop_after_epoch:
-                    break
             self._log_hparams()
+        except RuntimeError as error:
+            if self.context.enabled and is_collective_failure(error):
+                raise DistributedError(
+                    f"process {self.context.rank} of {self.context.world_size} lost the others at step "
+                    f"{self.state.global_step} (one died, or hung past the {timeout_text(self.cfg.dist_timeout)} timeout): "
+                    f"{str(error).splitlines()[0]}. torchrun's report names the process that failed first; with "
+                    "torchrun --max-restarts N the run continues from its last checkpoint by itself"
+                ) from error
+            raise
         finally:
             if self.writer:
                 self.writer.close()
@@ -543,6 +609,7 @@ class Trainer:
             for line in run_summary.end_lines(self.cfg, self.run_dir, self.finest_level, time.perf_counter() - started,
                                               finished=self.state.epoch >= self.cfg.epochs):
                 tqdm.write(line)
+        self.print_skips()
         return record
 
     def announce(self) -> None:
@@ -561,22 +628,39 @@ class Trainer:
         if warning:
             warnings.warn(warning, stacklevel=2)
 
+    def print_skips(self) -> None:
+        """At the end of a run: what was skipped (unreadable images, steps with a non-finite loss), if anything."""
+        if not self.context.is_main:
+            return
+        if self.skipped_train_images or self.skipped_val_images:
+            tqdm.write(f"skipped unreadable images (--skip-bad-images): {self.skipped_train_images} of the training split "
+                       f"and {self.skipped_val_images or 0} of the validation split in the last epoch; see log.jsonl")
+        if self.nan_guard.skipped:
+            tqdm.write(f"skipped {self.nan_guard.skipped} optimizer steps whose loss was NaN or infinite (--nan-policy skip); "
+                       "see skipped_nonfinite_steps in log.jsonl")
+
     def run_epoch(self) -> dict[str, Any]:
         epoch = self.state.epoch
         self.optimizer.start_epoch(epoch)
         train_record = self.train_one_epoch(epoch)
-        improved, metrics = False, {}
-        if self.loaders.val is not None:
-            metrics = validate(self.train_model, self.loaders.val, self.levels, self.device, self.dtype, self.context)
+        metrics, improved = {}, False
+        if self.validating:
+            metrics, self.skipped_val_images = validate(self.train_model, self.loaders.val, self.levels, self.device, self.dtype,
+                                                        self.context)
             score = metrics[self.finest_level]["macro_f1"]
             self.optimizer.report_metric(score)
             improved = score > self.state.best_metric
             if improved:
                 self.state.best_metric = score
-        self.state.epoch, self.state.batches_done = epoch + 1, 0
+        skipped_train = self.skipped_train_images = self.state.skipped_train_images
+        self.state.epoch, self.state.batches_done, self.state.skipped_train_images = epoch + 1, 0, 0
         cycle = self._cycle_ended() if (self.o2u is not None or self.cfg.snapshots) else None
         record = {"epoch": epoch + 1, **train_record, "val": metrics,
-                  "best_macro_f1": self.state.best_metric if metrics else None}
+                  "best_macro_f1": self.state.best_metric if self.validating else None,
+                  "skipped_bad_images": skipped_train + (self.skipped_val_images or 0),
+                  "skipped_bad_images_train": skipped_train, "skipped_bad_images_val": self.skipped_val_images or 0}
+        if self.new_changes:
+            record["config_changes"], self.new_changes = self.new_changes, []
         if self.o2u is not None:
             self.o2u.end_epoch(lambda tensor: all_reduce_sum(tensor, self.context))
             if cycle is not None:
@@ -602,8 +686,10 @@ class Trainer:
         progress = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                         disable=self.quiet or not self.context.is_main, leave=False, dynamic_ncols=True)
         self._postfix, shown = {}, None
+        skipped_images = torch.zeros((), device=self.device)  # this process's, since the epoch (re)started
+        skipped_before = self.state.skipped_train_images  # all processes', before a resume
         for batch in progress:
-            self.skipped_images += batch["skipped"]
+            skipped_images += batch["skipped"]
             if "image" not in batch:
                 continue
             accumulating = (self.state.batches_done + 1) % cfg.optim.accum_steps != 0
@@ -615,10 +701,11 @@ class Trainer:
                     self._postfix["loss"] = f"{float(shown):.3f}"
                     progress.set_postfix(self._postfix, refresh=False)
                 shown = result.total.detach()
-            loss_sum += result.total.detach()
-            for rank, term in result.terms.items():
-                term_sums[rank] += term
-            batches += 1
+            if self.nan_guard.policy == "stop" or bool(result.finite):  # a skipped batch's loss is not averaged in
+                loss_sum += result.total.detach()
+                for rank, term in result.terms.items():
+                    term_sums[rank] += term
+                batches += 1
             images_seen += len(batch["image"])
             self.state.batches_done += 1
             if not accumulating:
@@ -629,11 +716,14 @@ class Trainer:
                     self.nan_guard.check_pending()
                     if self.o2u is not None and self.context.enabled:
                         self.o2u.gather_to_main(lambda tensor: all_reduce_sum(tensor, self.context), self.context.is_main)
+                    self.state.skipped_train_images = skipped_before + int(all_reduce_sum(skipped_images.clone(), self.context))
                     self.save("last")
         self.nan_guard.check_pending()
         seconds = time.perf_counter() - started
-        counts = all_reduce_sum(torch.tensor([float(batches), float(images_seen)], device=self.device), self.context)
+        counts = all_reduce_sum(torch.stack([torch.tensor(float(batches), device=self.device),
+                                             torch.tensor(float(images_seen), device=self.device), skipped_images]), self.context)
         losses = all_reduce_sum(torch.stack([loss_sum, *term_sums.values()]), self.context) / counts[0].clamp(min=1)
+        self.state.skipped_train_images = skipped_before + int(counts[2])
         return {
             "loss": float(losses[0]),
             "loss_terms": {rank: float(value) for rank, value in zip(self.levels, losses[1:])},
@@ -641,29 +731,68 @@ class Trainer:
             "optimizer": self.optimizer.active_phase.name,
             "images_per_s": float(counts[1]) / seconds if seconds > 0 else 0.0,
             "input_path": self.loaders.decode,
-            "skipped_bad_images": self.skipped_images,
             "skipped_nonfinite_steps": self.nan_guard.skipped,
         }
 
     def _micro_step(self, model: nn.Module, batch: dict[str, Any], accumulating: bool) -> StepResult:
+        """Forward and backward of one batch; gradients accumulate until :meth:`_optimizer_step`.
+
+        Under ``--nan-policy skip`` the first batch of an accumulation window
+        saves the model's buffers (BatchNorm statistics), and every batch's
+        finiteness is agreed across processes; once a batch of the window is
+        not finite, the rest of the window does no backward pass, and the
+        step restores the buffers and discards the gradients.
+        """
+        skip_policy = self.nan_guard.policy == "skip"
+        if skip_policy and self._buffers_before is None:
+            self._buffers_before = [buffer.detach().clone() for buffer in self.model.buffers()]
         sync = model.no_sync() if accumulating and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
         with sync:
             o2u = self.o2u
             result = forward_loss(model, self.loss_fn, batch, self.levels, self.device, self.dtype, self.cfg.channels_last,
                                   sample_weight=o2u.batch_weights(batch["index"]) if o2u is not None else None,
                                   per_sample_rank=self.finest_level if o2u is not None else None)
-            if o2u is not None:
+            if skip_policy:
+                result.finite = self._finite_everywhere(result.finite)
+                if not bool(result.finite):
+                    self._window_finite = False
+            else:
+                self._window_flags.append(result.finite)
+            if o2u is not None and (not skip_policy or bool(result.finite)):
                 labelled = batch["targets"][:, self.levels.index(self.finest_level)] >= 0
                 o2u.record(batch["index"], result.per_sample_loss, labelled.to(result.per_sample_loss.device))
-            if self.nan_guard.policy == "skip" and not bool(result.finite):
+            if skip_policy and not self._window_finite:
                 return result
             self.scaler.scale(result.total / self.cfg.optim.accum_steps).backward()
         return result
 
+    def _finite_everywhere(self, finite: torch.Tensor) -> torch.Tensor:
+        """Whether the loss was finite on every process (so that all skip the same steps)."""
+        if not self.context.enabled:
+            return finite
+        bad = all_reduce_sum((~finite).float().reshape(1), self.context)
+        return bad[0] == 0
+
     def _optimizer_step(self, result: StepResult) -> None:
-        if self.nan_guard.should_skip(self.state.global_step, result.finite):
-            self.optimizer.zero_grad(set_to_none=True)
-            return
+        """Step 1 + ``global_step``: taken, or under ``--nan-policy skip`` skipped leaving the model exactly as it was."""
+        step, epoch = self.state.global_step + 1, self.state.epoch + 1
+        if self.nan_guard.policy == "skip":
+            finite, buffers = self._window_finite, self._buffers_before
+            self._window_finite, self._buffers_before = True, None
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for buffer, saved in zip(self.model.buffers(), buffers):
+                        buffer.copy_(saved)
+                self.optimizer.skip_step()  # the schedule counts steps, as with an AMP overflow
+                self.state.global_step += 1
+                self.nan_guard.skip(step, epoch)
+                self._sync_skip_counts()
+                return
+            self.nan_guard.taken()
+        else:
+            flags, self._window_flags = self._window_flags, []
+            self.nan_guard.defer(step, epoch, torch.stack(flags).all() if len(flags) > 1 else flags[0])
         if self.cfg.optim.clip_grad:
             self.scaler.unscale_(self.optimizer.active)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
@@ -671,6 +800,10 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
+        self._sync_skip_counts()
+
+    def _sync_skip_counts(self) -> None:
+        self.state.skipped_steps, self.state.skipped_in_a_row = self.nan_guard.skipped, self.nan_guard.in_a_row
 
     # -------------------------------------------------------------- logging
     def _log_step(self, progress: tqdm, result: StepResult, images_seen: int, started: float) -> None:
@@ -748,7 +881,10 @@ class Trainer:
                        f"{o2u['fraction_below_half']:.1%} of samples below 0.5 "
                        f"({'applied from now on' if o2u['active'] else 'not applied yet: warm-up'}); see o2u_weights.csv")
         if record["skipped_bad_images"]:
-            tqdm.write(f"skipped {record['skipped_bad_images']} unreadable images so far")
+            tqdm.write(f"skipped {record['skipped_bad_images']} unreadable images this epoch "
+                       f"({record['skipped_bad_images_train']} training, {record['skipped_bad_images_val']} validation)")
+        if record["skipped_nonfinite_steps"]:
+            tqdm.write(f"skipped {record['skipped_nonfinite_steps']} optimizer steps with a NaN or infinite loss so far")
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:

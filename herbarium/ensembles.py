@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from herbarium.checkpoint import load_checkpoint, save_checkpoint
 from herbarium.config import TrainConfig
+from herbarium.errors import command
 
 RUN_FILES = ("config.json", "taxonomy.json", "stats.json")
 BN_BATCH_SIZE = 64
@@ -159,11 +160,22 @@ def swa(run_dir: str | Path, checkpoints: Sequence[str] | None = None, out: str 
     model = build_model(replace(config.model, pretrained=False, weights=None), states[0]["classes"])
     model.load_state_dict(average_state_dicts([state["model"] for state in states]))
     model.to(torch_device)
+    skipped = 0
     if recompute_bn:
         loader = bn_loader(config, run_dir, batch_size, default_workers() if workers is None else workers)
+
+        def images():
+            nonlocal skipped
+            for batch in loader:
+                skipped += batch["skipped"]
+                if "image" in batch:
+                    yield batch["image"]
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the augmentation draws
-            update_bn((batch["image"] for batch in loader if "image" in batch), model, torch_device)
+            update_bn(images(), model, torch_device)
+        if skipped:
+            print(f"swa: skipped {skipped} unreadable training images in the BatchNorm pass (--skip-bad-images of the run)")
     out = Path(out) if out else run_dir / "checkpoints" / "swa.pt"
     state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": states[-1]["config"],
              "levels": states[-1]["levels"], "classes": states[-1]["classes"],
@@ -191,11 +203,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        out = swa(args.run, args.checkpoints, args.out, args.update_bn, args.device, args.batch_size, args.workers, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"swa: {error}") from None
+    out = swa(args.run, args.checkpoints, args.out, args.update_bn, args.device, args.batch_size, args.workers, args.seed)
     print(f"wrote {out}; evaluate it with: tta_eval.py {out} --data DATA")
     return 0

@@ -35,6 +35,7 @@ from sklearn.model_selection import StratifiedKFold
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.readers import DatasetSplit, read_split
+from herbarium.errors import command
 
 UNFOLDED = -1
 
@@ -176,18 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     return add_kfold_arguments(add_train_arguments(parser), default_folds=5)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     from herbarium.evaluation.tta import parse_views
     from herbarium.train_cli import config_from_args, parse_train_args
 
     parser = build_parser()
     args = parse_train_args(parser, argv)
-    if args.resume:
-        parser.error("run the same kfold command again to continue it; --resume is for single runs")
-    try:
-        table = run_kfold(config_from_args(args), args.folds, args.overwrite, parse_views(args.oof_views))
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"kfold: {error}") from None
+    if args.resume or args.resume_if_exists:
+        parser.error("run the same kfold command again to continue it; --resume and --resume-if-exists are for single runs")
+    table = run_kfold(config_from_args(args), args.folds, args.overwrite, parse_views(args.oof_views))
     accuracy = float((table["label"].astype(str) == table["predicted"].astype(str)).mean())
     print(f"wrote {Path(args.out) / 'oof_predictions.csv'}: {len(table)} out-of-fold predictions, top-1 {accuracy:.3f}")
     return 0

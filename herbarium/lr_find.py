@@ -42,6 +42,7 @@ from tqdm import tqdm
 from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.readers import DatasetSplit
 from herbarium.distributed import DistributedContext
+from herbarium.errors import command
 from herbarium.engine import (
     Loaders, autocast_dtype, build_loaders, build_run_loss, build_run_model, forward_loss, optimizer_phases, read_train_val,
     resolve_device, resolve_normalization,
@@ -144,6 +145,7 @@ class RangeTestResult:
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
     stop_reason: str = "reached the end LR"
+    skipped_bad_images: int = 0  # unreadable images skipped (--skip-bad-images)
 
 
 def range_test(step: Callable[[float], float], lrs: Iterable[float], weight: float, diverge: float) -> RangeTestResult:
@@ -182,13 +184,18 @@ def build_model_and_loss(cfg: TrainConfig, train: DatasetSplit, device: torch.de
     return build_run_model(cfg, train.taxonomy, device), build_run_loss(cfg, train).to(device)
 
 
-def endless_batches(loaders: Loaders) -> Iterator[dict[str, Any]]:
-    """Training batches epoch after epoch, each epoch in the sampler's order for that epoch."""
+def endless_batches(loaders: Loaders, counts: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
+    """Training batches epoch after epoch, each epoch in the sampler's order for that epoch.
+
+    ``counts["skipped"]`` (when given) adds up the unreadable images skipped.
+    """
     epoch = 0
     while True:
         loaders.sampler.set_epoch(epoch)
         yielded = False
         for batch in loaders.train:
+            if counts is not None:
+                counts["skipped"] = counts.get("skipped", 0) + batch["skipped"]
             if "image" in batch:
                 yielded = True
                 yield batch
@@ -235,11 +242,14 @@ def find_lr(cfg: TrainConfig, settings: RangeTestSettings) -> tuple[RangeTestRes
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = OPTIMIZERS[phase.name]([{"params": params}], settings.start_lr, phase.weight_decay)
     model.train()
-    step = training_step(torch.compile(model) if cfg.compile else model, loss_fn, optimizer, endless_batches(loaders),
-                         cfg, device, dtype)
+    counts = {"skipped": 0}
+    step = training_step(torch.compile(model) if cfg.compile else model, loss_fn, optimizer,
+                         endless_batches(loaders, counts), cfg, device, dtype)
     lrs = tqdm(exponential_lrs(settings.start_lr, settings.end_lr, settings.steps), desc="lr-find", unit="step",
                leave=False, dynamic_ncols=True)
-    return range_test(step, lrs, settings.ema, settings.diverge), phase
+    result = range_test(step, lrs, settings.ema, settings.diverge)
+    result.skipped_bad_images = counts["skipped"]
+    return result, phase
 
 
 # ----------------------------------------------------------------- outputs
@@ -329,14 +339,17 @@ def summary(result: RangeTestResult, suggestion: LRSuggestion | None, no_suggest
         lines.append(f"no suggestion: {no_suggestion}")
     lines.append(f"plot: {paths['png']}")
     lines.append(f"curve: {paths['json']}")
+    if result.skipped_bad_images:
+        lines.append(f"skipped {result.skipped_bad_images} unreadable images (--skip-bad-images)")
     return "\n".join(lines)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_train_args(parser, argv)
-    if args.resume or args.overwrite:
-        parser.error("--resume and --overwrite are train options; lr-find starts from the initial weights and writes only into its --out")
+    if args.resume or args.overwrite or args.resume_if_exists:
+        parser.error("--resume, --resume-if-exists and --overwrite are train options; lr-find starts from the initial weights and writes only into its --out")
     if not (args.data or args.data_option):
         parser.error("the DATA folder is required")
     try:
@@ -344,10 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     out = Path(args.out)
-    try:
-        check_output_dir(out)
-    except FileExistsError as error:
-        raise SystemExit(f"lr-find: {error}") from None
+    check_output_dir(out)
     cfg = config_from_args(args)
     result, phase = find_lr(cfg, settings)
     suggestion, no_suggestion = None, None

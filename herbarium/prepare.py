@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from herbarium.data.images import IMAGE_ERRORS, BadImageError
+from herbarium.errors import command
 from herbarium.stats import default_workers
 
 # Suffixes of the image files to rewrite (lower case); everything else is copied.
@@ -187,13 +188,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        record = prepare(args.data, args.out, args.max_side, quality=args.quality, workers=args.workers,
-                         skip_bad_images=args.skip_bad_images, overwrite=args.overwrite, progress=not args.quiet)
-    except (FileExistsError, FileNotFoundError, ValueError, BadImageError) as error:
-        raise SystemExit(f"prepare: {error}") from None
+    record = prepare(args.data, args.out, args.max_side, quality=args.quality, workers=args.workers,
+                     skip_bad_images=args.skip_bad_images, overwrite=args.overwrite, progress=not args.quiet)
     print(summary(record))
     return 0
 

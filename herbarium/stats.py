@@ -30,6 +30,7 @@ from herbarium.data.gpu import DECODES, gpu_moment_batches, loader_workers, sele
 from herbarium.data.loader import default_workers
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.transforms import stats_transform
+from herbarium.errors import command
 from herbarium.stats_file import default_stats_path
 from herbarium.taxonomy import DEFAULT_RANKS
 
@@ -190,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     return stats
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     run(build_parser().parse_args(argv))
     return 0

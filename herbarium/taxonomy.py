@@ -20,10 +20,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from herbarium.errors import HerbariumError
+
 DEFAULT_RANKS: tuple[str, ...] = ("family", "genus", "species")
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(HerbariumError, ValueError):
     """The category records do not form a valid tree."""
 
 

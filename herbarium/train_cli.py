@@ -1,12 +1,22 @@
-"""The ``train`` command line: argparse groups whose defaults come from :mod:`herbarium.config`."""
+"""The ``train`` command line: argparse groups whose defaults come from :mod:`herbarium.config`.
+
+Resuming (``--resume RUN``, ``--resume-if-exists``, or a torchrun restart)
+continues with the run's own saved config. An option given on the command
+line that differs from the saved value is applied and recorded when it is in
+:data:`RESUME_CHANGEABLE` (it changes how the run proceeds, not what it
+is), and refused, naming the option, otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from herbarium.config import DataConfig, LossConfig, O2UConfig, OptimConfig, TrainConfig
+from herbarium.distributed import restart_count
+from herbarium.errors import UsageError, command
 from herbarium.data.augment import PRESETS
 from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
 from herbarium.models import HEADS, ModelConfig
@@ -98,7 +108,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                           "herbarium2020 (Adam 3e-4 halved every 5 epochs, class-weighted focal loss, rank weights "
                           f"1.5/1/1, dropout 0.5, 10%% hold-out) (default: {T.recipe})")
     run.add_argument("--out", default=T.out, help=f"run directory (default: {T.out})")
-    run.add_argument("--resume", default=None, help="resume from a run directory or checkpoint; its saved config is used (default: off)")
+    run.add_argument("--resume", default=None, help="resume from a run directory or checkpoint; its saved config is used, and of the options given only those that may change on resume apply (see the README) (default: off)")
+    run.add_argument("--resume-if-exists", action="store_true", help="continue the run in --out from its checkpoints/last.pt if there is one, else start it: re-running the same command after a crash picks up where it stopped (torchrun restarts do this by themselves) (default: off)")
     run.add_argument("--overwrite", action="store_true", help="replace the run already in --out instead of refusing (default: off)")
     run.add_argument("--seed", type=int, default=T.seed, help=f"random seed (default: {T.seed})")
     run.add_argument("--device", default=T.device, help=f"cpu, cuda, cuda:N or auto (default: {T.device})")
@@ -107,7 +118,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run.add_argument("--compile", action="store_true", default=T.compile, help="torch.compile the model (default: off)")
     run.add_argument("--log-every", type=int, default=T.log_every, help=f"optimizer steps between logged values (default: {T.log_every})")
     run.add_argument("--checkpoint-every", type=int, default=T.checkpoint_every, help="optimizer steps between mid-epoch checkpoints (default: 0, epoch ends only)")
-    run.add_argument("--nan-policy", choices=("stop", "skip"), default=T.nan_policy, help=f"on a NaN/inf loss: stop naming the step, or skip and count (default: {T.nan_policy})")
+    run.add_argument("--nan-policy", choices=("stop", "skip"), default=T.nan_policy, help=f"on a NaN/inf loss: stop naming the step, or skip the step (the model is left exactly as it was) and count it (default: {T.nan_policy})")
+    run.add_argument("--nan-skip-limit", type=float, default=T.nan_skip_limit, help=f"with --nan-policy skip, stop with an error when more than this fraction of an epoch's steps in a row were skipped, at least 1 (default: {T.nan_skip_limit:g})")
+    run.add_argument("--dist-timeout", type=float, default=T.dist_timeout, help="seconds a process of a multi-GPU run waits for the others before failing; a process that dies is noticed at once (default: torch's 30 min)")
     run.add_argument("--snapshots", action="store_true", default=T.snapshots, help="save checkpoints/snapshot_<k>.pt at the end of SGDR cycle k (default: off)")
     run.add_argument("--quiet", action="store_true", help="no progress bars, for logs: the start-up summary, one line per epoch and the end-of-run summary stay (default: off)")
     run.add_argument("--stop-after-epoch", type=int, default=T.stop_after_epoch, help="end the process after this epoch, resumable later (default: off)")
@@ -170,22 +183,16 @@ def timm_style_schedule(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Build the run's config once from the parsed arguments; with --resume, the run's own config."""
+    """The config the parsed arguments describe (see :func:`run_config` for resuming)."""
     resolve_data(args)
-    if args.resume:
-        run_dir = Path(args.resume)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent.parent
-        cfg = TrainConfig.load(run_dir / "config.json")
-        cfg.epochs, cfg.stop_after_epoch = args.epochs, args.stop_after_epoch
-        return cfg
     if not args.data:
-        raise SystemExit("train: the DATA folder is required (or --resume RUN_DIR)")
+        raise UsageError("train: the DATA folder is required (or --resume RUN_DIR)")
     optim, schedule = timm_style_schedule(args)
     return TrainConfig(
         out=args.out, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=args.device, precision=args.precision,
         channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every, nan_policy=args.nan_policy, stop_after_epoch=args.stop_after_epoch,
-        snapshots=args.snapshots,
+        checkpoint_every=args.checkpoint_every, nan_policy=args.nan_policy, nan_skip_limit=args.nan_skip_limit,
+        dist_timeout=args.dist_timeout, stop_after_epoch=args.stop_after_epoch, snapshots=args.snapshots,
         data=DataConfig(data=str(args.data), train_split=args.train_split, val_split=args.val_split, holdout=args.holdout,
                         ranks=args.ranks, stats=args.stats, size=args.size, batch_size=args.batch_size, workers=args.workers,
                         sampler=args.sampler, augment=args.augment, decode=args.decode, skip_bad_images=args.skip_bad_images,
@@ -204,16 +211,179 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+# ------------------------------------------------------------------ resuming
+# Options a resumed run may change: they say how the run proceeds (how long, where, how often it logs and saves,
+# how it treats bad input), not what it trains. Anything else given with a different value is refused.
+RESUME_CHANGEABLE = (
+    "epochs", "checkpoint_every", "log_every", "workers", "device", "decode", "compile",
+    "nan_policy", "nan_skip_limit", "dist_timeout", "skip_bad_images", "data",
+)
+RUN_CONTROL = ("resume", "resume_if_exists", "overwrite", "out")  # say which run, not how it trains
+PER_INVOCATION = ("stop_after_epoch",)  # an instruction to this process only: taken from the command line, never kept
+
+
+def config_field(dest: str) -> tuple[str, ...]:
+    """The :class:`TrainConfig` field an option sets: ``("epochs",)``, ``("data", "batch_size")``, ``("o2u", "floor")``."""
+    if dest == "o2u":
+        return ("o2u", "enabled")
+    if dest.startswith("o2u_"):
+        return ("o2u", dest[len("o2u_"):])
+    for section in ("data", "model", "loss", "optim"):
+        if dest in {f.name for f in dataclasses.fields(getattr(TrainConfig(), section))}:
+            return (section, dest)
+    if dest in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return (dest,)
+    raise KeyError(f"option {dest!r} sets no TrainConfig field")
+
+
+def _get(cfg: TrainConfig, path: tuple[str, ...]) -> Any:
+    value: Any = cfg
+    for name in path:
+        value = getattr(value, name)
+    return value
+
+
+def _set(cfg: TrainConfig, path: tuple[str, ...], value: Any) -> None:
+    setattr(_get(cfg, path[:-1]) if len(path) > 1 else cfg, path[-1], value)
+
+
+def option_flag(parser: argparse.ArgumentParser, dest: str) -> str:
+    for action in parser._actions:
+        if action.dest == dest:
+            return action.option_strings[0] if action.option_strings else dest.upper()
+    return f"--{dest.replace('_', '-')}"
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The dests of the options (and positionals) actually on the command line, not left at their defaults."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        given = parser.parse_args(argv)
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return set(vars(given))
+
+
+def locate_resume(value: str | Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint) of ``--resume``: a run folder (its ``checkpoints/last.pt``) or a checkpoint file."""
+    path = Path(value)
+    if path.is_dir():
+        run_dir, checkpoint = path, path / "checkpoints" / "last.pt"
+    elif path.is_file():
+        run_dir, checkpoint = path.parent.parent, path
+    else:
+        raise UsageError(f"--resume {value}: no such run folder or checkpoint file")
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"--resume {value}: {run_dir} is not a run folder (it has no config.json)")
+    if not checkpoint.is_file():
+        raise UsageError(f"--resume {value}: {run_dir} has no checkpoints/last.pt to continue from (the run stopped before "
+                         "its first checkpoint); start it again with --overwrite")
+    return run_dir, checkpoint
+
+
+def _same(dest: str, saved: Any, wanted: Any) -> bool:
+    if saved == wanted:
+        return True
+    if dest == "data" and saved and wanted:
+        return Path(saved).resolve() == Path(wanted).resolve()
+    return False
+
+
+def reconcile(saved: TrainConfig, wanted: TrainConfig, dests: Sequence[str], parser: argparse.ArgumentParser,
+              run_dir: Path, why: str) -> TrainConfig:
+    """``saved`` with the options ``dests`` of ``wanted`` that differ applied (changeable ones) or refused (the others).
+
+    Each applied change is appended to ``saved.changes``; the trainer stamps
+    it with the epoch and step it takes effect at.
+    """
+    for dest in PER_INVOCATION:
+        path = config_field(dest)
+        _set(saved, path, _get(wanted, path))
+    for dest in dests:
+        if dest in RUN_CONTROL or dest in PER_INVOCATION:
+            continue
+        path = config_field(dest)
+        old, new = _get(saved, path), _get(wanted, path)
+        if _same(dest, old, new):
+            continue
+        flag = option_flag(parser, dest)
+        if dest not in RESUME_CHANGEABLE:
+            raise UsageError(
+                f"{flag}: the run in {run_dir} was trained with {old!r}, this command gives {new!r}; {why} keeps the run's "
+                f"own settings and may change only {', '.join(option_flag(parser, d) for d in RESUME_CHANGEABLE)}. "
+                "Train into another --out to change it"
+            )
+        _set(saved, path, new)
+        saved.changes.append({"option": flag, "from": old, "to": new})
+    return saved
+
+
+def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               argv: Sequence[str] | None) -> tuple[TrainConfig, Path | None]:
+    """The config to train with and the checkpoint to resume from (None: a new run).
+
+    * ``--resume RUN``: the run's saved config; each option given on the
+      command line that differs from it is applied (changeable) or refused.
+    * ``--resume-if-exists``, or a torchrun restart: when ``--out`` holds
+      ``checkpoints/last.pt``, the run continues, and the command's whole
+      config (it is the same command again) must match the saved one but for
+      changeable options; else a new run starts.
+    """
+    restarted = restart_count() > 0
+    if args.resume:
+        if args.overwrite or args.resume_if_exists:
+            raise UsageError("--resume continues a run; drop --overwrite / --resume-if-exists")
+        run_dir, checkpoint = locate_resume(args.resume)
+        given = given_options(parser, argv)
+        if "out" in given and Path(args.out).resolve() != run_dir.resolve():
+            raise UsageError(f"--out {args.out}: a resumed run stays in its folder {run_dir}; drop --out")
+        saved = TrainConfig.load(run_dir / "config.json")
+        wanted = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or saved.data.data}))
+        cfg = reconcile(saved, wanted, sorted(config_dests(given)), parser, run_dir, "--resume")
+        cfg.out = str(run_dir)  # the folder may have moved since
+        return cfg, checkpoint
+    if args.overwrite and args.resume_if_exists:
+        raise UsageError("--resume-if-exists continues the run in --out and --overwrite replaces it; give one")
+    cfg = config_from_args(args)
+    last = Path(cfg.out) / "checkpoints" / "last.pt"
+    if (args.resume_if_exists or restarted) and last.is_file():
+        run_dir = Path(cfg.out)
+        if not (run_dir / "config.json").is_file():
+            raise UsageError(f"{run_dir} has checkpoints but no config.json; pass --overwrite to start again")
+        saved = TrainConfig.load(run_dir / "config.json")
+        dests = [action.dest for action in parser._actions if action.dest != "help" and _sets_config(action.dest)]
+        why = "a torchrun restart" if restarted and not args.resume_if_exists else "--resume-if-exists"
+        return reconcile(saved, cfg, dests, parser, run_dir, why), last
+    return cfg, None
+
+
+# Command-line shortcuts that set no field of their own but rewrite these ones.
+SHORTCUTS = {"lr": ("optim",), "warmup_epochs": ("schedule",), "min_lr": ("schedule",), "data_option": ("data",)}
+
+
+def config_dests(given: set[str]) -> set[str]:
+    """The options among ``given`` that set config fields, with each shortcut replaced by the fields it rewrites."""
+    dests = {dest for dest in given if _sets_config(dest)}
+    return dests | {field for dest in given & set(SHORTCUTS) for field in SHORTCUTS[dest]}
+
+
+def _sets_config(dest: str) -> bool:
+    try:
+        config_field(dest)
+    except KeyError:
+        return False
+    return True
+
+
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     from herbarium.engine import train
 
-    from herbarium.models import PretrainedWeightsError
-
     parser = build_parser()
     args = parse_train_args(parser, argv)
-    cfg = config_from_args(args)
-    try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    except PretrainedWeightsError as error:  # one line: which file to get and how to pass it
-        raise SystemExit(f"{parser.prog}: {error}") from None
+    cfg, resume = run_config(parser, args, argv)
+    train(cfg, resume=resume, overwrite=args.overwrite and resume is None, quiet=args.quiet)
     return 0

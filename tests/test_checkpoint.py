@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,11 +83,30 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last.pt"]
 
 
+def test_the_rename_is_flushed_by_syncing_the_folder(tmp_path, monkeypatch):
+    """After os.replace, the folder itself is fsynced, so the new entry survives a power loss."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file"))
+        return real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", Path(target).name))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(_state(), tmp_path / "last.pt")
+    assert events == [("fsync", "file"), ("replace", "last.pt"), ("fsync", "folder")]
+
+
 # ------------------------------------------------------------------- load
 def test_pickled_custom_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {"w": torch.ones(2)}, "extra": Opaque(7)}, path)
-    with pytest.raises(CheckpointError, match=r"evil.pt: refused to load: .*pickled objects"):
+    with pytest.raises(CheckpointError, match=r"evil.pt: refused to load: it holds pickled Python objects \(it needs .*Opaque\).*Never load a pickle"):
         load_checkpoint(path)
 
 

@@ -252,8 +252,9 @@ def test_main_writes_data_and_prints_summary(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out) in printed and "18 species" in printed and "imbalance 6" in printed
     assert len(_metadata(out, "test")["images"]) == 36
-    with pytest.raises(SystemExit, match="not empty"):
-        main(argv)
+    assert main(argv) == 2  # one line, status 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "not empty" in error and error.count("\n") == 1
     main(argv + ["--overwrite"])
 
 

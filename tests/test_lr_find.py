@@ -201,24 +201,25 @@ def test_end_to_end_on_demo_data(demo, tmp_path, capsys):
     assert _tree(demo) == data_before  # nothing written next to the data
 
 
-def test_a_run_directory_is_refused_and_left_untouched(demo, tmp_path):
+def test_a_run_directory_is_refused_and_left_untouched(demo, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"weights")
     (run / "config.json").write_text("{}")
     (run / "log.jsonl").write_text('{"epoch": 1}\n')
     before = _tree(run)
-    with pytest.raises(SystemExit, match=r"holds a training run \(config.json, checkpoints, log.jsonl\)"):
-        main(_common(demo, run))
+    assert main(_common(demo, run)) == 2
+    assert "holds a training run (config.json, checkpoints, log.jsonl)" in capsys.readouterr().err
     assert _tree(run) == before
     (run / "checkpoints" / "last.pt").unlink()
     (run / "checkpoints").rmdir()
-    with pytest.raises(SystemExit, match=r"holds a training run \(config.json, log.jsonl\)"):
-        main(_common(demo, run))
+    assert main(_common(demo, run)) == 2
+    assert "holds a training run (config.json, log.jsonl)" in capsys.readouterr().err
 
 
 def test_train_only_options_and_bad_sweeps_are_refused(demo, tmp_path, capsys):
-    for extra, message in ((["--resume", str(tmp_path)], "--resume and --overwrite"), (["--overwrite"], "--resume and --overwrite"),
+    for extra, message in ((["--resume", str(tmp_path)], "--resume, --resume-if-exists and --overwrite"),
+                           (["--overwrite"], "--resume, --resume-if-exists and --overwrite"),
                            (["--start-lr", "1", "--end-lr", "0.1"], "0 < start < end"), (["--steps", "2"], "at least 3"),
                            (["--ema", "0"], "--ema"), (["--diverge", "1"], "--diverge")):
         with pytest.raises(SystemExit) as exit_:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -180,5 +181,5 @@ def test_command_line(herbarium2020, tmp_path, capsys):
     assert main([str(data), "--max-side", str(MAX_SIDE), "--out", str(out), "--workers", "0", "--quiet"]) == 0
     assert "resized" in capsys.readouterr().out
     _check_copy(data, out, ["train", "test"])
-    with pytest.raises(SystemExit, match="prepare: .*not empty.*--overwrite"):
-        main([str(data), "--max-side", str(MAX_SIDE), "--out", str(out), "--workers", "0", "--quiet"])
+    assert main([str(data), "--max-side", str(MAX_SIDE), "--out", str(out), "--workers", "0", "--quiet"]) == 2
+    assert re.match(r"error: .*not empty.*--overwrite", capsys.readouterr().err)

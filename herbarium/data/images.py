@@ -6,11 +6,13 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from herbarium.errors import HerbariumError
+
 # Errors Pillow raises for missing, unreadable, truncated or corrupt files.
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class BadImageError(RuntimeError):
+class BadImageError(HerbariumError, RuntimeError):
     """An image file is missing, unreadable or truncated."""
 
 

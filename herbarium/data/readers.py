@@ -29,10 +29,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
+from herbarium.errors import HerbariumError
 from herbarium.taxonomy import DEFAULT_RANKS, Taxonomy, TaxonomyError
 
 
-class DatasetError(ValueError):
+class DatasetError(HerbariumError, ValueError):
     """The dataset's files are missing, malformed or inconsistent."""
 
 
@@ -70,9 +71,48 @@ class DatasetSplit:
 
 
 # --------------------------------------------------------------------- helpers
+BYTE_ORDER_MARKS = (  # longest first: the UTF-32 LE mark starts with the UTF-16 LE one
+    (b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xef\xbb\xbf", "UTF-8 with a byte-order mark (BOM)"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"),
+)
+
+
+def check_encoding(raw: bytes, path: Path, *, allow_utf8_bom: bool = False) -> None:
+    """Name an encoding problem as one: a UTF-16/32 file, or a UTF-8 byte-order mark where JSON forbids it.
+
+    Metadata must be UTF-8 (latin-1 is read too, for the Herbarium 2020 train
+    file). Without this check such files read as "not valid JSON" or as
+    garbled text.
+    """
+    head = raw[:4]
+    for mark, name in BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            if allow_utf8_bom and mark == b"\xef\xbb\xbf":
+                return
+            wanted = "UTF-8" if allow_utf8_bom else "UTF-8 without a byte-order mark"
+            raise DatasetError(f"{path}: encoding problem: the file is {name}; it must be {wanted} "
+                               "(re-save it as UTF-8, e.g. with iconv -t UTF-8, or as 'UTF-8' rather than 'UTF-8 with BOM')")
+    if b"\x00" in raw[:4096]:
+        raise DatasetError(f"{path}: encoding problem: the file holds NUL bytes, as UTF-16 or UTF-32 text does; "
+                           "metadata must be UTF-8 (re-save it as UTF-8)")
+
+
+def read_csv_table(path: Path, **options: Any) -> pd.DataFrame:
+    """``pd.read_csv`` with encoding problems named (a UTF-8 BOM, as spreadsheets write, is fine)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        check_encoding(handle.read(4096), path, allow_utf8_bom=True)
+    try:
+        return pd.read_csv(path, encoding="utf-8", **options)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: encoding problem: not valid UTF-8 ({error.reason} at byte {error.start}); "
+                           "re-save it as UTF-8") from None
+
+
 def read_json(path: Path) -> Any:
     """Read JSON, falling back to latin-1: the Herbarium 2020 train file is not valid UTF-8."""
     raw = Path(path).read_bytes()
+    check_encoding(raw, path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -128,7 +168,7 @@ def _coco_layout(categories: list[Mapping[str, Any]]) -> str:
 # ------------------------------------------------------------------- labels
 def read_labels_csv(path: Path) -> dict[str, Any]:
     """``image_id,category_id`` rows -> {str(image_id): category_id}."""
-    frame = pd.read_csv(path, dtype=str)
+    frame = read_csv_table(path, dtype=str)
     missing = {"image_id", "category_id"} - set(frame.columns)
     if missing:
         raise DatasetError(f"{path}: labels CSV needs columns image_id,category_id; missing {sorted(missing)}")
@@ -212,7 +252,7 @@ class CsvColumns:
 
 
 def _read_csv_manifest(path: Path, ranks: Sequence[str], taxonomy: Taxonomy | None, columns: CsvColumns = CsvColumns()) -> tuple[list[Sample], Taxonomy | None, str]:
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = read_csv_table(path, dtype=str, keep_default_na=False)
     path_column = columns.path if columns.path in frame.columns else "file_name"
     if path_column not in frame.columns:
         raise DatasetError(f"{path}: no path column {columns.path!r}; columns: {list(frame.columns)}")

@@ -18,7 +18,8 @@ def stratified_holdout(split: DatasetSplit, fraction: float, seed: int = 0) -> t
     of ``seed``.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        raise ValueError(f"--holdout must be a fraction in (0, 1), got {fraction}; --holdout 0 trains without validation, "
+                         "--val-split SPLIT validates on another split")
     rng = np.random.default_rng(seed)
     by_class: dict = {}
     for index, sample in enumerate(split.samples):
@@ -33,5 +34,6 @@ def stratified_holdout(split: DatasetSplit, fraction: float, seed: int = 0) -> t
     train = [s for i, s in enumerate(split.samples) if i not in held]
     val = [split.samples[i] for i in sorted(held)]
     if not val:
-        raise ValueError(f"holding out {fraction} of {len(split)} images leaves no validation image; pass --val-split")
+        raise ValueError(f"holding out {fraction} of {len(split)} images leaves no validation image (a class's last image "
+                         "stays in training); pass a larger --holdout, --val-split SPLIT, or --holdout 0 to train without validation")
     return (dataclasses.replace(split, samples=train), dataclasses.replace(split, name=f"{split.name}-holdout", samples=val))

@@ -6,6 +6,7 @@ import argparse
 from typing import Sequence
 
 from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
+from herbarium.errors import command
 from herbarium.evaluation.runner import EvaluationSettings, evaluate
 from herbarium.evaluation.tta import VIEW_VOCABULARY, parse_views
 from herbarium.train_cli import _csv, _weights
@@ -86,9 +87,15 @@ def summary(result: dict) -> str:
             lines.append(f"{variant:>24}: {scores}")
     lines.append(f"report: {result['paths']['html']}")
     lines.append(f"submission: {result['out_dir'] / 'submission.csv'}")
+    if metrics.get("skipped_bad_images"):
+        fallback = metrics.get("fallback", {})
+        lines.append(f"skipped {metrics['skipped_bad_images']} unreadable images (--skip-bad-images); they are in submission.csv "
+                     f"with the most frequent training class ({fallback.get('category_id')}), marked in the fallback column "
+                     "of predictions.csv, and left out of the metrics")
     return "\n".join(lines)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

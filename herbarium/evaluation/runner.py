@@ -25,9 +25,11 @@ from tqdm import tqdm
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.dataset import ImageDataset
+from herbarium.data.images import BadImageError
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.gpu import DECODES, BytesDataset, GpuViewLoader, loader_workers, select_decode
 from herbarium.engine import autocast, autocast_dtype, resolve_device
+from herbarium.errors import UsageError
 from herbarium.ensembles import class_weights_from_accuracy, per_class_accuracy
 from herbarium.evaluation.combine import average_views, class_weighted_ensemble, ensemble
 from herbarium.evaluation.decoding import PathDecoder, independent_predictions, taxonomy_disagreement
@@ -355,6 +357,8 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
             images_done += len(batch["index"])
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if not indices:
+        raise BadImageError(f"no image of the split could be read ({skipped} skipped as unreadable)")
     seconds = time.perf_counter() - started
     return {
         "index": torch.cat(indices).numpy(), "targets": torch.cat(targets).numpy(), **store.finish(), "skipped": skipped,
@@ -408,7 +412,11 @@ def validation_split(loaded: LoadedModel, data: str | Path, split: str, taxonomy
         return read_split(data, split, loaded.config.data.ranks, taxonomy=taxonomy)
     from herbarium.engine import read_train_val
 
-    return read_train_val(loaded.config)[1]
+    val = read_train_val(loaded.config)[1]
+    if not len(val):
+        raise UsageError(f"{loaded.source}: its run was trained without validation (--holdout 0); "
+                         "pass --weights-split SPLIT, a labelled split of --data")
+    return val
 
 
 def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, taxonomy: Taxonomy,
@@ -485,17 +493,18 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
     out_dir = Path(out) if out else resolve_checkpoint(checkpoints[0])[1] / "eval" / split
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    image_ids = [split_data.samples[i].image_id for i in outputs["index"]]
     choice = choose_primary(models, data, taxonomy, settings, device, galleries, class_weights)
     if choice.variant not in outputs["predictions"]:
         raise ValueError(f"--primary {choice.variant}: not a variant of this evaluation; it has {list(outputs['predictions'])}")
     primary = choice.variant
     finest = taxonomy.finest
-    write_submission(out_dir / "submission.csv", image_ids, outputs["predictions"][primary][finest], taxonomy)
-    files = [str(split_data.path(split_data.samples[i])) for i in outputs["index"]]
-    write_predictions(out_dir / "predictions.csv", image_ids, outputs["predictions"][primary],
-                      outputs["top"][primary][finest], outputs["top_probabilities"][primary][finest], taxonomy,
-                      paths=files, targets=outputs["targets"])
+    rows = rows_for_every_image(outputs, primary, len(split_data), taxonomy, first.train_counts)
+    image_ids = [split_data.samples[i].image_id for i in rows["index"]]
+    write_submission(out_dir / "submission.csv", image_ids, rows["predictions"][finest], taxonomy)
+    files = [str(split_data.path(split_data.samples[i])) for i in rows["index"]]
+    write_predictions(out_dir / "predictions.csv", image_ids, rows["predictions"], rows["top"], rows["top_probabilities"],
+                      taxonomy, paths=files, targets=split_targets(split_data, taxonomy, rows["index"]),
+                      fallback=rows["fallback"])
 
     metrics: dict[str, Any] = {
         "throughput": {"images_per_s": outputs["images_per_s"], "hardware": hardware(device), "views": len(settings.views),
@@ -504,6 +513,8 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
         "taxonomy_disagreement": outputs["disagreement"],
         "skipped_bad_images": outputs["skipped"],
         "primary_choice": {"variant": primary, "reason": choice.reason, "validation_macro_f1": choice.validation_macro_f1},
+        **({"fallback": {"images": rows["fallbacks"], "category_id": rows["fallback_category_id"],
+                         "rule": FALLBACK_NOTE}} if rows["fallbacks"] else {}),
     }
     if (outputs["targets"] >= 0).all(axis=1).any():
         metrics["variants"] = score_variants(outputs, taxonomy, first.train_counts, settings.shot_thresholds)
@@ -526,3 +537,62 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
     title = f"herbarium evaluation: {split}"
     paths = write_report(metrics, out_dir, title, context)
     return {"out_dir": out_dir, "metrics": metrics, "paths": paths}
+
+
+FALLBACK_NOTE = "unreadable image: the most frequent training class"
+
+
+def split_targets(split: DatasetSplit, taxonomy: Taxonomy, index: Sequence[int]) -> np.ndarray:
+    """Class indices at every taxonomy rank of the split's images ``index`` [N, ranks]; -1 where unlabelled."""
+    table = np.full((len(index), len(taxonomy.ranks)), -1, dtype=np.int64)
+    for row, i in enumerate(index):
+        category = split.samples[i].category_id
+        if category is not None:
+            table[row] = [taxonomy.targets(category)[rank] for rank in taxonomy.ranks]
+    return table
+
+
+def rows_for_every_image(outputs: dict[str, Any], variant: str, num_images: int, taxonomy: Taxonomy,
+                         train_counts: dict[str, list[int]]) -> dict[str, Any]:
+    """One row per image of the split, in split order: the model's predictions, and a fallback for skipped images.
+
+    An image skipped as unreadable (``--skip-bad-images``) still needs a row:
+    a submission missing one is rejected. It gets the most frequent class of
+    the training split at the finest rank (its ancestors at the coarser
+    ranks), its top-k are the most frequent training classes with their
+    training frequencies as probabilities, and its ``fallback`` note says so.
+    Returns ``index`` [N], ``predictions`` {rank: [N]}, ``top`` / ``top_probabilities``
+    [N, k] at the finest rank, ``fallback`` [N] notes, ``fallbacks`` (their
+    number) and ``fallback_category_id``.
+    """
+    finest = taxonomy.finest
+    index = np.asarray(outputs["index"], dtype=np.int64)
+    predictions = {rank: np.asarray(p) for rank, p in outputs["predictions"][variant].items()}
+    top = np.asarray(outputs["top"][variant][finest])
+    top_probabilities = np.asarray(outputs["top_probabilities"][variant][finest])
+    missing = np.setdiff1d(np.arange(num_images), index)
+    notes = [""] * len(index)
+    fallback_category = None
+    if len(missing):
+        counts = np.asarray(train_counts.get(finest) or [0] * taxonomy.num_classes(finest), dtype=np.float64)
+        order = np.argsort(-counts, kind="stable")
+        fallback = int(order[0])
+        fallback_category = taxonomy.category_ids[fallback]
+        path = taxonomy.path_table(taxonomy.ranks)[fallback]
+        for rank in predictions:
+            predictions[rank] = np.concatenate([predictions[rank], np.full(len(missing), int(path[taxonomy.rank_index(rank)]))])
+        k = top.shape[1] if top.ndim == 2 and top.shape[1] else min(TOP_K, len(counts))
+        frequencies = counts / counts.sum() if counts.sum() > 0 else np.full(len(counts), 1 / len(counts))
+        top = np.concatenate([top.reshape(-1, k), np.tile(order[:k], (len(missing), 1))])
+        top_probabilities = np.concatenate([top_probabilities.reshape(-1, k),
+                                            np.tile(frequencies[order[:k]], (len(missing), 1))]).astype(np.float32)
+        index = np.concatenate([index, missing])
+        notes += [FALLBACK_NOTE] * len(missing)
+    in_split_order = np.argsort(index, kind="stable")
+    return {
+        "index": index[in_split_order],
+        "predictions": {rank: p[in_split_order] for rank, p in predictions.items()},
+        "top": top[in_split_order], "top_probabilities": top_probabilities[in_split_order],
+        "fallback": [notes[i] for i in in_split_order], "fallbacks": int(len(missing)),
+        "fallback_category_id": fallback_category,
+    }

@@ -108,6 +108,7 @@ def write_predictions(
     taxonomy: Taxonomy,
     paths: Sequence[Any] | None = None,
     targets: ArrayLike | None = None,
+    fallback: Sequence[str] | None = None,
 ) -> Path:
     """Write a CSV for people to inspect: each rank's predicted name and the finest top-k.
 
@@ -119,7 +120,9 @@ def write_predictions(
     ``top<i>_category_id`` and ``top<i>_prob`` for i = 1..k, from
     ``top_indices`` / ``top_probabilities`` ([N, k], best first). The top-k
     need not start with the predicted category when the predictions come
-    from consistent decoding.
+    from consistent decoding. With ``fallback`` ([N] strings, empty for a
+    real prediction) a last column ``fallback`` says which rows are not the
+    model's, and why (e.g. an unreadable image given the most frequent class).
     """
     ranks = [rank for rank in taxonomy.ranks if rank in preds_by_rank]
     if taxonomy.finest not in preds_by_rank:
@@ -131,6 +134,8 @@ def write_predictions(
     top_probabilities = torch.as_tensor(np.asarray(top_probabilities)).float()
     if top_indices.shape != top_probabilities.shape or top_indices.shape[0] != count:
         raise ValueError(f"top-k indices {tuple(top_indices.shape)} and probabilities {tuple(top_probabilities.shape)} must both be [{count}, k]")
+    if fallback is not None and len(fallback) != count:
+        raise ValueError(f"{len(fallback)} fallback notes but {count} predictions")
     k = top_indices.shape[1]
     if paths is not None and len(paths) != count:
         raise ValueError(f"{len(paths)} paths but {count} predictions")
@@ -140,6 +145,7 @@ def write_predictions(
         header += [f"true_{rank}" for rank in ranks] + ["true_category_id"]
     header += [f"top{i}_{field}" for i in range(1, k + 1) for field in ("category_id", "prob")]
     finest_column = taxonomy.rank_index(taxonomy.finest)
+    header += ["fallback"] if fallback is not None else []
     rows = []
     for row, image_id in enumerate(image_ids):
         names = [taxonomy.names[rank][preds[rank][row]] for rank in ranks]
@@ -155,5 +161,6 @@ def write_predictions(
             known = [taxonomy.names[rank][i] if i >= 0 else "" for rank, i in zip(ranks, labels)]
             known.append(taxonomy.category_ids[finest] if finest >= 0 else "")
         rows.append([image_id, *([str(paths[row])] if paths is not None else []), *names,
-                     taxonomy.category_ids[preds[taxonomy.finest][row]], *known, *top])
+                     taxonomy.category_ids[preds[taxonomy.finest][row]], *known, *top,
+                     *([fallback[row]] if fallback is not None else [])])
     return write_atomic(path, _csv_text(header, rows))

@@ -132,12 +132,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path} is not a plain weights file: it holds pickled Python objects, "
-                f"and only tensors, numbers, strings, lists and dicts are read "
-                f"(torch.load weights_only=True). Save the state dict alone, e.g. "
-                f"torch.save(model.state_dict(), path), or use safetensors."
-            ) from err
+            from herbarium.checkpoint import pickle_refusal
+
+            raise ValueError(pickle_refusal(path, err)) from None
     while isinstance(state, Mapping):
         container = next((key for key in CONTAINER_KEYS if isinstance(state.get(key), Mapping)), None)
         if container is None:

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from herbarium.config import TrainConfig
+from herbarium.errors import command
 
 KEEP_PER_CLASS = 3  # AliProducts kept 3 images per class
 COLUMNS = ["image_id", "label", "predicted", "probability", "label_probability", "label_name", "predicted_name"]
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     from herbarium.engine import read_image_ids, train
     from herbarium.evaluation.tta import parse_views
@@ -122,13 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parse_train_args(parser, argv)
-    if args.resume:
-        parser.error("run the same clean-labels command again to continue it; --resume is for single runs")
+    if args.resume or args.resume_if_exists:
+        parser.error("run the same clean-labels command again to continue it; --resume and --resume-if-exists are for single runs")
     cfg = config_from_args(args)
-    try:
-        result = clean_labels(cfg, args.folds, args.keep_per_class, args.overwrite, parse_views(args.oof_views))
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"clean-labels: {error}") from None
+    result = clean_labels(cfg, args.folds, args.keep_per_class, args.overwrite, parse_views(args.oof_views))
     print(f"checked {result['checked']} images: {result['flagged']} flagged ({result['flagged_csv']}), "
           f"{result['kept']} kept in the clean subset ({result['kept_csv']})")
     if args.known_noise:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from herbarium.data.readers import read_json
+from herbarium.errors import command
 
 FLIPPED_FILE = "flipped_labels.csv"
 
@@ -66,6 +67,7 @@ def inject_label_noise(data: str | Path, out: str | Path, fraction: float, seed:
     return flipped
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="herbarium inject-label-noise", description="Copy a dataset (images linked) with a fraction "
                                      "of one split's labels flipped to another category; the changes go to <split>/flipped_labels.csv.")
@@ -75,9 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="train", help="split whose labels are flipped (default: train)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args(argv)
-    try:
-        flipped = inject_label_noise(args.data, args.out, args.fraction, args.seed, args.split)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        raise SystemExit(f"inject-label-noise: {error}") from None
+    flipped = inject_label_noise(args.data, args.out, args.fraction, args.seed, args.split)
     print(f"wrote {args.out}: {len(flipped)} {args.split} labels flipped; answer key {Path(args.out) / args.split / FLIPPED_FILE}")
     return 0

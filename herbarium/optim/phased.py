@@ -252,6 +252,10 @@ class PhasedOptimizer:
             scaler.step(self.active)
         self.global_step += 1
 
+    def skip_step(self) -> None:
+        """Advance the global step without updating (a step skipped for a non-finite loss): the schedule counts steps."""
+        self.global_step += 1
+
     def start_epoch(self, epoch: int) -> bool:
         """Enter ``epoch``: switch phase if one starts now or a plateau brought one forward.
 
