@@ -412,11 +412,7 @@ def validation_split(loaded: LoadedModel, data: str | Path, split: str, taxonomy
         return read_split(data, split, loaded.config.data.ranks, taxonomy=taxonomy)
     from herbarium.engine import read_train_val
 
-    val = read_train_val(loaded.config)[1]
-    if not len(val):
-        raise UsageError(f"{loaded.source}: its run was trained without validation (--holdout 0); "
-                         "pass --weights-split SPLIT, a labelled split of --data")
-    return val
+    return read_train_val(loaded.config)[1]
 
 
 def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, taxonomy: Taxonomy,
@@ -432,8 +428,8 @@ def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, ta
     for loaded in models:
         split = validation_split(loaded, data, settings.weights_split, taxonomy)
         if split is None:
-            raise ValueError(f"{loaded.source}: the run has no validation split for the class weights; "
-                             "pass --weights-split with a labelled split of the data")
+            raise UsageError(f"{loaded.source}: its run was trained without validation (--holdout 0); "
+                             "pass --weights-split SPLIT, a labelled split of --data")
         loader = build_view_loader(split, taxonomy, [loaded], plain_settings, device)
         outputs = predict([loaded], loader, taxonomy, plain_settings, device)
         predictions = outputs["predictions"]["tta_heads"]
