@@ -309,7 +309,7 @@ def test_param_groups_keep_own_weight_decay_and_lr_scale():
     optimizer = PhasedOptimizer(groups, parse_phases("sgd:0,adamw:1"), Schedule(), 1, 2)
     assert [group["weight_decay"] for group in optimizer.param_groups] == [1e-4, 0.0]
     optimizer.start_epoch(1)
-    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-3, 1e-4])
 
 

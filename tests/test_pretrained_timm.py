@@ -39,7 +39,7 @@ def test_pretrained_offline_without_cached_weights_stops_naming_the_file_and_wei
     message = done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr
     hub_id = timm.models.get_pretrained_cfg(TRUNK).hf_hub_id
-    assert message.startswith("herbarium train: --pretrained: the ImageNet weights of 'resnet10t' are neither in timm's local cache")
+    assert message.startswith("error: --pretrained: the ImageNet weights of 'resnet10t' are neither in timm's local cache")
     assert f"Get the file model.safetensors of https://huggingface.co/{hub_id} and pass it with --weights FILE" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -25,7 +25,7 @@ from herbarium.errors import UsageError, command, is_expected
 from herbarium.evaluation.cli import main as eval_main
 from herbarium.models.config import ModelConfig
 from herbarium.stats import main as stats_main
-from herbarium.train_cli import RESUME_CHANGEABLE, build_parser, config_field, main as train_main
+from herbarium.train_cli import RESUME_CHANGEABLE, SHORTCUTS, build_parser, config_field, main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_resume_applies_changeable_options_records_them_and_refuses_the_others(d
     assert saved_config(run)["changes"] == expected
     capsys.readouterr()
     for flag, value, was, given in (("--batch-size", "4", 8, 4), ("--trunk", "resnet18", "resnet10t", "resnet18"),
-                                    ("--loss", "ce", "focal", "ce")):
+                                    ("--loss", "ce", "logit_adjusted", "ce")):
         assert train_main(["--resume", str(run), flag, value]) == 2
         line = one_error_line(capsys.readouterr().err)
         assert line.startswith(f"error: {flag}: the run in {run} was trained with {was!r}, this command gives {given!r}; ")
@@ -141,7 +141,10 @@ def test_resume_applies_changeable_options_records_them_and_refuses_the_others(d
 def test_every_train_option_has_a_resume_policy():
     parser = build_parser()
     for action in parser._actions:
-        if action.dest in ("help", "resume", "resume_if_exists", "overwrite"):
+        if action.dest in ("help", "resume", "resume_if_exists", "overwrite", "quiet"):
+            continue
+        if action.dest in SHORTCUTS:  # --lr, --warmup-epochs, --min-lr, --data rewrite the fields they name
+            assert all(config_field(dest) for dest in SHORTCUTS[action.dest])
             continue
         config_field(action.dest)  # every option sets a config field, compared on resume
     assert set(RESUME_CHANGEABLE) <= {action.dest for action in parser._actions}
@@ -328,7 +331,7 @@ def test_holdout_zero_trains_without_validation(data, tmp_path, capsys):
     assert record["val"] == {} and record["best_macro_f1"] is None
     assert (tmp_path / "novalid" / "checkpoints" / "last.pt").is_file()
     assert not (tmp_path / "novalid" / "checkpoints" / "best.pt").exists()
-    assert "val: none (--holdout 0)" in capsys.readouterr().out
+    assert "val: none (no validation split)" in capsys.readouterr().out
     assert train_main([str(data), *options, "--holdout", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--holdout 0 trains without validation" in one_error_line(capsys.readouterr().err)
 

@@ -96,7 +96,7 @@ def untrained_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_retrieval_alone_predicts_the_nearest_train_centroid(untrained_run, tmp_path):
     data, run = untrained_run
     settings = EvaluationSettings(views=("plain",), workers=0, device="cpu", batch_size=8, retrieval_gallery="train",
-                                  retrieval_weight=1.0)
+                                  retrieval_weight=1.0, primary="retrieval_consistent")
     result = evaluate([run], data, "test", out=tmp_path, settings=settings)
     assert result["metrics"]["primary"] == "retrieval_consistent"
     assert {"retrieval_heads", "retrieval_consistent", "tta_heads"} <= set(result["metrics"]["variants"])

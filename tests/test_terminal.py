@@ -47,7 +47,7 @@ def test_old_and_new_spellings_give_the_same_config():
 
 def test_timm_style_aliases_map_onto_phases_and_schedule():
     cfg = parse("D", "--lr", "1e-3", "--schedule", "cosine", "--warmup-epochs", "2", "--min-lr", "1e-5", "--drop-path", "0.1")
-    assert cfg.optim.optim == "adam@0.001:0"
+    assert cfg.optim.optim == "adamw@0.001:0"
     assert cfg.optim.schedule == "cosine:warmup=2:min=0.01"
     assert cfg.model.drop_path == 0.1
     # --lr fills the phases without their own @LR
@@ -67,10 +67,10 @@ def test_start_up_summary(tiny_run, capsys):
     assert out.startswith(f"herbarium train -> {cfg.out}\n")
     assert f"data       {data} (herbarium2020); train 'train':" in out
     assert "a 10% hold-out of 'train', stratified by species" in out
-    assert "classes    family 3, genus 6, species 18; heads (loss weight): species×1.5, genus×1" in out
+    assert "classes    family 3, genus 6, species 18; heads (loss weight): species×1, genus×1" in out
     assert "trunk      resnet10t: 4.9M parameters" in out and "random initialisation" in out
     assert "normalisation from ImageNet values" in out
-    assert "recipe     1 epochs, batch 16; loss focal" in out and "optim adam@2e-3:0, schedule constant" in out
+    assert "recipe     1 epochs, batch 16; loss logit_adjusted" in out and "optim adam@2e-3:0, schedule constant" in out
     assert "device     cpu (fp32); input path cpu (0 workers)" in out
 
 
@@ -144,7 +144,7 @@ def test_report_names_the_run_files_truth_and_confident_mistakes(tiny_run, tmp_p
     metrics = result["metrics"]
     context = json.loads((tmp_path / "metrics.json").read_text())["context"]
     assert context["models"] == ["resnet10t (from scratch), 32 px, heads species, genus; checkpoint best.pt at epoch 1 of 1; "
-                                 "loss focal, class weights effective, optim adam@2e-3:0, schedule constant, augment crop_flip, "
+                                 "loss logit_adjusted, class weights none, optim adam@2e-3:0, schedule constant, augment crop_flip, "
                                  "sampler none"]
     wrong = [r for r in rows if r["species"] != r["true_species"]]
     mistakes = metrics["mistakes"]
