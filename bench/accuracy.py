@@ -48,9 +48,11 @@ from sklearn.metrics import f1_score
 
 from herbarium import train_cli
 from herbarium.config import TrainConfig
+from herbarium.data.readers import read_split
+from herbarium.engine import resolve_device, train
 from herbarium.evaluation import cli as eval_cli
 from herbarium.evaluation.metrics import evaluate_predictions
-from herbarium.evaluation.runner import EvaluationSettings
+from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 import stock  # noqa: E402  (bench/stock.py)
@@ -178,6 +180,12 @@ def build_arms(budget: Budget, out: Path, names: Sequence[str] = tuple(ARMS),
     return arms
 
 
+def check_arguments(arm: Arm) -> None:
+    """Parse a herbarium arm's train.py and tta_eval.py arguments, which raises on any they refuse."""
+    arm.train
+    arm.evaluation
+
+
 def flat_config(cfg: TrainConfig) -> dict[str, Any]:
     """Every field of the config: ``name`` at the top level, ``section.name`` inside a section."""
     values = {}
@@ -203,8 +211,6 @@ def arm_commands(arm: Arm, budget: Budget) -> list[str]:
 
 # -------------------------------------------------------------------- runs
 def hardware_description(device: str) -> str:
-    from herbarium.engine import resolve_device
-
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         return f"{torch.cuda.get_device_name(resolved)}, torch {torch.__version__}"
@@ -253,9 +259,6 @@ def run_stock_arm(arm: Arm, budget: Budget) -> dict[str, Any]:
 
 def run_herbarium_arm(arm: Arm, budget: Budget, paths: ArmPaths, overwrite: bool) -> dict[str, Any]:
     """train.py then tta_eval.py of one herbarium arm, in this process; its part of the result record."""
-    from herbarium.engine import train
-    from herbarium.evaluation.runner import evaluate, load_run
-
     cfg, settings = arm.train, arm.evaluation
     started = time.perf_counter()
     train(cfg, overwrite=overwrite)
@@ -267,8 +270,6 @@ def run_herbarium_arm(arm: Arm, budget: Budget, paths: ArmPaths, overwrite: bool
     if "variants" not in metrics:
         raise ValueError(f"split {budget.test_split!r} of {budget.data} has no labels to score against")
     taxonomy = load_run(paths.run, torch.device("cpu")).taxonomy
-    from herbarium.data.readers import read_split
-
     test = read_split(budget.data, budget.test_split, cfg.data.ranks, taxonomy=taxonomy)
     predictions = pd.read_csv(paths.evaluation / "predictions.csv", dtype={"image_id": str})
     finest = taxonomy.finest
@@ -515,9 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = budget_from_args(args)
     out = Path(args.out or f"bench/results/accuracy_{budget.train_split}")
     arms = build_arms(budget, out, args.only, shlex.split(args.herbarium_args))
-    for arm in arms.values():  # fail on a config train.py or tta_eval.py refuses before hours of training
-        if arm.stock is None:
-            arm.train.data, arm.evaluation.views  # noqa: B018  (building them is the check)
+    for arm in (arm for arm in arms.values() if arm.stock is None):
+        check_arguments(arm)  # fail on a config train.py or tta_eval.py refuses before hours of training
     out.mkdir(parents=True, exist_ok=True)
     for arm in arms.values():
         if ArmPaths(out / arm.name).result.is_file() and not args.overwrite:
