@@ -49,10 +49,11 @@ from sklearn.metrics import f1_score
 from herbarium import train_cli
 from herbarium.config import TrainConfig
 from herbarium.data.readers import read_split
-from herbarium.engine import resolve_device, train
+from herbarium.engine import train
 from herbarium.evaluation import cli as eval_cli
 from herbarium.evaluation.metrics import evaluate_predictions
 from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
+from herbarium.runtime import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 import stock  # noqa: E402  (bench/stock.py)

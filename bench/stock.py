@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from herbarium.data.readers import DatasetSplit, read_split
+from herbarium.evaluation.metrics import macro_f1
 from herbarium.models.pretrained import load_efficientnet_lite_imagenet
 from herbarium.taxonomy import DEFAULT_RANKS, Taxonomy
 
@@ -214,8 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from herbarium.evaluation.metrics import macro_f1
-
     args = build_parser().parse_args(argv)
     recipe = StockRecipe(size=args.size, epochs=args.epochs, loss=args.loss, seed=args.seed, workers=args.workers)
     result = run_stock(args.data, args.train_split, args.test_split, recipe, device=args.device)

@@ -55,18 +55,20 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
+from herbarium.build import build_loaders
 from herbarium.config import DataConfig, LossConfig, TrainConfig
 from herbarium.data.gpu import device_decode_available, gpu_moment_batches
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.samplers import EpochSampler
 from herbarium.distributed import DistributedContext
-from herbarium.engine import NanGuard, autocast, autocast_dtype, build_loaders, forward_loss, resolve_device
+from herbarium.engine import NanGuard, forward_loss
 from herbarium.evaluation.runner import EVAL_BATCH, EvaluationSettings, LoadedModel, build_view_loader, model_scores
 from herbarium.evaluation.tta import InputProfile, parse_views, plain_view_index
 from herbarium.losses import build_multi_rank_loss
 from herbarium.models import ModelConfig, build_model
 from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
-from herbarium.stats import ChannelMoments, compute_stats, default_workers
+from herbarium.runtime import autocast, autocast_dtype, default_workers, resolve_device
+from herbarium.stats import ChannelMoments, compute_stats
 from herbarium.stats_file import imagenet_normalization
 from herbarium.taxonomy import DEFAULT_RANKS, Taxonomy
 

@@ -11,6 +11,7 @@ Using a trained run from Python::
     predictions = run.predict(["sheet.jpg"], topk=5)
 """
 
+import importlib
 from typing import Any
 
 from herbarium.taxonomy import DEFAULT_RANKS, Taxonomy, TaxonomyError
@@ -25,8 +26,6 @@ __all__ = ["DEFAULT_RANKS", "Prediction", "Run", "Taxonomy", "TaxonomyError", "_
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

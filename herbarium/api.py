@@ -29,13 +29,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from herbarium.data.images import IMAGE_ERRORS, BadImageError, load_rgb
-from herbarium.engine import autocast_dtype, resolve_device
 from herbarium.evaluation.decoding import PathDecoder
 from herbarium.evaluation.runner import LoadedModel, load_run, model_outputs
 from herbarium.evaluation.submission import top_k_probabilities
 from herbarium.evaluation.tta import (
     InputProfile, MultiViewDataset, collate_views, parse_views, view_decode_side, view_transform,
 )
+from herbarium.export import is_export_folder, load_safetensors
+from herbarium.runtime import autocast_dtype, resolve_device
 from herbarium.taxonomy import Taxonomy
 
 ImageInput = str | Path | Image.Image
@@ -218,8 +219,6 @@ def load(run: str | Path, device: str | torch.device = "auto", precision: str = 
     ``"bf16"``, ``"fp16"`` or ``"fp32"``.
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    from herbarium.export import is_export_folder, load_safetensors
-
     if is_export_folder(run):
         model, config, taxonomy, info = load_safetensors(run, device)
         if device.type == "cuda":

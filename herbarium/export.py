@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from herbarium.cli import prog
 from herbarium.config import TrainConfig
 from herbarium.data.transforms import DEFAULT_CROP_PCT, resize_size
-from herbarium.evaluation.runner import LoadedModel, load_run, resolve_checkpoint
-from herbarium.models import build_model
+from herbarium.evaluation.runner import LoadedModel, load_run
+from herbarium.run_dir import NORMALIZATION, locate_checkpoint, model_from_checkpoint
 from herbarium.taxonomy import Taxonomy
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -86,8 +88,6 @@ def example_input(loaded: LoadedModel, batch: int = 2) -> torch.Tensor:
 
 
 def export_safetensors(model: nn.Module, path: Path) -> Path:
-    from safetensors.torch import save_file
-
     state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt", "producer": "herbarium"})
     return path
@@ -128,7 +128,8 @@ def export(run: str | Path, formats: Sequence[str] = ("safetensors",), out: str 
             raise ExportError(ONNX_HINT) from error
     loaded = load_run(run, torch.device("cpu"))
     model = loaded.model.float().eval()
-    out_dir = Path(out) if out else resolve_checkpoint(run)[1] / "export"
+    run_folder = locate_checkpoint(run)[1]
+    out_dir = Path(out) if out else run_folder.export_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     example = example_input(loaded)
@@ -145,10 +146,8 @@ def export(run: str | Path, formats: Sequence[str] = ("safetensors",), out: str 
     loaded.config.save(out_dir / "config.json")
     for name in ("taxonomy", "preprocessing", "config"):
         written[name] = out_dir / f"{name}.json"
-    stats = resolve_checkpoint(run)[1] / "stats.json"
-    if stats.is_file():
-        shutil.copy(stats, out_dir / "stats.json")
-        written["stats"] = out_dir / "stats.json"
+    if run_folder.normalization_file.is_file():
+        written["normalization"] = Path(shutil.copy(run_folder.normalization_file, out_dir / NORMALIZATION))
     return written
 
 
@@ -164,22 +163,16 @@ def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> 
     Nothing is downloaded: the trunk is built without its starting weights,
     which the file replaces.
     """
-    from dataclasses import replace
-
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     config = TrainConfig.load(folder / "config.json")
     info = json.loads((folder / "preprocessing.json").read_text())
     taxonomy = Taxonomy.from_dict(json.loads((folder / "taxonomy.json").read_text()))
-    model = build_model(replace(config.model, pretrained=False, weights=None), {r: int(n) for r, n in info["classes"].items()})
-    model.load_state_dict(load_file(str(folder / FILES["safetensors"]), device="cpu"))
+    weights = load_file(str(folder / FILES["safetensors"]), device="cpu")
+    model, _ = model_from_checkpoint({"config": config.to_dict(), "classes": info["classes"], "model": weights})
     return model.to(device).eval(), config, taxonomy, info
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from herbarium.cli import prog
-
     parser = argparse.ArgumentParser(prog=prog("herbarium export"), description="Export a run's model with its taxonomy and "
                                      "normalisation: weights-only safetensors, traced TorchScript, or ONNX.")
     parser.add_argument("run", help="run directory (checkpoints/best.pt, else last.pt) or a checkpoint file")

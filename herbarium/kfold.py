@@ -35,7 +35,13 @@ from sklearn.model_selection import StratifiedKFold
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.readers import DatasetSplit, read_split
+from herbarium.engine import train
 from herbarium.errors import command
+from herbarium.evaluation.runner import EvaluationSettings, build_view_loader, load_run, model_outputs
+from herbarium.evaluation.tta import parse_views
+from herbarium.run_dir import RunDir
+from herbarium.runtime import autocast_dtype, resolve_device
+from herbarium.train_cli import add_train_arguments, config_from_args, parse_train_args
 
 UNFOLDED = -1
 
@@ -76,9 +82,7 @@ def fold_config(cfg: TrainConfig, run_dir: Path, fold: int, held_ids: Sequence[A
 
 def train_fold(cfg: TrainConfig, overwrite: bool = False) -> None:
     """Train one fold; skip it when its last checkpoint is complete, resume it when it is not."""
-    from herbarium.engine import train
-
-    last = Path(cfg.out) / "checkpoints" / "last.pt"
+    last = RunDir(cfg.out).last
     if last.is_file() and not overwrite:
         if load_checkpoint(last)["run"]["epoch"] >= cfg.epochs:
             print(f"{cfg.out}: already trained for {cfg.epochs} epochs, kept")
@@ -104,9 +108,6 @@ def out_of_fold_predictions(run_dir: Path, split: DatasetSplit, assignment: np.n
     Columns: image_id, fold, label and predicted (category ids), probability
     (of the predicted class), label_probability, label_name, predicted_name.
     """
-    from herbarium.engine import autocast_dtype, resolve_device
-    from herbarium.evaluation.runner import EvaluationSettings, build_view_loader, load_run, model_outputs
-
     torch_device = resolve_device(device)
     settings = EvaluationSettings(views=tuple(views), batch_size=batch_size, workers=workers, device=device)
     taxonomy = split.taxonomy
@@ -170,8 +171,6 @@ def add_kfold_arguments(parser: argparse.ArgumentParser, default_folds: int) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from herbarium.train_cli import add_train_arguments
-
     parser = argparse.ArgumentParser(prog="herbarium kfold", description="Train k fold models (RUN/fold_<k>) stratified by species "
                                      "and write out-of-fold predictions (RUN/oof_predictions.csv).")
     return add_kfold_arguments(add_train_arguments(parser), default_folds=5)
@@ -179,9 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
-    from herbarium.evaluation.tta import parse_views
-    from herbarium.train_cli import config_from_args, parse_train_args
-
     parser = build_parser()
     args = parse_train_args(parser, argv)
     if args.resume or args.resume_if_exists:

@@ -39,19 +39,19 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
+from herbarium.build import Loaders, build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.readers import DatasetSplit
+from herbarium.data.splits import read_train_val
 from herbarium.distributed import DistributedContext
+from herbarium.engine import forward_loss
 from herbarium.errors import command
-from herbarium.engine import (
-    Loaders, autocast_dtype, build_loaders, build_run_loss, build_run_model, forward_loss, optimizer_phases, read_train_val,
-    resolve_device, resolve_normalization,
-)
 from herbarium.optim import OPTIMIZERS, Phase
+from herbarium.run_dir import RunDir
+from herbarium.runtime import autocast_dtype, resolve_device
 from herbarium.train_cli import add_train_arguments, config_from_args, parse_train_args
 
 DEFAULT_OUT = "runs/lr_find"
-RUN_MARKERS = ("config.json", "checkpoints", "log.jsonl")  # what makes a folder a training run
 RULE = "steepest descent of the smoothed loss against log(lr), searched up to the smoothed loss's minimum"
 
 
@@ -257,7 +257,7 @@ def check_output_dir(out: Path) -> None:
     """Refuse a folder that holds a training run: lr-find writes nothing into a run."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
-    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    found = RunDir(out).training_markers()
     if found:
         raise FileExistsError(f"--out {out} holds a training run ({', '.join(found)}); lr-find never writes into a run, "
                               f"pass another --out such as {out / 'lr_find'}")

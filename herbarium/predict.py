@@ -20,6 +20,10 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from herbarium.api import load
+from herbarium.evaluation.submission import write_atomic
+from herbarium.runtime import default_workers
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -61,8 +65,6 @@ def prediction_rows(predictions, taxonomy_ranks: Sequence[str], head_ranks: Sequ
 
 
 def write_prediction_csv(path: str | Path, predictions, taxonomy_ranks: Sequence[str], head_ranks: Sequence[str], topk: int) -> Path:
-    from herbarium.evaluation.submission import write_atomic
-
     header, rows = prediction_rows(predictions, taxonomy_ranks, head_ranks, topk)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -97,9 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = expand_images(args.images)
     except FileNotFoundError as error:
         parser.error(str(error))
-    from herbarium.api import load
-    from herbarium.stats import default_workers
-
     run = load(args.run, device=args.device, precision=args.precision)
     workers = default_workers() if args.workers is None else args.workers
     progress = None if args.quiet else (lambda batches: tqdm(batches, desc="predict", unit="batch", leave=False, dynamic_ncols=True,

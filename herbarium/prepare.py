@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from herbarium.data.images import IMAGE_ERRORS, BadImageError
 from herbarium.errors import command
-from herbarium.stats import default_workers
+from herbarium.runtime import default_workers
 
 # Suffixes of the image files to rewrite (lower case); everything else is copied.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})

@@ -14,7 +14,10 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from herbarium.cli import prog
 from herbarium.config import TrainConfig
+from herbarium.models import pretrained_source
+from herbarium.run_dir import RunDir
 
 # A trunk this large trained from random initialisation wants far more images than this.
 LARGE_TRUNK_PARAMETERS = 10_000_000
@@ -34,8 +37,6 @@ def starting_weights(cfg: TrainConfig) -> str:
     if model.weights:
         return f"weights from {model.weights}"
     if model.pretrained:
-        from herbarium.models import pretrained_source
-
         return ("pretrained: ImageNet weights from a pip package" if pretrained_source(model.trunk) == "packaged"
                 else "pretrained: timm's ImageNet weights")
     return "random initialisation"
@@ -98,49 +99,50 @@ def startup_lines(cfg: TrainConfig, *, layout: str, train_images: int, val_image
     return lines
 
 
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
+def read_log(run: RunDir) -> list[dict[str, Any]]:
+    if not run.log_file.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in run.log_file.read_text().splitlines() if line.strip()]
 
 
 def best_record(records: Sequence[dict[str, Any]], finest: str) -> dict[str, Any] | None:
     """The epoch ``best.pt`` holds: the first with the highest validation macro-F1 at the finest rank."""
     best, score = None, float("-inf")
     for record in records:
-        value = record.get("val", {}).get(finest, {}).get("macro_f1", float("nan"))
-        if value > score:
+        value = (record.get("val") or {}).get(finest, {}).get("macro_f1")
+        if value is not None and value > score:
             best, score = record, value
     return best
 
 
 def command_name() -> str:
     """``herbarium train`` or ``python train.py``, as this run was started."""
-    from herbarium.cli import prog
-
     name = prog("")
     return name if name else f"python {Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith('.py') else 'train.py'}"
 
 
-def end_lines(cfg: TrainConfig, run_dir: Path, finest: str, seconds: float, finished: bool) -> list[str]:
+def end_lines(cfg: TrainConfig, run: RunDir, finest: str, seconds: float, finished: bool) -> list[str]:
     """The end-of-run summary: best epoch and its metrics, the files, the next command."""
-    records = read_log(run_dir)
+    records = read_log(run)
     last = records[-1]["epoch"] if records else 0
     minutes, secs = divmod(int(round(seconds)), 60)
     lines = [f"{'done' if finished else 'paused'}: epoch {last}/{cfg.epochs} in {minutes}m{secs:02d}s"]
     best = best_record(records, finest)
     if best is not None:
-        scores = "; ".join(f"{rank} macro-F1 {m['macro_f1']:.3f}, top-1 {m['top1']:.3f}" for rank, m in best["val"].items())
+        scores = "; ".join(f"{rank} macro-F1 {format_score(m['macro_f1'])}, top-1 {format_score(m['top1'])}" for rank, m in best["val"].items())
         lines.append(f"  best epoch {best['epoch']}: {scores}")
-    checkpoints = run_dir / "checkpoints"
-    kept = f"{checkpoints / 'best.pt'} (epoch {best['epoch']}), " if best else ""
-    lines.append(f"  files      {kept}{checkpoints / 'last.pt'} (epoch {last}), "
-                 f"{run_dir / 'log.jsonl'}; TensorBoard: tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}")
-    run, data = shlex.quote(str(run_dir)), shlex.quote(str(cfg.data.data))
+    kept = f"{run.checkpoint('best')} (epoch {best['epoch']}), " if best else ""
+    lines.append(f"  files      {kept}{run.last} (epoch {last}), "
+                 f"{run.log_file}; TensorBoard: tensorboard --logdir {shlex.quote(str(run.tensorboard))}")
+    run_arg, data = shlex.quote(str(run)), shlex.quote(str(cfg.data.data))
     if finished:
-        lines.append(f"  next       python tta_eval.py {run} --data {data} --split test"
-                     f"   (then: herbarium predict {run} IMAGES... --out predictions.csv)")
+        lines.append(f"  next       python tta_eval.py {run_arg} --data {data} --split test"
+                     f"   (then: herbarium predict {run_arg} IMAGES... --out predictions.csv)")
     else:
-        lines.append(f"  next       {command_name()} --resume {run}   (continues from epoch {last})")
+        lines.append(f"  next       {command_name()} --resume {run_arg}   (continues from epoch {last})")
     return lines
+
+
+def format_score(value: float | None) -> str:
+    """A metric with three decimals; ``-`` where there was nothing to score."""
+    return "-" if value is None else f"{value:.3f}"

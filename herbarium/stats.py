@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.gpu import DECODES, gpu_moment_batches, loader_workers, select_decode
-from herbarium.data.loader import default_workers
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.transforms import stats_transform
 from herbarium.errors import command
+from herbarium.runtime import default_workers
 from herbarium.stats_file import default_stats_path
 from herbarium.taxonomy import DEFAULT_RANKS
 

@@ -12,6 +12,8 @@ from torchvision.io import decode_jpeg, read_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from herbarium import build
+from herbarium.data import splits
 from herbarium import engine
 from herbarium.config import DataConfig, TrainConfig
 from herbarium.data.augment import PRESETS, build_train_transform, describe_presets, preset_ops
@@ -171,8 +173,8 @@ def demo(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_works_in_the_training_loader_and_as_a_tta_view(name, demo):
     cfg = TrainConfig(data=DataConfig(data=str(demo), val_split="test", size=SIZE, batch_size=4, workers=0, augment=name))
-    train, val = engine.read_train_val(cfg)
-    loaders = engine.build_loaders(cfg, train, val, engine.resolve_normalization(cfg), DistributedContext(), torch.device("cpu"))
+    train, val = splits.read_train_val(cfg)
+    loaders = build.build_loaders(cfg, train, val, build.resolve_normalization(cfg), DistributedContext(), torch.device("cpu"))
     batch = next(iter(loaders.train))
     assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["image"].dtype == torch.float32
     view = view_transform("train", InputProfile(SIZE, MEAN, STD, name))

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from herbarium import build
+from herbarium.data import splits
 from herbarium import engine, stats
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
@@ -63,8 +65,8 @@ def with_decode(cfg: TrainConfig, decode: str) -> TrainConfig:
 
 
 def first_batches(cfg: TrainConfig, decode: str) -> tuple[dict, dict]:
-    train, val = engine.read_train_val(cfg)
-    loaders = engine.build_loaders(cfg, train, val, engine.resolve_normalization(cfg), DistributedContext(), CPU, decode)
+    train, val = splits.read_train_val(cfg)
+    loaders = build.build_loaders(cfg, train, val, build.resolve_normalization(cfg), DistributedContext(), CPU, decode)
     assert loaders.decode == decode and isinstance(loaders.train, gpu.GpuLoader) == (decode == "gpu")
     loaders.sampler.set_epoch(1)
     return next(iter(loaders.train)), next(iter(loaders.val))
@@ -77,7 +79,7 @@ def test_gpu_decoding_without_a_decoding_device_is_a_clear_error(demo, tmp_path)
 
 def test_both_paths_give_the_trainer_the_same_batches(demo, tmp_path):
     cfg = tiny_config(demo, tmp_path / "run")
-    std = engine.resolve_normalization(cfg).std
+    std = build.resolve_normalization(cfg).std
     one_level = 1 / 255 / min(std)
     for cpu, device in zip(first_batches(cfg, "cpu"), first_batches(cfg, "gpu")):
         assert torch.equal(device["index"], cpu["index"]) and torch.equal(device["targets"], cpu["targets"])

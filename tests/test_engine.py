@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from herbarium import build
+from herbarium.data import splits
+from herbarium.data.readers import read_split
 from herbarium import engine
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
@@ -53,7 +56,7 @@ def test_short_run_learns_every_rank_and_writes_the_run_directory(demo, tmp_path
     for rank, floor in chance.items():
         assert record["val"][rank]["top1"] > floor + 0.25, (rank, record["val"][rank])
     run = Path(cfg.out)
-    for name in ("config.json", "taxonomy.json", "stats.json", "log.jsonl", "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in ("config.json", "taxonomy.json", "normalization.json", "log.jsonl", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / name).is_file(), name
     assert len((run / "log.jsonl").read_text().splitlines()) == 8
     assert TrainConfig.load(run / "config.json") == cfg
@@ -67,6 +70,23 @@ def test_resume_at_epoch_end_equals_an_uninterrupted_run(demo, tmp_path):
     assert paused["run"]["epoch"] == 1
     engine.train(tiny_config(demo, tmp_path / "paused"), resume=tmp_path / "paused")
     assert_same_weights(weights_of(tmp_path / "straight"), weights_of(tmp_path / "paused"))
+
+
+def test_accumulation_windows_cover_every_batch_and_the_short_last_window_still_updates():
+    windows = engine.AccumulationWindows(batches=14, accum_steps=3)
+    closing = [position for position in range(14) if windows.closes(position)]
+    assert closing == [2, 5, 8, 11, 13] and windows.steps == 5
+    assert [windows.size(position) for position in (0, 11, 12, 13)] == [3, 3, 2, 2]
+
+
+def test_resume_with_accum_steps_equals_an_uninterrupted_run(demo, tmp_path):
+    # 239 training images in batches of 16 (drop_last): 14 batches, so each epoch ends on a window of 2, not 3.
+    accumulated = dict(optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine", accum_steps=3))
+    engine.train(tiny_config(demo, tmp_path / "straight", **accumulated))
+    engine.train(tiny_config(demo, tmp_path / "paused", stop_after_epoch=1, **accumulated))
+    engine.train(tiny_config(demo, tmp_path / "paused", **accumulated), resume=tmp_path / "paused")
+    assert_same_weights(weights_of(tmp_path / "straight"), weights_of(tmp_path / "paused"))
+    assert load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["run"]["global_step"] == 2 * 5
 
 
 def test_resume_mid_epoch_equals_an_uninterrupted_run(demo, tmp_path, monkeypatch):
@@ -149,18 +169,18 @@ def test_normalisation_rule_weights_own_then_dataset_stats_then_imagenet(demo, t
     stats.write_text('{"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}')
     pretrained = dataclasses.replace(tiny_config(demo, tmp_path / "run"),
                                      model=ModelConfig(trunk="efficientnet_lite0", pretrained=True))
-    weights = engine.resolve_normalization(pretrained)
+    weights = build.resolve_normalization(pretrained)
     assert (weights.mean, weights.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # the packaged weights' own
     assert "efficientnet_lite0" in weights.source
     explicit = dataclasses.replace(pretrained, data=dataclasses.replace(pretrained.data, stats=str(stats)))
-    assert engine.resolve_normalization(explicit).mean == (0.1, 0.2, 0.3)  # --stats always wins
+    assert build.resolve_normalization(explicit).mean == (0.1, 0.2, 0.3)  # --stats always wins
     scratch = tiny_config(demo, tmp_path / "run")
     (demo / "train" / "stats.json").write_text(stats.read_text())
     try:
-        assert engine.resolve_normalization(scratch).std == (0.4, 0.5, 0.6)  # collect-stats' file of the split
+        assert build.resolve_normalization(scratch).std == (0.4, 0.5, 0.6)  # collect-stats' file of the split
     finally:
         (demo / "train" / "stats.json").unlink()
-    assert engine.resolve_normalization(scratch).source == "imagenet"
+    assert build.resolve_normalization(scratch).source == "imagenet"
 
 
 def test_without_a_validation_split_every_image_trains_and_last_is_the_checkpoint(demo, tmp_path):
@@ -168,13 +188,13 @@ def test_without_a_validation_split_every_image_trains_and_last_is_the_checkpoin
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_split=None))
     assert cfg.data.holdout == 0.0  # the default
     trainer = engine.Trainer(cfg)
-    assert trainer.val_split is None and len(trainer.train_split) == len(engine.read_split(demo, "train"))
+    assert trainer.val_split is None and len(trainer.train_split) == len(read_split(demo, "train"))
     record = trainer.fit()
     assert record["val"] == {} and record["best_macro_f1"] is None
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
     held = dataclasses.replace(cfg, out=str(tmp_path / "held"), data=dataclasses.replace(cfg.data, holdout=0.1))
-    train, val = engine.read_train_val(held)
+    train, val = splits.read_train_val(held)
     assert len(train) + len(val) == len(trainer.train_split) and len(val) > 0
     plateau = dataclasses.replace(cfg, out=str(tmp_path / "p"), optim=dataclasses.replace(cfg.optim, plateau_patience=2))
     with pytest.raises(ValueError, match="needs a validation split"):

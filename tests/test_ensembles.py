@@ -15,7 +15,9 @@ from herbarium import engine
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
 from herbarium.demo import make_demo_data
-from herbarium.ensembles import average_state_dicts, bn_loader, class_weights_from_accuracy, main as swa_main, per_class_accuracy
+from herbarium.evaluation.combine import class_weights_from_accuracy, per_class_accuracy
+from herbarium.run_dir import RunDir
+from herbarium.swa import average_state_dicts, bn_loader, main as swa_main
 from herbarium.evaluation.combine import class_weighted_ensemble, ensemble
 from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
 from herbarium.models.config import ModelConfig
@@ -89,7 +91,7 @@ def test_swa_of_identical_checkpoints_equals_the_checkpoint(snapshot_run, tmp_pa
     model = load_run(run / "checkpoints" / "last.pt", torch.device("cpu")).model
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        update_bn((batch["image"] for batch in bn_loader(TrainConfig.load(run / "config.json"), run, 64, 0)), model)
+        update_bn((batch["image"] for batch in bn_loader(TrainConfig.load(run / "config.json"), RunDir(run), 64, 0)), model)
     expected = model.state_dict()
     for key, value in last["model"].items():
         if "running_" in key:

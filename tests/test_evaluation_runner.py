@@ -17,6 +17,7 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import read_split
 from herbarium.data.transforms import eval_transform
 from herbarium.demo import make_demo_data
+from herbarium.run_dir import RUN_FILES
 from herbarium.evaluation.runner import FALLBACK_PRIMARY, EvaluationSettings, evaluate, load_run
 from herbarium.evaluation.tta import parse_views
 from herbarium.models.config import ModelConfig
@@ -101,7 +102,7 @@ def test_run_without_a_validation_split_headlines_the_fallback_variant(trained, 
     data, run = trained
     no_val = tmp_path / "run"
     (no_val / "checkpoints").mkdir(parents=True)
-    for name in ("config.json", "taxonomy.json", "stats.json"):
+    for name in RUN_FILES:
         (no_val / name).write_text((run / name).read_text())
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     state["config"]["data"].update(val_split=None, holdout=0.0)
@@ -152,7 +153,7 @@ def test_checkpoint_with_a_pickled_object_is_refused(trained, tmp_path):
     state["extra"] = Payload()
     bad_run = tmp_path / "bad"
     (bad_run / "checkpoints").mkdir(parents=True)
-    for name in ("config.json", "taxonomy.json", "stats.json"):
+    for name in RUN_FILES:
         (bad_run / name).write_text((run / name).read_text())
     torch.save(state, bad_run / "checkpoints" / "last.pt", pickle_protocol=pickle.HIGHEST_PROTOCOL)
     with pytest.raises(CheckpointError, match="refused"):

@@ -32,7 +32,8 @@ from herbarium.data import augment
 from herbarium.data import gpu as gpu_module
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset, collate
-from herbarium.data.device_augment import BatchTransform, Decoded, augment_images, normalize, tensor_ops, train_ops, view_seeds
+from herbarium.data.device_augment import BatchTransform, Decoded, augment_images, normalize, tensor_ops, train_ops
+from herbarium.data.seeding import view_seeds
 from herbarium.data.gpu import (
     BytesDataset,
     GpuBatchDecoder,

@@ -11,7 +11,7 @@ import pytest
 
 from herbarium.config import DataConfig, TrainConfig
 from herbarium.demo import make_demo_data
-from herbarium.engine import read_train_val
+from herbarium.data.splits import read_train_val
 from herbarium.kfold import UNFOLDED, fold_assignments, main as kfold_main, write_ids
 
 

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from fixtures import truncate
+from herbarium.run_dir import RunDir
+from herbarium.data import splits
 from herbarium import engine
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
@@ -195,7 +197,7 @@ def test_skipped_test_image_keeps_its_row_with_the_documented_fallback(data, tmp
     submission = list(csv.DictReader((tmp_path / "eval" / "submission.csv").open()))
     assert [row["Id"] for row in submission] == [str(image["id"]) for image in metadata["images"]]  # every id, in order
 
-    counts = json.loads((run / "stats.json").read_text())["train_counts"]["species"]
+    counts = RunDir(run).read_normalization()["train_counts"]["species"]
     taxonomy = json.loads((run / "taxonomy.json").read_text())
     most_frequent = taxonomy["category_ids"][int(np.argmax(counts))]
     assert submission[3]["Predicted"] == str(most_frequent)
@@ -212,7 +214,7 @@ def test_skipped_test_image_keeps_its_row_with_the_documented_fallback(data, tmp
 def test_unreadable_images_in_the_holdout_and_in_training_are_counted_and_printed(own_data, tmp_path, capsys):
     cfg = tiny_config(own_data, tmp_path / "run")
     cfg.data = DataConfig(data=str(own_data), holdout=0.3, size=32, batch_size=8, workers=0, skip_bad_images=True)
-    train, val = engine.read_train_val(cfg)
+    train, val = splits.read_train_val(cfg)
     truncate(val.path(val.samples[0]))
     truncate(train.path(train.samples[0]))
 

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from herbarium.data.images import IMAGE_ERRORS, BadImageError, load_rgb
 from herbarium.data.readers import DatasetSplit
+from herbarium.data.seeding import seeded
 
 UNLABELLED = -1
 
@@ -73,8 +74,7 @@ class ImageDataset(Dataset):
         if augmentation_seed is None:
             tensor = self.transform(image)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(augmentation_seed)
+            with seeded(augmentation_seed):
                 tensor = self.transform(image)
         return {"image": tensor, "targets": self.targets[index], "index": index}
 

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as F
 from herbarium.data import augment
 from herbarium.data.geometry import Plan, batchable, plan_geometry
 from herbarium.data.resample import axis_numbers, compute_dtype, draft_weights, filter_weights, pad_batch, resample
+from herbarium.data.seeding import seeded
 from herbarium.data.transforms import eval_transform
 
 # Ops that turn a PIL image into a normalised float tensor: on this path they are done once per batch.
@@ -65,14 +66,11 @@ def eval_ops(size: int) -> v2.Compose:
 def apply_seeded(ops: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int | None) -> torch.Tensor:
     """``ops(image)`` with the CPU generator seeded as :class:`ImageDataset` seeds it; ``None``: unseeded.
 
-    The random parameters of v2 ops come from the CPU generator whatever the
-    image's device. Only that generator is seeded and restored afterwards:
-    ``torch.manual_seed`` would also reseed CUDA, whose state dropout uses.
+    See :func:`~herbarium.data.seeding.seeded` for which generator that is.
     """
     if seed is None:
         return ops(image)
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
+    with seeded(seed):
         return ops(image)
 
 
@@ -191,6 +189,3 @@ class Decoded:
         return draft_image(self.images[position], self.sizes[position])
 
 
-def view_seeds(indices: Sequence[int], views: int, seed: int) -> list[list[int]]:
-    """Seeds of view ``v`` of the image at dataset index ``i``: ``hash((seed, i, v))``, as ``MultiViewDataset`` seeds them."""
-    return [[hash((seed, index, number)) & 0x7FFFFFFF for number in range(views)] for index in indices]

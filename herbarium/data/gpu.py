@@ -48,14 +48,15 @@ from torchvision.transforms.v2 import functional as F
 
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.device_augment import (
-    BatchTransform, Decoded, draft_image, eval_ops, image_moments, normalize, tensor_ops, train_ops, view_seeds,
+    BatchTransform, Decoded, draft_image, eval_ops, image_moments, normalize, tensor_ops, train_ops,
 )
 from herbarium.data.geometry import Plan
 from herbarium.data.images import IMAGE_ERRORS, BadImageError, load_rgb
-from herbarium.data.loader import default_workers
 from herbarium.data.prefetch import prefetched
 from herbarium.data.readers import DatasetSplit
+from herbarium.data.seeding import view_seeds
 from herbarium.data.transforms import stats_transform
+from herbarium.runtime import default_workers
 
 DECODES = ("auto", "cpu", "gpu")
 BYTE_WORKERS = 4  # workers that only read files keep up with nvJPEG; more would only hold memory

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -10,11 +9,6 @@ from torch.utils.data import DataLoader
 
 from herbarium.data.dataset import ImageDataset, collate
 from herbarium.data.samplers import EpochSampler
-
-
-def default_workers() -> int:
-    """The cores this process may run on (its affinity where the OS tells it), for DataLoader workers."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def build_loader(

@@ -20,6 +20,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from herbarium.data.seeding import sample_seed
+
 SAMPLERS = ("none", "balanced", "sqrt")
 
 
@@ -76,7 +78,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order().tolist()
         for position in range(self.rank + self.start * self.num_replicas, len(order), self.num_replicas):
-            yield order[position], hash((self.seed, self.epoch, position)) & 0x7FFFFFFF
+            yield order[position], sample_seed(self.seed, self.epoch, position)
 
     def __len__(self) -> int:
         return self.per_replica - self.start

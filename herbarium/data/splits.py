@@ -1,12 +1,14 @@
-"""Holding out part of a training split for validation, stratified by class."""
+"""Which images a run trains and validates on: named splits, listed ids, a stratified hold-out, a subset."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
-from herbarium.data.readers import DatasetSplit
+from herbarium.config import TrainConfig
+from herbarium.data.readers import DatasetSplit, read_csv_table, read_split
 
 
 def stratified_holdout(split: DatasetSplit, fraction: float, seed: int = 0) -> tuple[DatasetSplit, DatasetSplit]:
@@ -37,3 +39,59 @@ def stratified_holdout(split: DatasetSplit, fraction: float, seed: int = 0) -> t
         raise ValueError(f"holding out {fraction} of {len(split)} images leaves no validation image (a class's last image "
                          "stays in training); pass a larger --holdout, --val-split SPLIT, or --holdout 0 to train without validation")
     return (dataclasses.replace(split, samples=train), dataclasses.replace(split, name=f"{split.name}-holdout", samples=val))
+
+
+def read_image_ids(path: str | Path) -> set[str]:
+    """The ``image_id`` column of a CSV (kept.csv, a fold's ids, ...), as strings."""
+    frame = read_csv_table(Path(path), dtype=str, keep_default_na=False)
+    if "image_id" not in frame.columns:
+        raise ValueError(f"{path}: needs an image_id column; it has {list(frame.columns)}")
+    return set(frame["image_id"])
+
+
+def select_images(split: DatasetSplit, ids: set[str], source: str | Path, name: str | None = None) -> DatasetSplit:
+    """The samples of ``split`` whose image ids are in ``ids``; every id must be in the split."""
+    present = {str(sample.image_id) for sample in split.samples}
+    unknown = sorted(ids - present)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} image id(s) are not in split {split.name!r}, e.g. {unknown[:3]}")
+    samples = [sample for sample in split.samples if str(sample.image_id) in ids]
+    return dataclasses.replace(split, samples=samples, name=name or split.name)
+
+
+def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit | None]:
+    """The training split and its validation split (named, listed by ``holdout_ids``, held out of train, or None).
+
+    With no validation split named and ``holdout`` 0 (the default) there is
+    none: every training image trains, and the last epoch is the run's
+    checkpoint. On a long tail a 10% hold-out costs the rare classes images
+    they cannot spare, and with a cosine schedule the last epoch is the one
+    a selection would pick anyway.
+
+    ``data.subset`` then keeps only the listed training images (the
+    validation split is not filtered), which is how k-fold, cleaning and
+    fine-tuning on a clean subset train on part of a split.
+    """
+    data = cfg.data
+    train = read_split(data.data, data.train_split, data.ranks)
+    subset = None
+    if data.subset:
+        subset = read_image_ids(data.subset)
+        select_images(train, subset, data.subset)  # every listed id must be an image of the split
+    if data.holdout_ids and data.val_split:
+        raise ValueError("holdout_ids and val_split both name the validation images; give one")
+    if data.val_split:
+        val = read_split(data.data, data.val_split, data.ranks, taxonomy=train.taxonomy)
+    elif data.holdout_ids:
+        held = read_image_ids(data.holdout_ids)
+        val = select_images(train, held, data.holdout_ids, name=f"{train.name}-holdout")
+        train = select_images(train, {str(s.image_id) for s in train.samples} - held, data.holdout_ids)
+    elif data.holdout > 0:
+        train, val = stratified_holdout(train, data.holdout, cfg.seed)
+    else:
+        val = None
+    if subset is not None:
+        train = select_images(train, subset & {str(s.image_id) for s in train.samples}, data.subset)
+        if not train.samples:
+            raise ValueError(f"{data.subset}: none of its image ids is a training image")
+    return train, val

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -125,7 +126,7 @@ def class_weighted_ensemble(
     """Average several models' per-rank scores with a weight per model *and class*.
 
     The AliProducts class-based ensemble: a model's weight for class c
-    reflects how well it recognises c (see :mod:`herbarium.ensembles`), so
+    reflects how well it recognises c (see :func:`class_weights_from_accuracy`), so
     each model has the most say on the classes it is good at.
 
     Args:
@@ -162,3 +163,34 @@ def class_weighted_ensemble(
             mixed = torch.logsumexp(log_probs + torch.log(weights)[:, None, :], dim=0)
         combined[rank] = torch.log_softmax(mixed, dim=-1)
     return combined
+
+
+# ------------------------------------------------- per-class model weights
+def per_class_accuracy(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy of each class [C] among labelled samples (targets >= 0); NaN for classes without samples."""
+    labelled = targets >= 0
+    targets, predictions = targets[labelled], predictions[labelled]
+    totals = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    correct = np.bincount(targets[targets == predictions], minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, correct / np.maximum(totals, 1), np.nan)
+
+
+def class_weights_from_accuracy(accuracy: np.ndarray, power: float = 2.0) -> np.ndarray:
+    """Per-model, per-class ensemble weights [M, C] from accuracies [M, C] (NaN: no validation sample).
+
+    ``w_mc = a_mc ** power / sum_m a_mc ** power``; NaN accuracies become the
+    model's mean accuracy over its other classes; a class with zero total is
+    weighted uniformly. Every column sums to one.
+    """
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    if accuracy.ndim != 2:
+        raise ValueError(f"accuracy must be [models, classes], got shape {accuracy.shape}")
+    if power <= 0:
+        raise ValueError(f"the class-weight power must be > 0, got {power}")
+    model_means = np.nanmean(np.where(np.isnan(accuracy).all(axis=1, keepdims=True), 0.0, accuracy), axis=1, keepdims=True)
+    filled = np.where(np.isnan(accuracy), model_means, accuracy)
+    scaled = filled**power
+    totals = scaled.sum(axis=0, keepdims=True)
+    uniform = np.full_like(scaled, 1.0 / len(scaled))
+    return np.where(totals > 0, scaled / np.where(totals > 0, totals, 1.0), uniform)

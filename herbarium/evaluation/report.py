@@ -41,6 +41,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from PIL import Image
 
 from herbarium.evaluation.metrics import SHOT_GROUPS
 from herbarium.evaluation.submission import write_atomic
@@ -303,8 +304,6 @@ def plot_confidence(summary: Mapping[str, Any]) -> bytes | None:
 
 
 def _thumbnail(path: str) -> np.ndarray | None:
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))

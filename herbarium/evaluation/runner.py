@@ -9,7 +9,6 @@ so memory stays flat at 65k species.
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import time
 from dataclasses import dataclass, field, replace
@@ -25,13 +24,14 @@ from tqdm import tqdm
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.dataset import ImageDataset
+from herbarium.data.gpu import DECODES, BytesDataset, GpuViewLoader, loader_workers, select_decode
 from herbarium.data.images import BadImageError
 from herbarium.data.readers import DatasetSplit, read_split
-from herbarium.data.gpu import DECODES, BytesDataset, GpuViewLoader, loader_workers, select_decode
-from herbarium.engine import autocast, autocast_dtype, resolve_device
+from herbarium.data.splits import read_train_val
 from herbarium.errors import UsageError
-from herbarium.ensembles import class_weights_from_accuracy, per_class_accuracy
-from herbarium.evaluation.combine import average_views, class_weighted_ensemble, ensemble
+from herbarium.evaluation.combine import (
+    average_views, class_weighted_ensemble, class_weights_from_accuracy, ensemble, per_class_accuracy,
+)
 from herbarium.evaluation.decoding import PathDecoder, independent_predictions, taxonomy_disagreement
 from herbarium.evaluation.metrics import evaluate_predictions
 from herbarium.evaluation.report import write_report
@@ -39,9 +39,9 @@ from herbarium.evaluation.submission import top_k_probabilities, write_predictio
 from herbarium.evaluation.tta import (
     DEFAULT_VIEWS, InputProfile, MultiViewDataset, collate_views, plain_view_index, view_decode_side, view_transform,
 )
-from herbarium.models import build_model
 from herbarium.retrieval import RETRIEVAL_MODES, Gallery, mix_log_probs, normalised_view_mean, retrieval_log_probs
-from herbarium.stats import default_workers
+from herbarium.run_dir import locate_checkpoint, model_from_checkpoint
+from herbarium.runtime import autocast, autocast_dtype, default_workers, resolve_device
 from herbarium.taxonomy import Taxonomy
 
 TOP_K = 5
@@ -63,32 +63,17 @@ class LoadedModel:
     epoch: int | None = None  # epochs trained when the checkpoint was written
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(checkpoint file, run directory) for a run directory or a checkpoint path."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name, path
-        raise FileNotFoundError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt")
-    return path, path.parent.parent
-
-
 def load_run(path: str | Path, device: torch.device) -> LoadedModel:
-    """Rebuild a run's model from its saved config and load its weights safely."""
-    checkpoint_path, run_dir = resolve_checkpoint(path)
+    """A run's (or checkpoint's) model, rebuilt from its saved config with its weights loaded safely, in eval mode."""
+    checkpoint_path, run = locate_checkpoint(path)
     state = load_checkpoint(checkpoint_path, map_location="cpu")
-    config = TrainConfig.from_dict(state["config"])
-    taxonomy = Taxonomy.from_dict(json.loads((run_dir / "taxonomy.json").read_text()))
-    stats = json.loads((run_dir / "stats.json").read_text())
-    model_config = replace(config.model, pretrained=False, weights=None)  # the checkpoint holds every weight
-    model = build_model(model_config, {rank: int(n) for rank, n in state["classes"].items()})
-    model.load_state_dict(state["model"])
+    model, config = model_from_checkpoint(state)
     model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    profile = InputProfile(config.data.size, tuple(stats["mean"]), tuple(stats["std"]), config.data.augment)
-    return LoadedModel(model, config, taxonomy, profile, stats.get("train_counts", {}), checkpoint_path,
+    normalization = run.read_normalization()
+    profile = InputProfile(config.data.size, tuple(normalization["mean"]), tuple(normalization["std"]), config.data.augment)
+    return LoadedModel(model, config, run.read_taxonomy(), profile, normalization.get("train_counts", {}), checkpoint_path,
                        state.get("run", {}).get("epoch"))
 
 
@@ -410,8 +395,6 @@ def validation_split(loaded: LoadedModel, data: str | Path, split: str, taxonomy
     """``split`` of ``data``; ``"val"`` is the run's own validation split as it was in training (None: it had none)."""
     if split != "val":
         return read_split(data, split, loaded.config.data.ranks, taxonomy=taxonomy)
-    from herbarium.engine import read_train_val
-
     return read_train_val(loaded.config)[1]
 
 
@@ -420,7 +403,7 @@ def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, ta
     """Each model's per-class weights ``{rank: [C]}`` from its per-class accuracy on the weights split.
 
     Accuracy is that of the model's own TTA heads; see
-    :func:`herbarium.ensembles.class_weights_from_accuracy` for the scaling.
+    :func:`herbarium.evaluation.combine.class_weights_from_accuracy` for the scaling.
     Returns the weights and a summary (mean validation accuracy per model and rank).
     """
     plain_settings = replace(settings, class_weighted=False, retrieval_gallery=None, model_weights=None)
@@ -486,7 +469,7 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
     decode = select_decode(settings.decode, device)
     loader = build_view_loader(split_data, taxonomy, models, settings, device, decode)
     outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights)
-    out_dir = Path(out) if out else resolve_checkpoint(checkpoints[0])[1] / "eval" / split
+    out_dir = Path(out) if out else locate_checkpoint(checkpoints[0])[1].eval_dir(split)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     choice = choose_primary(models, data, taxonomy, settings, device, galleries, class_weights)

@@ -54,6 +54,7 @@ from torchvision.transforms import v2
 
 from herbarium.data.augment import build_train_transform
 from herbarium.data.dataset import ImageDataset
+from herbarium.data.seeding import seeded, view_seed
 from herbarium.data.transforms import DEFAULT_CROP_PCT, FiveCropCorner, eval_transform, resize_size, to_normalized_tensor
 
 PLAIN = "plain"
@@ -201,13 +202,12 @@ class MultiViewDataset(Dataset):
         if image is None:
             return None
         stacks = []
-        with torch.random.fork_rng(devices=[]):
-            for transforms in self.transforms:
-                tensors = []
-                for view_number, transform in enumerate(transforms):
-                    torch.manual_seed(hash((self.seed, index, view_number)) & 0x7FFFFFFF)
+        for transforms in self.transforms:
+            tensors = []
+            for view_number, transform in enumerate(transforms):
+                with seeded(view_seed(self.seed, index, view_number)):
                     tensors.append(transform(image))
-                stacks.append(torch.stack(tensors))
+            stacks.append(torch.stack(tensors))
         return {"views": stacks, "targets": self.images.targets[index], "index": index}
 
 

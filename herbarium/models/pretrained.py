@@ -22,6 +22,9 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
+
+from herbarium.checkpoint import pickle_refusal
 
 from .config import ModelConfig
 from .trunks import TRUNK_ALIASES, PretrainedWeightsError, Trunk, import_pretrainedmodels, resolve_trunk_name
@@ -125,15 +128,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path), device="cpu")
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            from herbarium.checkpoint import pickle_refusal
-
             raise ValueError(pickle_refusal(path, err)) from None
     while isinstance(state, Mapping):
         container = next((key for key in CONTAINER_KEYS if isinstance(state.get(key), Mapping)), None)

@@ -35,7 +35,12 @@ from typing import Any, Sequence
 import pandas as pd
 
 from herbarium.config import TrainConfig
+from herbarium.data.splits import read_image_ids
+from herbarium.engine import train
 from herbarium.errors import command
+from herbarium.evaluation.tta import parse_views
+from herbarium.kfold import add_kfold_arguments, run_kfold
+from herbarium.train_cli import add_train_arguments, config_from_args, parse_train_args
 
 KEEP_PER_CLASS = 3  # AliProducts kept 3 images per class
 COLUMNS = ["image_id", "label", "predicted", "probability", "label_probability", "label_name", "predicted_name"]
@@ -83,8 +88,6 @@ def detection_scores(flagged_ids: Sequence[Any], noisy_ids: Sequence[Any]) -> di
 def clean_labels(cfg: TrainConfig, folds: int = 2, keep_per_class: int = KEEP_PER_CLASS, overwrite: bool = False,
                  views: Sequence[str] = ("plain", "flip")) -> dict[str, Any]:
     """Cross-predict ``cfg``'s training split in ``folds`` folds under ``cfg.out``; write kept.csv and flagged.csv."""
-    from herbarium.kfold import run_kfold
-
     out = Path(cfg.out)
     oof = run_kfold(cfg, folds, overwrite, views)
     kept, flagged = split_by_agreement(oof, keep_per_class, pd.read_csv(out / "folds.csv", dtype={"image_id": str}))
@@ -102,9 +105,6 @@ def finetune_config(cfg: TrainConfig, kept_csv: Path, epochs: int, start_from: s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from herbarium.kfold import add_kfold_arguments
-    from herbarium.train_cli import add_train_arguments
-
     parser = argparse.ArgumentParser(prog="herbarium clean-labels", description="Train on part of the training split, predict the rest, "
                                      "flag labels the prediction disagrees with (flagged.csv) and write a class-balanced clean subset (kept.csv).")
     add_kfold_arguments(add_train_arguments(parser), default_folds=2)
@@ -118,10 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
-    from herbarium.engine import read_image_ids, train
-    from herbarium.evaluation.tta import parse_views
-    from herbarium.train_cli import config_from_args, parse_train_args
-
     parser = build_parser()
     args = parse_train_args(parser, argv)
     if args.resume or args.resume_if_exists:

@@ -1,0 +1,188 @@
+"""The layout of a run folder, in one place.
+
+::
+
+    RUN/
+      config.json          the resolved TrainConfig (what the run is)
+      taxonomy.json        ranks, class names and category ids, in class index order
+      normalization.json   the mean/std the run fed its trunk, their source, training counts per rank
+      log.jsonl            one record per epoch
+      checkpoints/         last.pt, best.pt (with validation), snapshot_<k>.pt, swa.pt
+      tb/                  TensorBoard
+      o2u_weights.csv      O2U sample weights (--o2u)
+      eval/SPLIT/          tta_eval.py's report, metrics and submission
+      export/              herbarium export
+
+Every command that reads or writes a run asks :class:`RunDir` where things
+are, resolves a run-or-checkpoint argument with :func:`locate_checkpoint`,
+and rebuilds a trained model with :func:`model_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from herbarium.config import TrainConfig
+from herbarium.models import build_model
+from herbarium.stats_file import Normalization
+from herbarium.taxonomy import Taxonomy
+
+CONFIG = "config.json"
+TAXONOMY = "taxonomy.json"
+NORMALIZATION = "normalization.json"
+LEGACY_NORMALIZATION = "stats.json"  # the name older runs gave it (the same as collect-stats' file); read, never written
+LOG = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tb"
+O2U_WEIGHTS = "o2u_weights.csv"
+RUN_FILES = (CONFIG, TAXONOMY, NORMALIZATION)  # what evaluation needs beside a checkpoint
+EVALUATION_ORDER = ("best", "last")  # the checkpoint a run folder stands for when evaluated
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder: where each of its files lives, and reading and writing them."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> "RunDir":
+        """The run a checkpoint file belongs to: ``RUN/checkpoints/NAME.pt`` -> ``RUN``."""
+        return cls(Path(checkpoint).parent.parent)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ----------------------------------------------------------- where
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def taxonomy_file(self) -> Path:
+        return self.path / TAXONOMY
+
+    @property
+    def normalization_file(self) -> Path:
+        """The run's normalisation file; a run written before the file had its name keeps ``stats.json``."""
+        legacy = self.path / LEGACY_NORMALIZATION
+        current = self.path / NORMALIZATION
+        return legacy if legacy.is_file() and not current.is_file() else current
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def o2u_weights(self) -> Path:
+        return self.path / O2U_WEIGHTS
+
+    def checkpoint(self, name: str) -> Path:
+        """``checkpoints/NAME.pt`` (``last``, ``best``, ``snapshot_2``, ...); a name ending in .pt is kept."""
+        return self.checkpoints / (name if name.endswith(".pt") else f"{name}.pt")
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoint("last")
+
+    def eval_dir(self, split: str) -> Path:
+        return self.path / "eval" / split
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
+
+    def snapshots(self) -> list[Path]:
+        """``checkpoints/snapshot_<k>.pt``, by k."""
+        found = [(int(m.group(1)), path) for path in self.checkpoints.glob("snapshot_*.pt")
+                 if (m := re.fullmatch(r"snapshot_(\d+)\.pt", path.name))]
+        return [path for _, path in sorted(found)]
+
+    # ----------------------------------------------------------- what
+    def is_run(self) -> bool:
+        return self.config_file.is_file()
+
+    def training_markers(self) -> list[str]:
+        """The files and folders present that only training writes (a folder holding any of them is a run)."""
+        return [name for name in (CONFIG, CHECKPOINTS, LOG) if (self.path / name).exists()]
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir()
+
+    # ----------------------------------------------------------- write
+    def clear_training_outputs(self) -> None:
+        """Remove what a previous run in this folder trained (``--overwrite``); evaluations and exports stay."""
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
+        for path in (self.log_file, self.o2u_weights, self.path / LEGACY_NORMALIZATION):
+            path.unlink(missing_ok=True)
+
+    def write_files(self, cfg: TrainConfig, taxonomy: Taxonomy, normalization: Normalization,
+                    train_counts: dict[str, list[int]]) -> None:
+        """config.json, taxonomy.json and normalization.json: what the run is, before its first epoch."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.config_file)
+        self.taxonomy_file.write_text(json.dumps(taxonomy.to_dict()))
+        record = {"mean": list(normalization.mean), "std": list(normalization.std), "source": normalization.source,
+                  "train_counts": train_counts}
+        (self.path / NORMALIZATION).write_text(json.dumps(record, indent=2))
+
+    def copy_files_to(self, other: "RunDir") -> None:
+        """Copy the run files ``other`` lacks, so that a checkpoint written there evaluates like one written here."""
+        other.path.mkdir(parents=True, exist_ok=True)
+        for source, target in ((self.config_file, other.config_file), (self.taxonomy_file, other.taxonomy_file),
+                               (self.normalization_file, other.path / NORMALIZATION)):
+            if not target.exists():
+                shutil.copy2(source, target)
+
+    # ----------------------------------------------------------- read
+    def read_config(self) -> TrainConfig:
+        return TrainConfig.load(self.config_file)
+
+    def read_taxonomy(self) -> Taxonomy:
+        return Taxonomy.from_dict(json.loads(self.taxonomy_file.read_text()))
+
+    def read_normalization(self) -> dict[str, Any]:
+        """``{"mean", "std", "source", "train_counts"}`` as training wrote them."""
+        return json.loads(self.normalization_file.read_text())
+
+
+def locate_checkpoint(path: str | Path) -> tuple[Path, RunDir]:
+    """(checkpoint file, run) for a run folder (its best.pt, else last.pt) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path)
+        for name in EVALUATION_ORDER:
+            if run.checkpoint(name).is_file():
+                return run.checkpoint(name), run
+        raise FileNotFoundError(f"{path}: no {CHECKPOINTS}/best.pt or {CHECKPOINTS}/last.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
+    return path, RunDir.of_checkpoint(path)
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
+    """The trained model a checkpoint holds, rebuilt from the config saved in it (no starting weights fetched)."""
+    config = TrainConfig.from_dict(state["config"])
+    model_config = replace(config.model, pretrained=False, weights=None)  # the checkpoint holds every weight
+    model = build_model(model_config, {rank: int(n) for rank, n in state["classes"].items()})
+    model.load_state_dict(state["model"])
+    return model, config
