@@ -45,11 +45,10 @@ def normalised_view_mean(features: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: torch.Tensor, flip: bool = True) -> torch.Tensor:
-    """Unit embeddings [B, D] of images [B, 3, H, W]; with ``flip`` the mirrored image is averaged in."""
-    views = torch.stack([images, images.flip(-1)], dim=1) if flip else images[:, None]  # [B, V, 3, H, W]
+def embed(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    """Unit embeddings [B, D] of images given as views [B, V, 3, H, W]: the views' unit features averaged."""
     features = model.forward_features(views.flatten(0, 1))  # [B*V, D]
-    return normalised_view_mean(features.view(len(images), views.shape[1], -1))
+    return normalised_view_mean(features.view(len(views), views.shape[1], -1))
 
 
 def class_centroids(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,8 +106,9 @@ def test_retrieval_alone_predicts_the_nearest_train_centroid(untrained_run, tmp_
     train = ImageDataset(read_split(data, "train", taxonomy=loaded.taxonomy), ("species",), transform)
     test = ImageDataset(read_split(data, "test", taxonomy=loaded.taxonomy), ("species",), transform)
     with torch.no_grad():
-        gallery = embed(loaded.model, torch.stack([train[i]["image"] for i in range(len(train))]))
-        queries = embed(loaded.model, torch.stack([test[i]["image"] for i in range(len(test))]), flip=False)
+        train_images = torch.stack([train[i]["image"] for i in range(len(train))])
+        gallery = embed(loaded.model, torch.stack([train_images, train_images.flip(-1)], dim=1))
+        queries = embed(loaded.model, torch.stack([test[i]["image"] for i in range(len(test))])[:, None])
     centroids, present = class_centroids(gallery, train.targets[:, 0], loaded.taxonomy.num_classes("species"))
     expected = centroid_similarity(queries, centroids, present).argmax(dim=1)
     variants = json.loads((tmp_path / "metrics.json").read_text())["variants"]

@@ -51,11 +51,7 @@ def tensor_ops(transform: Callable) -> v2.Compose:
 
 def train_ops(preset: str, size: int) -> v2.Compose:
     """The training preset's augmentation ops, shared with the CPU path."""
-    shared = getattr(augment, "preset_ops", None)
-    if shared is not None:
-        ops = shared(preset, size)
-        return ops if isinstance(ops, v2.Compose) else v2.Compose(list(ops))
-    return tensor_ops(augment.build_train_transform(preset, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    return v2.Compose(augment.preset_ops(preset, size))
 
 
 def eval_ops(size: int) -> v2.Compose:

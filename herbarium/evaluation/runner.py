@@ -39,7 +39,7 @@ from herbarium.evaluation.submission import top_k_probabilities, write_predictio
 from herbarium.evaluation.tta import (
     DEFAULT_VIEWS, InputProfile, MultiViewDataset, collate_views, plain_view_index, view_decode_side, view_transform,
 )
-from herbarium.retrieval import RETRIEVAL_MODES, Gallery, mix_log_probs, normalised_view_mean, retrieval_log_probs
+from herbarium.retrieval import RETRIEVAL_MODES, Gallery, embed, mix_log_probs, normalised_view_mean, retrieval_log_probs
 from herbarium.run_dir import locate_checkpoint, model_from_checkpoint
 from herbarium.runtime import autocast, autocast_dtype, default_workers, resolve_device
 from herbarium.taxonomy import Taxonomy
@@ -379,11 +379,9 @@ def build_gallery(loaded: LoadedModel, split: DatasetSplit, taxonomy: Taxonomy, 
         for batch in tqdm(loader, desc="gallery", unit="batch", leave=False, dynamic_ncols=True):
             if "views" not in batch:
                 continue
-            views = batch["views"][0]  # [B, 2, 3, H, W]
-            images = views.flatten(0, 1).to(device, non_blocking=True)
+            views = batch["views"][0].to(device, non_blocking=True)  # [B, 2, 3, H, W]: plain and flipped
             with autocast(device, dtype):
-                features = loaded.model.forward_features(images)  # [B*2, D]
-            embeddings.append(normalised_view_mean(features.view(len(views), 2, -1)))
+                embeddings.append(embed(loaded.model, views))
             targets.append(batch["targets"].to(device))
     targets_table = torch.cat(targets)  # [N, len(taxonomy.ranks)]
     ranks = [rank for rank in ranks if rank in loaded.model.ranks]
