@@ -9,7 +9,7 @@ from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
 from herbarium.errors import command
 from herbarium.evaluation.runner import EvaluationSettings, evaluate
 from herbarium.evaluation.tta import VIEW_VOCABULARY, parse_views
-from herbarium.train_cli import _csv, _weights
+from herbarium.options import comma_separated, rank_weights
 
 S = EvaluationSettings()
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--views", default=",".join(S.views), help=f"comma-separated views: {VIEW_VOCABULARY} (default: {','.join(S.views)})")
     tta.add_argument("--average", choices=("logits", "probs"), default=S.average, help=f"average logits or probabilities over views and models (default: {S.average})")
     tta.add_argument("--model-weights", type=_floats, default=S.model_weights, help="one weight per model of an ensemble (default: equal)")
-    tta.add_argument("--rank-weights", type=_weights, default=S.rank_weights, help="weights of each rank's log-probability in consistent decoding, e.g. species=1,genus=0.5 (default: 1 each)")
+    tta.add_argument("--rank-weights", type=rank_weights, default=S.rank_weights, help="weights of each rank's log-probability in consistent decoding, e.g. species=1,genus=0.5 (default: 1 each)")
     tta.add_argument("--primary", default=S.primary, choices=("tta_consistent", "tta_heads", "single_view_heads", "single_view_consistent", "retrieval_heads", "retrieval_consistent"),
                      help="the variant headlined and written to the submission (default: the best species macro-F1 on the run's own validation split; tta_consistent for a run without one)")
     tta.add_argument("--class-weighted-ensemble", dest="class_weighted", action="store_true", default=S.class_weighted,
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--retrieval-mode", choices=("centroid", "knn"), default=S.retrieval_mode, help=f"nearest class centroid, or vote of the k nearest gallery images (default: {S.retrieval_mode})")
     retrieval.add_argument("--retrieval-k", type=int, default=S.retrieval_k, help=f"neighbours of the knn vote (default: {S.retrieval_k})")
     retrieval.add_argument("--retrieval-weight", type=float, default=S.retrieval_weight, help=f"share of retrieval in its mix with the heads' log-probs, 1 = retrieval alone (default: {S.retrieval_weight:g})")
-    retrieval.add_argument("--retrieval-levels", type=_csv, default=S.retrieval_levels, help="ranks scored by retrieval, e.g. species,genus (default: the finest rank only)")
+    retrieval.add_argument("--retrieval-levels", type=comma_separated(), default=S.retrieval_levels, help="ranks scored by retrieval, e.g. species,genus (default: the finest rank only)")
     retrieval.add_argument("--retrieval-scale", type=float, default=S.retrieval_scale, help=f"similarities become log_softmax(scale * cosine) (default: {S.retrieval_scale:g})")
     tta.add_argument("--seed", type=int, default=S.seed, help=f"seed of the random views (default: {S.seed})")
     out = parser.add_argument_group("output and device")
