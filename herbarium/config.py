@@ -69,6 +69,8 @@ class LossConfig:
     beta: float = option(0.999, "effective-number beta")
     tau: float = option(1.0, "logit adjustment strength")
     smoothing: float = option(0.1, "label smoothing")
+    sce_alpha: float = option(0.1, "weight of the cross-entropy term of the symmetric cross-entropy loss (sce)")
+    sce_beta: float = option(1.0, "weight of the reverse cross-entropy term of the symmetric cross-entropy loss (sce)")
 
     def loss_by_rank(self) -> dict[str, str]:
         if "=" not in self.loss:
