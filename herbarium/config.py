@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from herbarium.config_json import from_json, to_json
 from herbarium.data.augment import PRESETS
 from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
 from herbarium.data.samplers import SAMPLERS
+from herbarium.errors import ConfigError
 from herbarium.losses import CLASS_WEIGHTS, LOSSES
 from herbarium.models.config import ModelConfig
 from herbarium.noisy.o2u import O2U_WEIGHTINGS
@@ -148,44 +150,24 @@ class TrainConfig:
     changes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return to_json(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        sections = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "o2u": O2UConfig}
-        top = {k: v for k, v in data.items() if k not in sections}
-        parts = {name: _build(section, data.get(name, {})) for name, section in sections.items()}
-        return cls(**_known(cls, top), **parts)
+        """The config saved as ``data``; missing keys take defaults, unknown ones raise :class:`ConfigError`."""
+        top = {key: value for key, value in data.items() if key not in SECTIONS}
+        parts = {name: from_json(section, data.get(name, {}), name) for name, section in SECTIONS.items()}
+        return from_json(cls, {**top, **parts})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Keep only fields the dataclass has (configs from newer versions load too) and restore tuples."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kept = {}
-    for key, value in values.items():
-        if key in names:
-            is_tuple = "tuple" in str(names[key].type)
-            kept[key] = tuple(value) if is_tuple and isinstance(value, list) else value
-    return kept
-
-
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    return cls(**_known(cls, values))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from herbarium.config_json import from_json
 from herbarium.options import option
 
 from .heads import HEADS
@@ -79,12 +80,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        """Build from ``to_dict()`` output; unknown keys are an error, missing ones take defaults."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown ModelConfig keys {unknown}; valid keys: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
+    def from_dict(cls, values: dict[str, Any], section: str = "model") -> "ModelConfig":
+        """Build from ``to_dict()`` output; unknown keys are an error, missing ones take defaults (see config_json)."""
+        return from_json(cls, values, section)
