@@ -17,7 +17,8 @@ from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
 from herbarium.demo import make_demo_data
 from herbarium.ensembles import average_state_dicts, bn_loader, class_weights_from_accuracy, main as swa_main, per_class_accuracy
 from herbarium.evaluation.combine import class_weighted_ensemble, ensemble
-from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
+from herbarium.evaluation.runner import evaluate, load_run
+from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.models.config import ModelConfig
 
 
