@@ -1,4 +1,9 @@
-"""The ``train`` command line: argparse groups whose defaults come from :mod:`herbarium.config`.
+"""The ``train`` command line: one option per field of :mod:`herbarium.config`, in argparse groups.
+
+The options are generated from the config dataclasses (see
+:mod:`herbarium.options`), so a setting's default and help are written once,
+in its field. Only the options that set no field are written here: the
+dataset folder, the timm-style LR shortcuts and the run control flags.
 
 Resuming (``--resume RUN``, ``--resume-if-exists``, or a torchrun restart)
 continues with the run's own saved config. An option given on the command
