@@ -52,7 +52,8 @@ from herbarium.data.readers import read_split
 from herbarium.engine import train
 from herbarium.evaluation import cli as eval_cli
 from herbarium.evaluation.metrics import evaluate_predictions
-from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
+from herbarium.evaluation.runner import evaluate, load_run
+from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.runtime import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package

@@ -62,7 +62,8 @@ from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.samplers import EpochSampler
 from herbarium.distributed import DistributedContext
 from herbarium.engine import NanGuard, forward_loss
-from herbarium.evaluation.runner import EVAL_BATCH, EvaluationSettings, LoadedModel, build_view_loader, model_scores
+from herbarium.evaluation.runner import LoadedModel, build_view_loader, model_scores
+from herbarium.evaluation.settings import EVAL_BATCH, EvaluationSettings
 from herbarium.evaluation.tta import InputProfile, parse_views, plain_view_index
 from herbarium.losses import build_multi_rank_loss
 from herbarium.models import ModelConfig, build_model

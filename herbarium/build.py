@@ -129,7 +129,8 @@ def build_run_loss(cfg: TrainConfig, train: DatasetSplit) -> nn.Module:
     counts = {rank: taxonomy.counts(category_ids, rank) for rank in levels}
     return build_multi_rank_loss(
         loss.loss_by_rank(), counts, {rank: loss.weight_of(rank) for rank in levels}, loss.class_weights,
-        gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta,
+        gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta, sce_alpha=loss.sce_alpha,
+        sce_beta=loss.sce_beta,
     )
 
 

@@ -1,8 +1,10 @@
-"""Typed run configuration: the one source of defaults.
+"""Typed run configuration: the one source of defaults, help texts and command-line options.
 
 The command line is parsed once into a :class:`TrainConfig`; the resolved
 config is saved as ``config.json`` in the run directory, and evaluation
-rebuilds the model from it. Every default lives here and nowhere else.
+rebuilds the model from it. Each setting is one field declared with
+:func:`herbarium.options.option`: its default and its help live here and
+nowhere else, and ``train.py``'s options are generated from them.
 """
 
 from __future__ import annotations
@@ -13,39 +15,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from herbarium.config_json import from_json, to_json
+from herbarium.data.augment import PRESETS, describe_presets
+from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
+from herbarium.data.samplers import SAMPLERS
+from herbarium.errors import ConfigError
+from herbarium.losses import CLASS_WEIGHTS, LOSSES
 from herbarium.models.config import ModelConfig
+from herbarium.noisy.o2u import O2U_WEIGHTINGS
+from herbarium.options import option
+from herbarium.recipes import RECIPES
+from herbarium.runtime import PRECISIONS
 from herbarium.taxonomy import DEFAULT_RANKS
+
+NAN_POLICIES = ("stop", "skip")  # what a NaN/inf loss does (engine.NanGuard)
 
 
 @dataclass
 class DataConfig:
-    data: str = ""
-    train_split: str = "train"
-    val_split: str | None = None  # None: hold out `holdout` of train, stratified by the finest rank
-    holdout: float = 0.0  # 0 with no val_split: no validation, every image trains and the last epoch is the checkpoint
-    ranks: tuple[str, ...] = DEFAULT_RANKS  # the taxonomy's ranks, coarse to fine
-    stats: str | None = None  # None: DATA/<train_split>/stats.json if present, else ImageNet values
-    size: int = 224
-    batch_size: int = 64
-    workers: int | None = None  # None: all cores
-    sampler: str = "none"
-    augment: str = "crop_flip"
-    decode: str = "auto"  # where JPEGs are decoded: auto (gpu.select_decode's rule), cpu (PIL workers) or gpu (nvJPEG)
-    skip_bad_images: bool = False
-    subset: str | None = None  # CSV with an image_id column: train on these images of the train split only
-    holdout_ids: str | None = None  # CSV with an image_id column: these train images are the validation split
+    data: str = ""  # the dataset folder: train.py's positional DATA (or --data)
+    train_split: str = option("train", "training split")
+    val_split: str | None = option(None, "validation split", default_text="none, or --holdout of train")
+    holdout: float = option(
+        0.0, "fraction of train held out for validation when no --val-split, stratified by the finest rank; 0: no "
+             "validation, every image trains and the last epoch is the checkpoint")
+    ranks: tuple[str, ...] = option(DEFAULT_RANKS, "the taxonomy's ranks, coarse to fine")
+    stats: str | None = option(None, "stats JSON from collect-stats",
+                               default_text="DATA/<train-split>/stats.json if present, else ImageNet mean/std")
+    size: int = option(224, "input side in pixels")
+    batch_size: int = option(64, "images per step per process")
+    workers: int | None = option(None, "decoding processes", default_text="all cores")
+    sampler: str = option("none", "class rebalancing of the draws", choices=SAMPLERS)
+    augment: str = option("crop_flip", f"augmentation preset. {describe_presets(' ')}", choices=sorted(PRESETS))
+    decode: str = option(
+        "auto", "where JPEGs are decoded and augmented: cpu (PIL in the workers), gpu (nvJPEG and batched augmentation "
+                "on the device, the workers only read bytes) or auto: gpu only on a CUDA device that decodes JPEGs with "
+                f"fewer than {AUTO_DEVICE_BELOW_CORES} cores per GPU, else cpu (measured faster with 16 cores; see README)",
+        choices=DECODES)
+    skip_bad_images: bool = option(False, "skip and count unreadable images instead of stopping")
+    subset: str | None = option(None, "CSV with an image_id column (e.g. clean-labels' kept.csv): train on these "
+                                      "training images only", default_text="all")
+    holdout_ids: str | None = option(None, "CSV with an image_id column: these training images are the validation split",
+                                     default_text="a random --holdout")
 
 
 @dataclass
 class LossConfig:
-    levels: tuple[str, ...] = ("species", "genus", "family")  # ranks that get a head
-    level_weights: dict[str, float] = field(default_factory=dict)  # unnamed ranks: 1.0
-    loss: str = "logit_adjusted"  # one name for every rank, or "species=focal,genus=ce,..."
-    class_weights: str = "none"
-    gamma: float = 2.0
-    beta: float = 0.999
-    tau: float = 1.0
-    smoothing: float = 0.1
+    levels: tuple[str, ...] = option(("species", "genus", "family"), "ranks that get a head")
+    level_weights: dict[str, float] = option(
+        help="loss weight per rank, e.g. species=1.5,genus=1; --level-weights is the old name",
+        flag="--rank-weights", aliases=("--level-weights",), default_factory=dict, default_text="1 per rank")
+    loss: str = option("logit_adjusted", f"{', '.join(LOSSES)}; one for all ranks or rank=name,...")  # checked by loss_by_rank
+    class_weights: str = option("none", "class weights of the loss", choices=CLASS_WEIGHTS)
+    gamma: float = option(2.0, "focal loss gamma")
+    beta: float = option(0.999, "effective-number beta")
+    tau: float = option(1.0, "logit adjustment strength")
+    smoothing: float = option(0.1, "label smoothing")
+    sce_alpha: float = option(0.1, "weight of the cross-entropy term of the symmetric cross-entropy loss (sce)")
+    sce_beta: float = option(1.0, "weight of the reverse cross-entropy term of the symmetric cross-entropy loss (sce)")
 
     def loss_by_rank(self) -> dict[str, str]:
         if "=" not in self.loss:
@@ -65,42 +92,54 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    optim: str = "adamw:0"  # phases "name[@lr]:start_epoch", e.g. adam:0,sgd:10,adam:20
-    schedule: str = "cosine:warmup=1"  # step:N[:gamma], cosine[:warmup=N], sgdr:N[:mult=M], constant
-    weight_decay: float | None = None  # None: each optimizer's own default (adamw 0.05, adam 0, sgd 1e-4, ...)
-    plateau_patience: int | None = None  # switch to the next phase after this many epochs without gain
-    accum_steps: int = 1
-    clip_grad: float | None = None
+    optim: str = option("adamw:0", "optimizer phases name[@lr]:start_epoch, e.g. adam:0,sgd:10,adam:20")
+    schedule: str = option("cosine:warmup=1", "LR schedule: step:N[:gamma], cosine[:warmup=N], sgdr:N[:mult=M], constant")
+    weight_decay: float | None = option(None, "weight decay for every phase",
+                                        default_text="each optimizer's own: adamw 0.05, adam 0, sgd 1e-4")
+    plateau_patience: int | None = option(None, "switch to the next optimizer phase after this many epochs without gain",
+                                          default_text="off")
+    accum_steps: int = option(1, "gradient accumulation steps")
+    clip_grad: float | None = option(None, "clip the gradient norm", default_text="off")
 
 
 @dataclass
 class O2UConfig:
-    """Loss-based sample reweighting over SGDR cycles (see :mod:`herbarium.noisy.o2u`)."""
+    """Loss-based sample reweighting over SGDR cycles (see :mod:`herbarium.noisy.o2u`); options ``--o2u-*``."""
 
-    enabled: bool = False
-    weighting: str = "exp"  # exp: exp(-max(loss, 0) / temperature); rank: 1 - loss percentile
-    temperature: float = 1.0  # nats of normalised loss per e-fold of weight (exp)
-    floor: float = 0.1  # smallest weight a sample gets
-    warmup_cycles: int = 1  # cycles trained unweighted before the first weights apply
+    enabled: bool = option(False, "weight each sample by its normalised loss over the previous SGDR cycle",
+                           flag="--o2u", dest="o2u")
+    weighting: str = option("exp", "exp: exp(-max(loss, 0)/T); rank: 1 - loss percentile", choices=O2U_WEIGHTINGS)
+    temperature: float = option(1.0, "T of the exp weighting, in nats of normalised loss per e-fold of weight")
+    floor: float = option(0.1, "smallest sample weight")
+    warmup_cycles: int = option(1, "SGDR cycles trained unweighted before the first weights apply")
 
 
 @dataclass
 class TrainConfig:
-    out: str = "runs/default"
-    recipe: str = "default"  # the named set of defaults the run started from (herbarium.recipes)
-    epochs: int = 20
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    channels_last: bool = True
-    compile: bool = False
-    log_every: int = 20
-    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: at epoch ends only
-    nan_policy: str = "stop"  # stop | skip
-    nan_skip_limit: float = 0.05  # skip policy: stop when more than this fraction of an epoch's steps in a row were skipped
-    dist_timeout: float | None = None  # seconds a DDP process waits for the others; None: torch's default (30 min)
-    stop_after_epoch: int | None = None  # end the process after this epoch (a resumable pause)
-    snapshots: bool = False  # save checkpoints/snapshot_<k>.pt at the end of each SGDR cycle
+    out: str = option("runs/default", "run directory")
+    recipe: str = option(
+        "default", "a named set of defaults; flags given still win: default (chosen on validation data) or herbarium2020 "
+                   "(Adam 3e-4 halved every 5 epochs, class-weighted focal loss, rank weights 1.5/1/1, dropout 0.5, "
+                   "10% hold-out)", choices=RECIPES)
+    epochs: int = option(20, "epochs")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    precision: str = option("auto", "autocast precision", choices=PRECISIONS, default_text="auto: bf16 on CUDA, fp32 on CPU")
+    channels_last: bool = option(True, "keep NCHW memory format", negate="--no-channels-last", default_text="channels_last")
+    compile: bool = option(False, "torch.compile the model")
+    log_every: int = option(20, "optimizer steps between logged values")
+    checkpoint_every: int = option(0, "optimizer steps between mid-epoch checkpoints; 0: at epoch ends only")
+    nan_policy: str = option(
+        "stop", "on a NaN/inf loss: stop naming the step, or skip the step (the model is left exactly as it was) and "
+                "count it", choices=NAN_POLICIES)
+    nan_skip_limit: float = option(
+        0.05, "with --nan-policy skip, stop with an error when more than this fraction of an epoch's steps in a row "
+              "were skipped, at least 1")
+    dist_timeout: float | None = option(
+        None, "seconds a process of a multi-GPU run waits for the others before failing; a process that dies is "
+              "noticed at once", default_text="torch's 30 min")
+    stop_after_epoch: int | None = option(None, "end the process after this epoch, resumable later", default_text="off")
+    snapshots: bool = option(False, "save checkpoints/snapshot_<k>.pt at the end of SGDR cycle k")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -111,41 +150,25 @@ class TrainConfig:
     changes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return to_json(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        sections = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "o2u": O2UConfig}
-        top = {k: v for k, v in data.items() if k not in sections}
-        parts = {name: _build(section, data.get(name, {})) for name, section in sections.items()}
-        return cls(**_known(cls, top), **parts)
+        """The config saved as ``data``; missing keys take defaults, unknown ones raise :class:`ConfigError`."""
+        top = {key: value for key, value in data.items() if key not in SECTIONS}
+        parts = {name: from_json(section, data.get(name, {}), name) for name, section in SECTIONS.items()}
+        return from_json(cls, {**top, **parts})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
 
 
-def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Keep only fields the dataclass has (configs from newer versions load too) and restore tuples."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kept = {}
-    for key, value in values.items():
-        if key in names:
-            is_tuple = "tuple" in str(names[key].type)
-            kept[key] = tuple(value) if is_tuple and isinstance(value, list) else value
-    return kept
-
-
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    return cls(**_known(cls, values))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
+                             "o2u": O2UConfig}  # TrainConfig's nested settings, by field name

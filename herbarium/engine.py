@@ -30,7 +30,7 @@ from tqdm import tqdm
 from herbarium import run_summary
 from herbarium.build import build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from herbarium.config import TrainConfig
+from herbarium.config import NAN_POLICIES, TrainConfig
 from herbarium.data.gpu import loader_workers
 from herbarium.data.images import BadImageError
 from herbarium.data.splits import read_train_val
@@ -129,8 +129,8 @@ class NanGuard:
     """
 
     def __init__(self, policy: str, skip_limit: int = 1) -> None:
-        if policy not in ("stop", "skip"):
-            raise ValueError(f"unknown NaN policy {policy!r}; choose 'stop' or 'skip'")
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"unknown NaN policy {policy!r}; choose one of {list(NAN_POLICIES)}")
         self.policy = policy
         self.skip_limit = max(1, int(skip_limit))
         self.pending: tuple[int, int, torch.Tensor] | None = None  # (step, epoch, finite flag on the device)

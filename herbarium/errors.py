@@ -9,7 +9,7 @@ Expected are:
 
 * :class:`HerbariumError` and its subclasses (``DatasetError``,
   ``TaxonomyError``, ``BadImageError``, ``CheckpointError``,
-  ``NonFiniteLossError``, :class:`UsageError`, ...), raised by our own checks;
+  ``NonFiniteLossError``, :class:`UsageError`, :class:`ConfigError`, ...), raised by our own checks;
 * a missing, existing or forbidden path (``FileNotFoundError``,
   ``FileExistsError``, ``NotADirectoryError``, ``IsADirectoryError``,
   ``PermissionError``) wherever it is raised;
@@ -39,6 +39,10 @@ class HerbariumError(Exception):
 
 class UsageError(HerbariumError, ValueError):
     """A bad option or combination of options, or a folder that is not what an option needs."""
+
+
+class ConfigError(HerbariumError, ValueError):
+    """A saved config (a run's ``config.json``, a checkpoint's copy) that this version cannot read as it was written."""
 
 
 class DistributedError(HerbariumError, RuntimeError):

@@ -18,7 +18,7 @@ from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
 from herbarium.demo import make_demo_data
 from herbarium.evaluation import cli as eval_cli
 from herbarium.evaluation.decoding import PathDecoder
-from herbarium.evaluation.runner import EvaluationSettings
+from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.models import ModelConfig
 from herbarium.taxonomy import Taxonomy
 

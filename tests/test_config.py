@@ -8,6 +8,7 @@ import json
 import pytest
 
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.errors import ConfigError
 from herbarium.models.config import ModelConfig
 
 
@@ -42,14 +43,17 @@ def test_file_is_plain_json():
     assert data["seed"] == 7
 
 
-def test_unknown_keys_are_ignored_and_missing_ones_default():
+def test_missing_keys_default_and_unknown_ones_are_refused():
     data = _custom().to_dict()
-    data["from_a_newer_version"] = 1
-    data["data"]["another_new_field"] = "x"
     del data["loss"]["gamma"]
     loaded = TrainConfig.from_dict(data)
     assert loaded.loss.gamma == LossConfig().gamma
     assert dataclasses.replace(loaded, loss=_custom().loss) == _custom()
+    for where, key in ((data, "from_a_newer_version"), (data["data"], "another_new_field")):
+        where[key] = 1
+        with pytest.raises(ConfigError, match=f"unknown setting '(data\\.)?{key}'"):
+            TrainConfig.from_dict(data)
+        del where[key]
 
 
 def test_loss_by_rank_and_weights():

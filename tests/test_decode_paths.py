@@ -27,7 +27,8 @@ from herbarium.distributed import DistributedContext
 from herbarium.data.readers import read_split
 from herbarium.data.transforms import resize_size
 from herbarium.evaluation.report import throughput_section
-from herbarium.evaluation.runner import EvaluationSettings, LoadedModel, build_view_loader, evaluate
+from herbarium.evaluation.runner import LoadedModel, build_view_loader, evaluate
+from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.evaluation.tta import InputProfile
 from herbarium.models.config import ModelConfig
 

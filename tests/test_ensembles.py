@@ -19,7 +19,8 @@ from herbarium.evaluation.combine import class_weights_from_accuracy, per_class_
 from herbarium.run_dir import RunDir
 from herbarium.swa import average_state_dicts, bn_loader, main as swa_main
 from herbarium.evaluation.combine import class_weighted_ensemble, ensemble
-from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
+from herbarium.evaluation.runner import evaluate, load_run
+from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.models.config import ModelConfig
 
 

@@ -17,8 +17,9 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import read_split
 from herbarium.data.transforms import eval_transform
 from herbarium.demo import make_demo_data
+from herbarium.evaluation.runner import evaluate, load_run
+from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
 from herbarium.run_dir import RUN_FILES
-from herbarium.evaluation.runner import FALLBACK_PRIMARY, EvaluationSettings, evaluate, load_run
 from herbarium.evaluation.tta import parse_views
 from herbarium.models.config import ModelConfig
 

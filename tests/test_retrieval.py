@@ -16,7 +16,8 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import read_split
 from herbarium.data.transforms import eval_transform
 from herbarium.demo import make_demo_data
-from herbarium.evaluation.runner import EvaluationSettings, evaluate, load_run
+from herbarium.evaluation.runner import evaluate, load_run
+from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.models.config import ModelConfig
 from herbarium.retrieval import (
     Gallery,

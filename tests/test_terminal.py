@@ -129,7 +129,8 @@ def test_report_names_the_run_files_truth_and_confident_mistakes(tiny_run, tmp_p
     import csv
 
     from herbarium.data.readers import read_split
-    from herbarium.evaluation.runner import EvaluationSettings, evaluate
+    from herbarium.evaluation.runner import evaluate
+    from herbarium.evaluation.settings import EvaluationSettings
 
     data, run_dir = tiny_run
     settings = EvaluationSettings(views=("plain", "flip"), workers=0, device="cpu", batch_size=8)

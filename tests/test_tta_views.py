@@ -18,7 +18,8 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import read_split
 from herbarium.data.transforms import eval_transform, resize_size
 from herbarium.demo import make_demo_data
-from herbarium.evaluation.runner import EvaluationSettings, evaluate
+from herbarium.evaluation.runner import evaluate
+from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.evaluation.tta import (
     DEFAULT_VIEWS,
     FIVECROP_CORNERS,

@@ -136,6 +136,6 @@ def build_train_transform(preset: str, size: int, mean: Sequence[float], std: Se
     return v2.Compose([*preset_ops(preset, size), to_normalized_tensor(mean, std)])
 
 
-def describe_presets() -> str:
-    """One line per preset, for ``--help`` texts and the README."""
-    return "\n".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
+def describe_presets(separator: str = "\n") -> str:
+    """Each preset with what it does, for ``--augment``'s help."""
+    return separator.join(f"{name}: {preset.description}" for name, preset in PRESETS.items())

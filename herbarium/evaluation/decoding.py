@@ -29,6 +29,12 @@ from herbarium.taxonomy import Taxonomy
 
 DEFAULT_MAX_ELEMENTS = 2**23
 
+# The variants an evaluation scores, named "<scores>_<decoding>": the scores of the TTA mean, of the plain view
+# alone, or of TTA mixed with retrieval, each decoded per head (independent argmaxes) or consistently along the tree.
+SCORE_SOURCES = ("tta", "single_view", "retrieval")
+DECODINGS = ("heads", "consistent")
+VARIANTS = tuple(f"{source}_{decoding}" for source in SCORE_SOURCES for decoding in DECODINGS)
+
 
 def independent_predictions(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Each head's own argmax: ``{rank: LongTensor [B]}`` from ``{rank: [B, C]}``."""

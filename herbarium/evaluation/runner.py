@@ -35,19 +35,17 @@ from herbarium.evaluation.combine import (
 from herbarium.evaluation.decoding import PathDecoder, independent_predictions, taxonomy_disagreement
 from herbarium.evaluation.metrics import evaluate_predictions
 from herbarium.evaluation.report import write_report
+from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
 from herbarium.evaluation.submission import top_k_probabilities, write_predictions, write_submission
 from herbarium.evaluation.tta import (
-    DEFAULT_VIEWS, InputProfile, MultiViewDataset, collate_views, plain_view_index, view_decode_side, view_transform,
+    InputProfile, MultiViewDataset, collate_views, plain_view_index, view_decode_side, view_transform,
 )
-from herbarium.retrieval import RETRIEVAL_MODES, Gallery, embed, mix_log_probs, normalised_view_mean, retrieval_log_probs
+from herbarium.retrieval import Gallery, embed, mix_log_probs, normalised_view_mean, retrieval_log_probs
 from herbarium.run_dir import locate_checkpoint, model_from_checkpoint
 from herbarium.runtime import autocast, autocast_dtype, default_workers, resolve_device
 from herbarium.taxonomy import Taxonomy
 
 TOP_K = 5
-# The headline variant of a run without a validation split to choose one on: TTA with consistent decoding
-# had the best species macro-F1 on grocery-store val with both the old and the new training defaults (BENCHMARKS.md).
-FALLBACK_PRIMARY = "tta_consistent"
 
 
 @dataclass
@@ -135,54 +133,6 @@ def check_same_taxonomy(models: Sequence[LoadedModel]) -> Taxonomy:
         if other.taxonomy.to_dict() != first.taxonomy.to_dict():
             raise ValueError(f"{other.source} was trained on another taxonomy than {first.source}; an ensemble needs the same classes")
     return first.taxonomy
-
-
-# Default images per evaluation batch. A batch brings all its views: 32 images of 4 views were a model
-# batch of 128, which leaves a GPU idle between batches; 128 images make it 512, the batch at which
-# bench/throughput.py measures the inference ceiling.
-EVAL_BATCH = {"cuda": 128, "cpu": 32}
-
-
-@dataclass
-class EvaluationSettings:
-    views: tuple[str, ...] = DEFAULT_VIEWS
-    average: str = "logits"
-    model_weights: tuple[float, ...] | None = None
-    rank_weights: dict[str, float] = field(default_factory=dict)
-    batch_size: int | None = None  # images per batch; None: EVAL_BATCH of the device type
-    workers: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    shot_thresholds: tuple[int, int] | None = None  # None: (20, 100), scaled down for small training sets
-    primary: str | None = None  # None: the best finest-rank macro-F1 on the run's validation split, else FALLBACK_PRIMARY
-    skip_bad_images: bool = False
-    decode: str = "auto"  # auto | cpu | gpu, as train.py's --decode
-    retrieval_gallery: str | None = None  # a labelled split of the data whose embeddings are the gallery
-    retrieval_mode: str = "centroid"  # centroid | knn
-    retrieval_k: int = 5
-    retrieval_weight: float = 0.5  # share of the retrieval log-probs in the mix with the heads'
-    retrieval_scale: float = 30.0  # log_softmax(scale * cosine)
-    retrieval_levels: tuple[str, ...] | None = None  # None: the finest rank with a head
-    class_weighted: bool = False  # per-class model weights from validation accuracy
-    weights_split: str = "val"  # "val": each run's own validation split; else a split of the data
-    class_weight_power: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.retrieval_mode not in RETRIEVAL_MODES:
-            raise ValueError(f"unknown retrieval mode {self.retrieval_mode!r}; choose one of {list(RETRIEVAL_MODES)}")
-        if self.retrieval_k < 1:
-            raise ValueError(f"retrieval k must be >= 1, got {self.retrieval_k}")
-        if not 0.0 <= self.retrieval_weight <= 1.0:
-            raise ValueError(f"retrieval weight must be in [0, 1], got {self.retrieval_weight}")
-        if self.decode not in DECODES:
-            raise ValueError(f"unknown decode {self.decode!r}; choose one of {list(DECODES)}")
-        if self.class_weighted and self.model_weights is not None:
-            raise ValueError("class-weighted ensembles set each model's weight per class; drop the model weights")
-
-    def batch_for(self, device: torch.device) -> int:
-        """Images per batch on ``device``: ``batch_size``, else :data:`EVAL_BATCH` of its type."""
-        return self.batch_size or EVAL_BATCH.get(device.type, EVAL_BATCH["cpu"])
 
 
 @dataclass

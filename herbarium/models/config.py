@@ -1,10 +1,13 @@
-"""The model's configuration: one typed dataclass, the single source of its defaults."""
+"""The model's configuration: one typed dataclass, the single source of its defaults and help texts."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from herbarium.config_json import from_json
+from herbarium.options import option
 
 from .heads import HEADS
 from .pooling import POOLS
@@ -14,42 +17,30 @@ from .pooling import POOLS
 class ModelConfig:
     """What to build: trunk, pooling, optional embedding and one head per rank.
 
-    Attributes:
-        trunk: a timm model name (``legacy_seresnext50_32x4d``, ``resnet50``,
-            ...), ``timm:NAME`` to bypass aliases, ``pretrainedmodels:NAME``
-            for the Cadene ``pretrainedmodels`` package, or an alias with
-            packaged weights (``efficientnet_lite0``/``1``/``2``).
-        pretrained: load ImageNet weights shipped in an installed pip package;
-            nothing is ever downloaded.
-        weights: a local ``.safetensors`` / ``.pth`` state dict for the trunk.
-        pool: global pooling, one of ``avg``, ``max``, ``gem``.
-        dropout: dropout before each head (0.5 worked for AliProducts from
-            scratch; a pretrained trunk fine-tuned on few images wants less).
-        embedding_dim: if > 0, a Linear + BatchNorm1d maps the pooled features
-            to this size before the heads; 0 puts the heads on the pooled
-            features directly.
-        head: kind of head of every rank, one of ``heads.HEADS``.
-        arcface_levels: ranks that get an ArcFace head whatever ``head`` says
-            (``("species",)``: ArcFace for species, ``head`` for the rest).
-        arcface_margin: ArcFace's additive angular margin, in radians.
-        arcface_scale: ArcFace's scale (the logits are scale * cosine).
-        arcface_subcenters: centres per class (sub-centre ArcFace when > 1).
-        drop_path: stochastic depth rate of the trunk (timm trunks that
-            support it).
+    Each field's help says what it sets; ``train.py --help`` shows them all.
     """
 
-    trunk: str = "legacy_seresnext50_32x4d"
-    pretrained: bool = False
-    weights: str | None = None
-    pool: str = "avg"
-    dropout: float = 0.2
-    embedding_dim: int = 0
-    head: str = "linear"
-    arcface_levels: tuple[str, ...] = ()
-    arcface_margin: float = 0.3
-    arcface_scale: float = 30.0
-    arcface_subcenters: int = 1
-    drop_path: float = 0.0
+    trunk: str = option(
+        "legacy_seresnext50_32x4d", "a timm model name (legacy_seresnext50_32x4d, resnet50, ...), timm:NAME to bypass "
+                                    "aliases, pretrainedmodels:NAME for the Cadene pretrainedmodels package, or an alias "
+                                    "with packaged weights (efficientnet_lite0/1/2)")
+    pretrained: bool = option(
+        False, "start from ImageNet weights: packaged for efficientnet_lite0/1/2, else timm's own (its local cache, else "
+               "a download); offline without them, says which file to pass with --weights")
+    weights: str | None = option(None, "local trunk weights: .pth/.pt or .safetensors", aliases=("--trunk-weights",))
+    pool: str = option("avg", "global pooling of the trunk's features", choices=POOLS)
+    dropout: float = option(0.2, "dropout before each head (0.5 worked for AliProducts from scratch; a pretrained "
+                                 "trunk fine-tuned on few images wants less)")
+    embedding_dim: int = option(0, "if > 0, a Linear + BatchNorm1d maps the pooled features to this size before the "
+                                   "heads; 0 puts the heads on the pooled features directly")
+    head: str = option("linear", "head of every rank: linear, or arcface (scaled cosines, angular margin in training)",
+                       choices=HEADS)
+    arcface_levels: tuple[str, ...] = option((), "ranks that get an ArcFace head alongside --head for the others, "
+                                                 "e.g. species")
+    arcface_margin: float = option(0.3, "ArcFace additive angular margin in radians")
+    arcface_scale: float = option(30.0, "ArcFace scale: logits are scale * cosine")
+    arcface_subcenters: int = option(1, "ArcFace centres per class, > 1 for sub-centre ArcFace")
+    drop_path: float = option(0.0, "stochastic depth rate of the trunk, timm trunks that support it")
 
     def __post_init__(self) -> None:
         self.arcface_levels = tuple(self.arcface_levels)  # JSON gives a list
@@ -89,12 +80,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        """Build from ``to_dict()`` output; unknown keys are an error, missing ones take defaults."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown ModelConfig keys {unknown}; valid keys: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
+    def from_dict(cls, values: dict[str, Any], section: str = "model") -> "ModelConfig":
+        """Build from ``to_dict()`` output; unknown keys are an error, missing ones take defaults (see config_json)."""
+        return from_json(cls, values, section)
