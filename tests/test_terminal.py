@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import herbarium
+from herbarium.run_dir import RunDir
 from herbarium import cli, run_summary
 from herbarium.config import TrainConfig
 from herbarium.engine import Trainer
@@ -78,12 +79,12 @@ def test_end_of_run_summary(tiny_run):
     data, run_dir = tiny_run
     cfg = TrainConfig.load(run_dir / "config.json")
     record = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
-    lines = run_summary.end_lines(cfg, run_dir, "species", 75.0, finished=True)
+    lines = run_summary.end_lines(cfg, RunDir(run_dir), "species", 75.0, finished=True)
     assert lines[0] == "done: epoch 1/1 in 1m15s"
     assert lines[1].startswith(f"  best epoch 1: species macro-F1 {record['val']['species']['macro_f1']:.3f}")
     assert f"{run_dir / 'checkpoints' / 'best.pt'} (epoch 1)" in lines[2]
     assert lines[3].startswith(f"  next       python tta_eval.py {run_dir} --data {data} --split test")
-    paused = run_summary.end_lines(cfg, run_dir, "species", 5.0, finished=False)
+    paused = run_summary.end_lines(cfg, RunDir(run_dir), "species", 5.0, finished=False)
     assert paused[0].startswith("paused") and f"--resume {run_dir}" in paused[-1]
 
 
