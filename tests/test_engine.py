@@ -201,6 +201,14 @@ def test_without_a_validation_split_every_image_trains_and_last_is_the_checkpoin
         engine.Trainer(plateau)
 
 
+def test_validating_does_not_change_what_is_trained(demo, tmp_path):
+    # Validation draws from no generator the training uses, so a run without a validation split trains the same
+    # weights: its accuracy is that of the validated run's last epoch (how bench/accuracy.py reads the no-val target).
+    engine.train(tiny_config(demo, tmp_path / "validated"))
+    engine.train(tiny_config(demo, tmp_path / "unvalidated", data=DataConfig(data=str(demo), size=32, batch_size=16, workers=0)))
+    assert_same_weights(weights_of(tmp_path / "validated"), weights_of(tmp_path / "unvalidated"))
+
+
 def test_recipe_moves_defaults_and_explicit_flags_still_win():
     from herbarium import train_cli
 
