@@ -44,14 +44,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import f1_score
 
 from herbarium import train_cli
 from herbarium.config import TrainConfig
 from herbarium.data.readers import read_split
 from herbarium.engine import train
 from herbarium.evaluation import cli as eval_cli
-from herbarium.evaluation.metrics import evaluate_predictions
+from herbarium.evaluation.metrics import BOOTSTRAP_RESAMPLES, evaluate_predictions, paired_bootstrap
 from herbarium.evaluation.runner import evaluate, load_run
 from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.runtime import resolve_device
@@ -68,7 +67,6 @@ ARMS: dict[str, str] = {
 STOCK_LOSSES: dict[str, str] = {"stock_ce": "ce", "stock_la": "la"}
 RECIPES: dict[str, str] = {"herbarium": "default", "herbarium2020": "herbarium2020"}
 SHOT_GROUPS = ("many", "medium", "few")
-BOOTSTRAP_RESAMPLES = 1000
 # Config fields ("section.field") that define the shared budget: --herbarium-args may not change them.
 BUDGET_FIELDS = ("data.data", "data.train_split", "data.val_split", "data.size", "model.trunk", "model.pretrained",
                  "epochs", "seed")
@@ -312,27 +310,6 @@ def run_arm(arm: Arm, budget: Budget, out: Path, overwrite: bool = False) -> dic
 
 
 # ---------------------------------------------------------------- intervals
-def paired_bootstrap(truth: np.ndarray, ours: np.ndarray, theirs: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
-                     seed: int = 0) -> dict[str, float]:
-    """Macro-F1 of ``ours`` minus ``theirs`` on the same images, with a 95% paired bootstrap interval.
-
-    Each resample draws images with replacement and scores both prediction
-    sets on the same draw, so the interval reflects which images the test
-    set happens to hold, not training noise (one seed per arm).
-    """
-    rng = np.random.default_rng(seed)
-
-    def f1(labels: np.ndarray, predicted: np.ndarray) -> float:
-        return float(f1_score(labels, predicted, average="macro", zero_division=0))
-
-    deltas = []
-    for _ in range(resamples):
-        draw = rng.integers(0, len(truth), len(truth))
-        deltas.append(f1(truth[draw], ours[draw]) - f1(truth[draw], theirs[draw]))
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    return {"delta": f1(truth, ours) - f1(truth, theirs), "low": float(low), "high": float(high), "resamples": resamples}
-
-
 def aligned(result: dict[str, Any], other: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(truth, predictions of ``result``, predictions of ``other``) over the image ids both scored."""
     ids = sorted(set(result["per_image"]) & set(other["per_image"]))

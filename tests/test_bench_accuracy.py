@@ -9,7 +9,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -168,17 +167,6 @@ def test_table_without_both_sides_has_no_margins(arms):
     table = accuracy.comparison_table(results)
     assert table["margins"] == {} and len(table["rows"]) == 1
     assert "margins" not in accuracy.render_markdown(table, results)
-
-
-def test_paired_bootstrap_interval_holds_the_difference_and_shrinks_with_agreement():
-    rng = np.random.default_rng(0)
-    truth = rng.integers(0, 10, 400)
-    better = np.where(rng.random(400) < 0.8, truth, rng.integers(0, 10, 400))
-    worse = np.where(rng.random(400) < 0.5, truth, rng.integers(0, 10, 400))
-    interval = accuracy.paired_bootstrap(truth, better, worse, resamples=200)
-    assert interval["low"] <= interval["delta"] <= interval["high"] and interval["low"] > 0
-    same = accuracy.paired_bootstrap(truth, better, better, resamples=50)
-    assert same["delta"] == same["low"] == same["high"] == 0.0
 
 
 # ------------------------------------------------------------- end to end

@@ -25,7 +25,7 @@ from herbarium.evaluation import (
     taxonomy_disagreement,
     top_k_accuracy,
 )
-from herbarium.evaluation.metrics import ancestor_table, hierarchical_distances
+from herbarium.evaluation.metrics import ancestor_table, hierarchical_distances, paired_bootstrap
 from herbarium.taxonomy import Taxonomy
 
 RANKS = ("family", "genus", "species")
@@ -292,3 +292,23 @@ def test_rank_metrics_rejects_inconsistent_inputs():
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         rank_metrics([0, 2], [0, 1], train_counts=[1, 2])
     assert math.isclose(rank_metrics([1], [1], train_counts=[0, 4])["top1"], 1.0)
+
+
+def test_paired_bootstrap_interval_holds_the_difference_and_shrinks_with_agreement():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 10, 400)
+    better = np.where(rng.random(400) < 0.8, truth, rng.integers(0, 10, 400))
+    worse = np.where(rng.random(400) < 0.5, truth, rng.integers(0, 10, 400))
+    interval = paired_bootstrap(truth, better, worse, resamples=200)
+    assert interval["low"] <= interval["delta"] <= interval["high"] and interval["low"] > 0
+    same = paired_bootstrap(truth, better, better, resamples=50)
+    assert same["delta"] == same["low"] == same["high"] == 0.0
+
+
+def test_paired_bootstrap_difference_is_scikit_learns_macro_f1_difference():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 30, 300)
+    ours = np.where(rng.random(300) < 0.7, truth, rng.integers(0, 40, 300))
+    theirs = np.where(rng.random(300) < 0.6, truth, rng.integers(0, 40, 300))
+    expected = f1_score(truth, ours, average="macro", zero_division=0) - f1_score(truth, theirs, average="macro", zero_division=0)
+    assert paired_bootstrap(truth, ours, theirs, resamples=20)["delta"] == pytest.approx(expected, abs=1e-12)

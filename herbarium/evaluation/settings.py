@@ -20,7 +20,7 @@ from herbarium.options import format_default, option
 from herbarium.retrieval import RETRIEVAL_MODES
 from herbarium.runtime import PRECISIONS
 
-# The headline variant of a run without a validation split to choose one on: TTA with consistent decoding
+# The headline variant unless validation clearly prefers another (evaluation.runner.choose_primary): TTA with consistent decoding
 # had the best species macro-F1 on grocery-store val with both the old and the new training defaults (BENCHMARKS.md).
 FALLBACK_PRIMARY = "tta_consistent"
 
@@ -51,8 +51,8 @@ class EvaluationSettings:
                      "by count, the rarest third few-shot")
     primary: str | None = option(
         None, "the variant headlined and written to the submission", choices=VARIANTS,
-        default_text=f"the best species macro-F1 on the run's own validation split; {FALLBACK_PRIMARY} for a run "
-                     "without one")
+        default_text=f"{FALLBACK_PRIMARY}, unless another variant beats it on the run's own validation split with its "
+                     "whole 95% bootstrap interval of species macro-F1 above zero")
     skip_bad_images: bool = option(False, "skip and count unreadable images")
     decode: str = option(
         "auto", "where JPEGs are decoded and cut into views: cpu (PIL in the workers), gpu (nvJPEG on the device, all "
