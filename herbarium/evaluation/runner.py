@@ -24,7 +24,7 @@ from tqdm import tqdm
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.dataset import ImageDataset
-from herbarium.data.gpu import DECODES, BytesDataset, GpuViewLoader, loader_workers, select_decode
+from herbarium.data.gpu import BytesDataset, GpuViewLoader, loader_workers, select_decode
 from herbarium.data.images import BadImageError
 from herbarium.data.readers import DatasetSplit, read_split
 from herbarium.data.splits import read_train_val
