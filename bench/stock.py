@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
