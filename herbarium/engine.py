@@ -515,9 +515,10 @@ class Trainer:
             accumulating = not self.windows.closes(position)
             if "image" not in batch:  # every image of the batch was unreadable (--skip-bad-images)
                 self.state.batches_done += 1
-                if not accumulating and open_window is not None:
-                    self._optimizer_step(open_window)
-                open_window = None if not accumulating else open_window
+                if not accumulating:
+                    if open_window is not None:
+                        self._optimizer_step(open_window)
+                    open_window = None
                 continue
             if self.writer is not None and self.state.global_step == 0 and batches == 0:
                 self._log_augmented_images(batch["image"])

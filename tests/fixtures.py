@@ -8,6 +8,7 @@ numbers copied by hand.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.models.config import ModelConfig
 
 # Herbarium 2020 categories: ids with a gap, a name with a latin-1 character.
 CATEGORIES_2020 = [
@@ -187,3 +191,16 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+def tiny_train_config(data_dir: Path, out: Path, *, epochs: int = 2, batch_size: int = 16, log_every: int = 2,
+                      **changes: Any) -> TrainConfig:
+    """A resnet10t run on 32 px demo data validated on its test split, with ``changes`` to the top-level fields."""
+    cfg = TrainConfig(
+        out=str(out), epochs=epochs, seed=3, device="cpu", log_every=log_every,
+        data=DataConfig(data=str(data_dir), val_split="test", size=32, batch_size=batch_size, workers=0),
+        model=ModelConfig(trunk="resnet10t", dropout=0.2),
+        loss=LossConfig(levels=("species", "genus", "family")),
+        optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine"),
+    )
+    return dataclasses.replace(cfg, **changes)

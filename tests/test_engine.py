@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fixtures import tiny_train_config
 
 from herbarium import build
 from herbarium.data import splits
 from herbarium.data.readers import read_split
 from herbarium import engine
 from herbarium.checkpoint import load_checkpoint
-from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.config import DataConfig, OptimConfig, TrainConfig
 from herbarium.demo import make_demo_data
 from herbarium.models.config import ModelConfig
 
@@ -29,14 +30,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 def tiny_config(data_dir: Path, out: Path, **changes) -> TrainConfig:
-    cfg = TrainConfig(
-        out=str(out), epochs=2, seed=3, device="cpu", log_every=2,
-        data=DataConfig(data=str(data_dir), val_split="test", size=32, batch_size=16, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.2),
-        loss=LossConfig(levels=("species", "genus", "family")),
-        optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine"),
-    )
-    return dataclasses.replace(cfg, **changes)
+    return tiny_train_config(data_dir, out, **changes)
 
 
 def weights_of(run_dir: Path, name: str = "last") -> dict[str, torch.Tensor]:

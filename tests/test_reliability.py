@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures import truncate
+from fixtures import tiny_train_config, truncate
 from herbarium.run_dir import RunDir
 from herbarium.data import splits
 from herbarium import engine
 from herbarium.checkpoint import load_checkpoint
-from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.config import DataConfig, OptimConfig, TrainConfig
 from herbarium.demo import make_demo_data
 from herbarium.errors import UsageError, command, is_expected
 from herbarium.evaluation.cli import main as eval_main
-from herbarium.models.config import ModelConfig
 from herbarium.stats import main as stats_main
 from herbarium.train_cli import RESUME_CHANGEABLE, SHORTCUTS, build_parser, config_field, main as train_main
 
@@ -55,16 +54,7 @@ def own_data(tmp_path) -> Path:
 
 
 def tiny_config(data_dir: Path, out: Path, **changes) -> TrainConfig:
-    cfg = TrainConfig(
-        out=str(out), epochs=1, seed=3, device="cpu", log_every=1,
-        data=DataConfig(data=str(data_dir), val_split="test", size=32, batch_size=8, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.2),
-        loss=LossConfig(levels=("species", "genus", "family")),
-        optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine"),
-    )
-    for key, value in changes.items():
-        setattr(cfg, key, value)
-    return cfg
+    return tiny_train_config(data_dir, out, epochs=1, batch_size=8, log_every=1, **changes)
 
 
 def log_records(run: Path) -> list[dict]:
