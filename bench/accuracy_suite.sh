@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole accuracy comparison of BENCHMARKS.md in one command: grocery-store-128, lite0 pretrained,
 # 128 px, 30 epochs, every arm, on train_lt and train (validated on val) and on train_lt with no
-# validation split. About 10 minutes on one H100; on a CPU pass a smaller proxy budget, e.g.
+# validation split. Sized for about 10 minutes on one GPU (not yet timed there); on a CPU pass a smaller proxy budget, e.g.
 #   bash bench/accuracy_suite.sh DATA OUT --size 64 --epochs 10 --device cpu
 # Usage: bash bench/accuracy_suite.sh DATA [OUT] [bench/accuracy.py options...]
 set -euo pipefail
