@@ -5,11 +5,14 @@
     python bench/accuracy.py --data DATA --only herbarium --herbarium-args="--sampler sqrt" --out bench/results/sqrt
 
 The shared budget is the data (training, validation and test splits), the
-trunk and its initialisation, the input size, the number of epochs and the
-seed. Everything else is each contender's own default:
+trunk and its initialisation, the input size, the number of epochs, the
+batch size with one rule for the short last batch (dropped, as by timm's and
+herbarium's trainers, so every arm takes ``epochs * floor(images / batch)``
+optimizer steps, stated in the table) and the seed. Everything
+else is each contender's own default:
 
 * ``stock_ce`` / ``stock_la``: ``bench/stock.py``, a plain timm + torchvision
-  script with its own loop (AdamW 1e-3, weight decay 0.05, batch 128, warm-up
+  script with its own loop (AdamW 1e-3, weight decay 0.05, warm-up
   + cosine, the weights' own normalisation, one centre-crop view), trained on
   the whole training split and scored at its last epoch; cross-entropy or
   logit-adjusted cross-entropy. Genus and family are the species prediction
@@ -46,13 +49,15 @@ import pandas as pd
 import torch
 
 from herbarium import train_cli
-from herbarium.config import TrainConfig
+from herbarium.checkpoint import load_checkpoint
+from herbarium.config import DataConfig, TrainConfig
 from herbarium.data.readers import read_split
 from herbarium.engine import train
 from herbarium.evaluation import cli as eval_cli
 from herbarium.evaluation.metrics import BOOTSTRAP_RESAMPLES, evaluate_predictions, paired_bootstrap
 from herbarium.evaluation.runner import evaluate, load_run
 from herbarium.evaluation.settings import EvaluationSettings
+from herbarium.run_dir import RunDir
 from herbarium.runtime import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
@@ -68,8 +73,8 @@ STOCK_LOSSES: dict[str, str] = {"stock_ce": "ce", "stock_la": "la"}
 RECIPES: dict[str, str] = {"herbarium": "default", "herbarium2020": "herbarium2020"}
 SHOT_GROUPS = ("many", "medium", "few")
 # Config fields ("section.field") that define the shared budget: --herbarium-args may not change them.
-BUDGET_FIELDS = ("data.data", "data.train_split", "data.val_split", "data.size", "model.trunk", "model.pretrained",
-                 "epochs", "seed")
+BUDGET_FIELDS = ("data.data", "data.train_split", "data.val_split", "data.size", "data.batch_size", "model.trunk",
+                 "model.pretrained", "optim.accum_steps", "epochs", "seed")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Budget:
     pretrained: bool = True
     size: int = 128
     epochs: int = 30
+    batch_size: int = DataConfig().batch_size  # herbarium's default; every arm drops the short last batch
     seed: int = 0
     workers: int | None = None  # None: all cores
     device: str = "auto"
@@ -125,7 +131,8 @@ class ArmPaths:
 def herbarium_train_args(budget: Budget, run_dir: Path, recipe: str, extra_args: Sequence[str] = ()) -> list[str]:
     """train.py's arguments: the budget, the run folder and the recipe; every other setting its default."""
     args = [str(budget.data), "--train-split", budget.train_split, "--trunk", budget.trunk, "--size", str(budget.size),
-            "--epochs", str(budget.epochs), "--seed", str(budget.seed), "--device", budget.device, "--out", str(run_dir)]
+            "--epochs", str(budget.epochs), "--batch-size", str(budget.batch_size), "--seed", str(budget.seed),
+            "--device", budget.device, "--out", str(run_dir)]
     args += ["--val-split", budget.val_split] if budget.val_split else []
     args += ["--pretrained"] if budget.pretrained else []
     args += ["--workers", str(budget.workers)] if budget.workers is not None else []
@@ -153,7 +160,8 @@ def herbarium_eval_args(budget: Budget, paths: ArmPaths) -> list[str]:
 
 def stock_recipe(budget: Budget, loss: str) -> stock.StockRecipe:
     workers = budget.workers if budget.workers is not None else stock.StockRecipe().workers
-    return stock.StockRecipe(size=budget.size, epochs=budget.epochs, loss=loss, seed=budget.seed, workers=workers)
+    return stock.StockRecipe(size=budget.size, epochs=budget.epochs, batch_size=budget.batch_size, loss=loss,
+                             seed=budget.seed, workers=workers)
 
 
 def check_stock_budget(budget: Budget) -> None:
@@ -204,7 +212,8 @@ def arm_commands(arm: Arm, budget: Budget) -> list[str]:
         recipe = arm.stock
         return ["python bench/stock.py " + shlex.join([
             "--data", str(budget.data), "--train-split", budget.train_split, "--test-split", budget.test_split,
-            "--loss", recipe.loss, "--size", str(recipe.size), "--epochs", str(recipe.epochs), "--seed", str(recipe.seed),
+            "--loss", recipe.loss, "--size", str(recipe.size), "--epochs", str(recipe.epochs),
+            "--batch-size", str(recipe.batch_size), "--seed", str(recipe.seed),
             "--workers", str(recipe.workers), "--device", budget.device])]
     return ["python train.py " + shlex.join(arm.train_args), "python tta_eval.py " + shlex.join(arm.eval_args)]
 
@@ -254,7 +263,8 @@ def run_stock_arm(arm: Arm, budget: Budget) -> dict[str, Any]:
     return {"variant": "single_view_heads", "metrics": summarise_variant(ranks), "variants": {},
             "per_image": {str(s.image_id): int(p) for s, p in zip(test.samples, finest)},
             "truth": {str(s.image_id): int(t) for s, t in zip(test.samples, truth[taxonomy.finest])},
-            "seconds": outcome["seconds"], "recipe": dataclasses.asdict(arm.stock)}
+            "seconds": outcome["seconds"], "recipe": dataclasses.asdict(arm.stock),
+            "batch_size": arm.stock.batch_size, "optimizer_steps": outcome["optimizer_steps"]}
 
 
 def run_herbarium_arm(arm: Arm, budget: Budget, paths: ArmPaths, overwrite: bool) -> dict[str, Any]:
@@ -280,6 +290,8 @@ def run_herbarium_arm(arm: Arm, budget: Budget, paths: ArmPaths, overwrite: bool
             "variants": {name: summarise_variant(ranks) for name, ranks in metrics["variants"].items()},
             "per_image": per_image, "truth": finest_truth(test, taxonomy), "seconds": seconds,
             "train_config": cfg.to_dict(), "evaluation_settings": dataclasses.asdict(settings),
+            "batch_size": cfg.data.batch_size * cfg.optim.accum_steps,
+            "optimizer_steps": load_checkpoint(RunDir(paths.run).last)["run"]["global_step"],
             "eval_images_per_s": metrics["throughput"]["images_per_s"]}
 
 
@@ -344,7 +356,8 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     columns = table_columns(ranks)
     rows = []
     for name, result in results.items():
-        row = {"arm": name, "variant": result["variant"]}
+        row = {"arm": name, "variant": result["variant"], "batch": result.get("batch_size"),
+               "steps": result.get("optimizer_steps")}
         row.update({title: result["metrics"][rank][key] for title, rank, key in columns})
         row["wall_minutes"] = result["seconds"]["total"] / 60
         rows.append(row)
@@ -393,11 +406,13 @@ def render_markdown(table: dict[str, Any], results: dict[str, dict[str, Any]]) -
         f"# Accuracy: herbarium against the stock timm script ({Path(budget['data']).name}, "
         f"{budget['train_split']} -> {budget['test_split']})", "",
         f"Budget: {budget['trunk']} ({'pretrained' if budget['pretrained'] else 'random init'}), {budget['size']} px, "
-        f"{budget['epochs']} epochs, seed {budget['seed']}; validation split: {validation}.",
+        f"{budget['epochs']} epochs, batch {budget.get('batch_size', '-')} (short last batch dropped), seed {budget['seed']}; "
+        f"validation split: {validation}.",
         f"Hardware: {first['hardware']}. Date: {max(r['date'] for r in results.values())}.", "",
     ]
-    header = ["arm", "variant", *table["columns"], "wall (min)"]
-    rows = [[row["arm"], row["variant"], *(row[c] for c in table["columns"]), f"{row['wall_minutes']:.1f}"] for row in table["rows"]]
+    header = ["arm", "variant", "batch", "steps", *table["columns"], "wall (min)"]
+    rows = [[row["arm"], row["variant"], row["batch"], row["steps"], *(row[c] for c in table["columns"]),
+             f"{row['wall_minutes']:.1f}"] for row in table["rows"]]
     lines += _markdown_table(header, rows)
     lines += ["", f"Shot groups: {finest} classes by training images of {budget['train_split']}: "
               f"few < {thresholds[0]} <= medium <= {thresholds[1]} < many. The stock arms' genus and family are the "
@@ -473,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"start from the trunk's packaged ImageNet weights (default: {B.pretrained})")
     budget.add_argument("--size", type=int, default=B.size, help=f"input side in pixels (default: {B.size})")
     budget.add_argument("--epochs", type=int, default=B.epochs, help=f"epochs (default: {B.epochs})")
+    budget.add_argument("--batch-size", type=int, default=B.batch_size,
+                        help=f"images per optimizer step of every arm, the short last batch dropped (default: {B.batch_size})")
     budget.add_argument("--seed", type=int, default=B.seed, help=f"seed of every arm (default: {B.seed})")
     run = parser.add_argument_group("run")
     run.add_argument("--workers", type=int, default=B.workers, help="decoding processes (default: each arm's own default)")
@@ -486,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
     return Budget(data=args.data, train_split=args.train_split, val_split=args.val_split, test_split=args.test_split,
-                  trunk=args.trunk, pretrained=args.pretrained, size=args.size, epochs=args.epochs, seed=args.seed,
+                  trunk=args.trunk, pretrained=args.pretrained, size=args.size, epochs=args.epochs,
+                  batch_size=args.batch_size, seed=args.seed,
                   workers=args.workers, device=args.device)
 
 

@@ -13,8 +13,11 @@ images the same way. The recipe, fixed:
   reset to the finest rank; inputs normalised with the weights' own mean/std.
 * train: ``RandomResizedCrop(size, scale=(0.25, 1))`` + horizontal flip;
   eval: ``Resize(int(size * 1.14))`` + ``CenterCrop(size)``, one view.
-* AdamW (lr 1e-3, weight decay 0.05), batch 128 with drop_last, a linear
-  warm-up over the first 5% of steps then a cosine to 0, bf16 autocast on CUDA.
+* AdamW (lr 1e-3, weight decay 0.05), batch 64 with drop_last (as timm's
+  train.py; herbarium's trainer drops the short last batch too), a linear
+  warm-up over the first 5% of steps then a cosine to 0, bf16 autocast on
+  CUDA. The batch size is a budget setting: a comparison gives every arm the
+  same one, so every arm takes the same number of optimizer steps.
 * every image of the training split, the last epoch scored (no selection).
 * ``ce``: cross-entropy; ``la``: logit-adjusted cross-entropy (+ tau * log
   prior in training only, tau 1, Menon et al. 2021).
@@ -55,7 +58,7 @@ class StockRecipe:
 
     size: int = 128
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
@@ -121,7 +124,8 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, adjustment: torch.
 
 
 def fit(model: nn.Module, loader: DataLoader, recipe: StockRecipe, adjustment: torch.Tensor | None,
-        device: torch.device) -> None:
+        device: torch.device) -> int:
+    """Train ``model`` in place; returns the number of optimizer steps taken."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     total_steps = recipe.epochs * len(loader)
     warmup_steps = max(1, round(recipe.warmup_fraction * total_steps))
@@ -142,6 +146,7 @@ def fit(model: nn.Module, loader: DataLoader, recipe: StockRecipe, adjustment: t
             losses.append(loss.detach())
         print(f"epoch {epoch + 1}/{recipe.epochs} loss {float(torch.stack(losses).mean()):.4f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return total_steps
 
 
 @torch.no_grad()
@@ -184,7 +189,7 @@ def run_stock(data: str, train_split: str, test_split: str, recipe: StockRecipe,
     adjustment = (recipe.tau * log_prior(train_images.labels, taxonomy.num_classes(taxonomy.finest))).to(target) \
         if recipe.loss == "la" else None
     started = time.perf_counter()
-    fit(model, loader, recipe, adjustment, target)
+    optimizer_steps = fit(model, loader, recipe, adjustment, target)
     train_seconds = time.perf_counter() - started
     test_loader = DataLoader(FolderSplit(test, eval_transform(recipe)), batch_size=256, num_workers=recipe.workers)
     started = time.perf_counter()
@@ -194,6 +199,7 @@ def run_stock(data: str, train_split: str, test_split: str, recipe: StockRecipe,
         "top": {taxonomy.finest: finest_top},
         "train_counts": {rank: taxonomy.counts(train.category_ids(), rank) for rank in taxonomy.ranks},
         "seconds": {"train": train_seconds, "evaluate": time.perf_counter() - started},
+        "optimizer_steps": optimizer_steps,
     }
 
 
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=R.size, help=f"input side (default: {R.size})")
     parser.add_argument("--epochs", type=int, default=R.epochs, help=f"epochs (default: {R.epochs})")
     parser.add_argument("--seed", type=int, default=R.seed, help=f"seed (default: {R.seed})")
+    parser.add_argument("--batch-size", type=int, default=R.batch_size, help=f"images per step (default: {R.batch_size})")
     parser.add_argument("--workers", type=int, default=R.workers, help=f"loader processes (default: {R.workers})")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--out", default=None, help="JSON file for the scores and the per-image predictions (default: none)")
@@ -215,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    recipe = StockRecipe(size=args.size, epochs=args.epochs, loss=args.loss, seed=args.seed, workers=args.workers)
+    recipe = StockRecipe(size=args.size, epochs=args.epochs, loss=args.loss, seed=args.seed, workers=args.workers,
+                         batch_size=args.batch_size)
     result = run_stock(args.data, args.train_split, args.test_split, recipe, device=args.device)
     taxonomy, test = result["taxonomy"], result["test"]
     truth = {rank: np.array([taxonomy.targets(s.category_id, [rank])[rank] for s in test.samples]) for rank in taxonomy.ranks}

@@ -57,7 +57,17 @@ def test_every_arm_shares_the_budget(arms):
     for name, loss in (("stock_ce", "ce"), ("stock_la", "la")):
         recipe = arms[name].stock
         assert (recipe.size, recipe.epochs, recipe.seed, recipe.workers, recipe.loss) == (64, 3, 7, 2, loss)
-        assert (recipe.batch_size, recipe.lr, recipe.weight_decay) == (128, 1e-3, 0.05)  # the stock recipe's own
+        assert (recipe.batch_size, recipe.lr, recipe.weight_decay) == (64, 1e-3, 0.05)  # the budget batch; lr and wd the recipe's own
+
+
+def test_every_arm_trains_at_the_budget_batch_size():
+    budget = dataclasses.replace(BUDGET, batch_size=48)
+    arms = accuracy.build_arms(budget, OUT)
+    assert {arms[name].train.data.batch_size for name in ("herbarium", "herbarium2020")} == {48}
+    assert {arms[name].train.optim.accum_steps for name in ("herbarium", "herbarium2020")} == {1}
+    assert {arms[name].stock.batch_size for name in ("stock_ce", "stock_la")} == {48}
+    assert "--batch-size 48" in accuracy.arm_commands(arms["stock_la"], budget)[0]
+    assert accuracy.Budget().batch_size == DataConfig().batch_size  # herbarium's own default unless given
 
 
 def test_herbarium_arm_keeps_every_library_default(arms):
@@ -93,7 +103,8 @@ def test_herbarium_args_change_the_herbarium_arms_as_train_py_would():
         assert (cfg.data.sampler, cfg.loss.loss, cfg.loss.class_weights) == ("sqrt", "focal", "effective")
 
 
-@pytest.mark.parametrize("extra", ["--size 32", "--epochs 9", "--trunk resnet50", "--out elsewhere", "--resume x"])
+@pytest.mark.parametrize("extra", ["--size 32", "--epochs 9", "--trunk resnet50", "--out elsewhere", "--resume x",
+                                   "--batch-size 32", "--accum-steps 2"])
 def test_herbarium_args_may_not_change_the_budget(extra):
     with pytest.raises(ValueError):
         accuracy.build_arms(BUDGET, OUT, herbarium_args=shlex.split(extra))
@@ -138,6 +149,7 @@ def _fake_result(arm: str, species: float, genus: float, family: float) -> dict:
     metrics = {"family": _fake_rank(family, 0.9), "genus": _fake_rank(genus, 0.6), "species": _fake_rank(species, 0.4)}
     return {"arm": arm, "variant": "tta_heads", "metrics": metrics, "variants": {"tta_heads": metrics},
             "seconds": {"train": 90.0, "evaluate": 30.0, "total": 120.0}, "hardware": "CPU",
+            "batch_size": 64, "optimizer_steps": 540,
             "date": "2024-01-01T00:00:00", "budget": dataclasses.asdict(BUDGET), "commands": [f"python train.py # {arm}"]}
 
 
@@ -156,7 +168,7 @@ def test_comparison_table_rows_columns_and_margins():
     assert set(table["margins"]) == {"herbarium - stock_ce", "herbarium - stock_la"}
     assert table["margins"]["herbarium - stock_la"] == pytest.approx({"species": 0.10, "genus": 0.05, "family": 0.10})
     markdown = accuracy.render_markdown(table, results)
-    assert "| herbarium | tta_heads | 0.500 | 0.400 | 0.700 |" in markdown
+    assert "| herbarium | tta_heads | 64 | 540 | 0.500 | 0.400 | 0.700 |" in markdown
     assert "few < 5 <= medium <= 20 < many" in markdown
     assert "python train.py # stock_la" in markdown
 
@@ -176,13 +188,15 @@ def test_tiny_run_on_demo_data_writes_json_and_markdown(tmp_path):
                    genera_per_family=2, species_per_genus=2)
     out = tmp_path / "bench"
     assert accuracy.main([
-        "--data", str(data), "--train-split", "train", "--val-split", "none", "--size", "32", "--epochs", "1",
+        "--data", str(data), "--train-split", "train", "--val-split", "none", "--size", "32", "--epochs", "1", "--batch-size", "8",
         "--workers", "0", "--device", "cpu", "--out", str(out), "--only", "stock_la,herbarium",
     ]) == 0
     document = json.loads((out / "comparison.json").read_text())
     assert [row["arm"] for row in document["table"]["rows"]] == ["stock_la", "herbarium"]
     stock_species = document["results"]["stock_la"]["metrics"]["species"]
     assert 0.0 <= stock_species["macro_f1"] <= 1.0 and stock_species["few_classes"] >= 1
+    steps = {row["arm"]: (row["batch"], row["steps"]) for row in document["table"]["rows"]}
+    assert steps["stock_la"] == steps["herbarium"] and steps["herbarium"][1] >= 1  # same batch, same optimizer steps
     interval = document["table"]["margins"]["herbarium - stock_la"]["finest_interval"]
     assert interval["low"] <= interval["delta"] <= interval["high"]
     herbarium = document["results"]["herbarium"]

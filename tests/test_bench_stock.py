@@ -32,7 +32,7 @@ stock = _load_stock()
 
 def test_recipe_is_the_plain_script_a_timm_user_writes():
     recipe = stock.StockRecipe()
-    assert (recipe.batch_size, recipe.lr, recipe.weight_decay, recipe.warmup_fraction) == (128, 1e-3, 0.05, 0.05)
+    assert (recipe.batch_size, recipe.lr, recipe.weight_decay, recipe.warmup_fraction) == (64, 1e-3, 0.05, 0.05)
     assert (recipe.crop_scale, recipe.eval_resize, recipe.tau) == ((0.25, 1.0), 1.14, 1.0)
 
 
