@@ -52,6 +52,8 @@ class DataConfig:
                 "on the device, the workers only read bytes) or auto: gpu only on a CUDA device that decodes JPEGs with "
                 f"fewer than {AUTO_DEVICE_BELOW_CORES} cores per GPU, else cpu (measured faster with 16 cores; see README)",
         choices=DECODES)
+    mixup: float = option(0.0, "mixup alpha (timm's Mixup, the same pairs and mix for every rank's targets); 0: off")
+    cutmix: float = option(0.0, "CutMix alpha; 0: off. With --mixup too, each batch uses one of the two")
     skip_bad_images: bool = option(False, "skip and count unreadable images instead of stopping")
     subset: str | None = option(None, "CSV with an image_id column (e.g. clean-labels' kept.csv): train on these "
                                       "training images only", default_text="all")
@@ -100,6 +102,11 @@ class OptimConfig:
                                           default_text="off")
     accum_steps: int = option(1, "gradient accumulation steps")
     clip_grad: float | None = option(None, "clip the gradient norm", default_text="off")
+    trunk_lr_scale: float = option(1.0, "the trunk's learning rate as a fraction of the heads' (e.g. 0.1: the pretrained "
+                                        "features move ten times slower than the new heads)")
+    ema_decay: float | None = option(
+        None, "keep an exponential moving average of the weights (timm's ModelEmaV3, with its warm-up, so short runs "
+              "average over a short horizon); validation, checkpoints' evaluation and exports use it", default_text="off")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -33,14 +34,17 @@ from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from herbarium.config import NAN_POLICIES, TrainConfig
 from herbarium.data.gpu import loader_workers
 from herbarium.data.images import BadImageError
+from herbarium.data.mixing import RankMixup
 from herbarium.data.splits import read_train_val
 from herbarium.distributed import (
     DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed, is_collective_failure, timeout_text,
 )
 from herbarium.errors import DistributedError, HerbariumError, UsageError
 from herbarium.evaluation.metrics import macro_f1
+from herbarium.losses.factory import SOFT_TARGET_LOSSES
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_schedule
+from herbarium.optim.param_groups import parameter_groups
 from herbarium.run_dir import RunDir
 from herbarium.runtime import autocast, autocast_dtype, resolve_device
 
@@ -171,21 +175,27 @@ class NanGuard:
 
 def forward_loss(model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any], levels: tuple[str, ...],
                  device: torch.device, dtype: torch.dtype | None, channels_last: bool,
-                 sample_weight: torch.Tensor | None = None, per_sample_rank: str | None = None) -> StepResult:
+                 sample_weight: torch.Tensor | None = None, per_sample_rank: str | None = None,
+                 mixup: RankMixup | None = None) -> StepResult:
     """The training loss of a batch. The targets go into the model too (margin heads need them).
 
     ``sample_weight`` [B] weights each sample's loss; with ``per_sample_rank``
     the result also carries that rank's detached per-sample cross-entropy.
+    With ``mixup`` the images are mixed and the loss gets each rank's mixed
+    probability targets.
     """
     images = batch["image"].to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = batch["targets"].to(device, non_blocking=True)  # [B, len(levels)]
     targets_by_rank = {rank: targets[:, i] for i, rank in enumerate(levels)}
+    loss_targets = targets_by_rank
+    if mixup is not None:
+        images, loss_targets = mixup(images, targets)
     with autocast(device, dtype):
         logits = model(images, targets_by_rank)
     logits = {rank: value.float() for rank, value in logits.items()}
-    total, terms = loss_fn(logits, targets_by_rank, sample_weight=sample_weight)
+    total, terms = loss_fn(logits, loss_targets, sample_weight=sample_weight)
     per_sample = None
     if per_sample_rank is not None:
         per_sample = per_sample_cross_entropy(logits[per_sample_rank], targets_by_rank[per_sample_rank])
@@ -275,13 +285,15 @@ class Trainer:
         self.windows = AccumulationWindows(len(self.loaders.train), cfg.optim.accum_steps)
         steps_per_epoch = self.windows.steps
         self.optimizer = PhasedOptimizer(
-            [p for p in self.model.parameters() if p.requires_grad],
+            parameter_groups(self.model, cfg.optim.trunk_lr_scale),
             optimizer_phases(cfg.optim),
             parse_schedule(cfg.optim.schedule), steps_per_epoch, cfg.epochs, cfg.optim.plateau_patience,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self._check_cycle_features()
         self.o2u = self._build_o2u()
+        self.mixup = self._build_mixup()
+        self.ema = self._build_ema()
         self.state = RunState()
         self.nan_guard = NanGuard(cfg.nan_policy, math.floor(cfg.nan_skip_limit * steps_per_epoch))
         self.skipped_train_images = 0  # unreadable images skipped in the last epoch: training split
@@ -301,6 +313,30 @@ class Trainer:
         if self.resuming:  # the checkpoint holds every weight: fetch no starting weights (no download, no file needed)
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights=None))
         return build_run_model(cfg, self.taxonomy, self.device)
+
+    def _build_mixup(self) -> RankMixup | None:
+        data = self.cfg.data
+        if data.mixup <= 0 and data.cutmix <= 0:
+            return None
+        if any(getattr(head, "uses_targets", False) for head in self.model.heads.values()):
+            raise UsageError("--mixup/--cutmix mix the labels, which margin heads (arcface) cannot take: "
+                             "use --head linear or drop --mixup/--cutmix")
+        refused = sorted({name for name in self.cfg.loss.loss_by_rank().values() if name not in SOFT_TARGET_LOSSES})
+        if refused:
+            raise UsageError(f"--mixup/--cutmix need losses that take mixed targets ({', '.join(SOFT_TARGET_LOSSES)}); "
+                             f"--loss has {', '.join(refused)}")
+        return RankMixup({rank: self.taxonomy.num_classes(rank) for rank in self.levels}, data.mixup, data.cutmix)
+
+    def _build_ema(self) -> ModelEmaV3 | None:
+        """The weights' moving average, started from the current weights (after a resume, from the checkpoint's)."""
+        if self.cfg.optim.ema_decay is None:
+            return None
+        return ModelEmaV3(self.model, decay=self.cfg.optim.ema_decay, use_warmup=True)
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What validation scores and checkpoints are evaluated with: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.train_model
 
     def _wrap_model(self) -> nn.Module:
         model = self.model
@@ -348,6 +384,7 @@ class Trainer:
             "levels": list(self.levels),
             "classes": {rank: self.taxonomy.num_classes(rank) for rank in self.levels},
             **({"o2u": self.o2u.state_dict()} if self.o2u is not None else {}),
+            **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
         }
 
     def save(self, name: str) -> None:
@@ -362,6 +399,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:  # a run that turns --ema-decay on when resumed starts its average here
+            self.ema = self._build_ema()
+            if "ema" in state:
+                self.ema.module.load_state_dict(state["ema"])
         self.state = RunState(**state["run"])
         self.nan_guard.skipped, self.nan_guard.in_a_row = self.state.skipped_steps, self.state.skipped_in_a_row
         if self.o2u is not None and "o2u" in state:
@@ -464,7 +505,7 @@ class Trainer:
         train_record = self.train_one_epoch(epoch)
         metrics, improved = {}, False
         if self.validating:
-            metrics, self.skipped_val_images = validate(self.train_model, self.loaders.val, self.levels, self.device, self.dtype,
+            metrics, self.skipped_val_images = validate(self.evaluated_model, self.loaders.val, self.levels, self.device, self.dtype,
                                                         self.context)
             score = metrics[self.finest_level]["macro_f1"]
             score = -math.inf if score is None else score  # no labelled image at the finest rank: nothing to choose on
@@ -583,7 +624,7 @@ class Trainer:
             o2u = self.o2u
             result = forward_loss(model, self.loss_fn, batch, self.levels, self.device, self.dtype, self.cfg.channels_last,
                                   sample_weight=o2u.batch_weights(batch["index"]) if o2u is not None else None,
-                                  per_sample_rank=self.finest_level if o2u is not None else None)
+                                  per_sample_rank=self.finest_level if o2u is not None else None, mixup=self.mixup)
             if skip_policy:
                 result.finite = self._finite_everywhere(result.finite)
                 if not bool(result.finite):
@@ -632,6 +673,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.global_step)
         self._sync_skip_counts()
 
     def _sync_skip_counts(self) -> None:

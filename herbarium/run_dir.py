@@ -180,9 +180,11 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, RunDir]:
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
-    """The trained model a checkpoint holds, rebuilt from the config saved in it (no starting weights fetched)."""
+    """The trained model a checkpoint holds, rebuilt from the config saved in it (no starting weights fetched).
+
+    A checkpoint of a run with a weight average (``--ema-decay``) gives the average."""
     config = TrainConfig.from_dict(state["config"])
     model_config = replace(config.model, pretrained=False, weights=None)  # the checkpoint holds every weight
     model = build_model(model_config, {rank: int(n) for rank, n in state["classes"].items()})
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema", state["model"]))  # a run with --ema-decay is evaluated on its average
     return model, config

@@ -52,6 +52,13 @@ def test_the_other_settings_change_one_thing(tmp_path):
     assert json.loads(Path(stats["data.stats"]).read_text()) == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
+def test_each_lever_adds_one_setting_to_the_defaults(tmp_path):
+    assert _changed(tmp_path, "ema") == {"optim.ema_decay": 0.9998}
+    assert _changed(tmp_path, "mixup") == {"data.mixup": 0.2}
+    assert _changed(tmp_path, "cutmix") == {"data.cutmix": 1.0}
+    assert _changed(tmp_path, "trunk_lr") == {"optim.trunk_lr_scale": 0.1}
+
+
 def test_every_setting_is_scored_on_validation_data_with_no_validation_split(tmp_path):
     args = ablation.build_parser().parse_args(["--data", "/data/grocery", "--out", str(tmp_path)])
     assert args.score_split == "val" and (args.size, args.epochs) == (64, 10)

@@ -17,7 +17,7 @@ from .logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
 from .multi_rank import MultiRankLoss
 from .symmetric import SymmetricCrossEntropy
 
-__all__ = ["LOSSES", "build_loss", "build_multi_rank_loss"]
+__all__ = ["LOSSES", "SOFT_TARGET_LOSSES", "build_loss", "build_multi_rank_loss"]
 
 LossBuilder = Callable[..., nn.Module]
 
@@ -62,6 +62,9 @@ LOSSES: dict[str, LossBuilder] = {
     "balanced_softmax": _balanced_softmax,
     "sce": _symmetric,
 }
+
+# Losses that also take [B, C] probability targets (mixup / cutmix): the ones built on FocalLoss.
+SOFT_TARGET_LOSSES = ("ce", "focal", "logit_adjusted", "focal_logit_adjusted", "balanced_softmax")
 
 
 def build_loss(

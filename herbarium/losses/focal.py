@@ -38,7 +38,14 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-        """logits [B, C], target [B], sample_weight [B] or None -> scalar."""
+        """logits [B, C], target [B] class indices or [B, C] class probabilities, sample_weight [B] or None -> scalar.
+
+        Probability targets (mixup / cutmix) weigh each sample by its target's
+        mass, so a row of zeros (no label at this rank) is ignored, and by its
+        expected class weight.
+        """
+        if target.dim() == 2:
+            return self._soft_target_loss(logits, target, sample_weight)
         nll = F.cross_entropy(logits, target, reduction="none", ignore_index=self.ignore_index)  # [B], 0 if ignored
         if self.gamma == 0.0:
             # Skip (1 - p) ** 0: its derivative is 0 * (1 - p) ** -1, which is NaN at p == 1.
@@ -47,6 +54,15 @@ class FocalLoss(nn.Module):
             target_prob = torch.exp(-nll)  # [B]
             per_sample = (1.0 - target_prob).clamp_min(0.0).pow(self.gamma) * nll  # [B]
         weight = sample_weights(target, self.weight, sample_weight, self.ignore_index, per_sample.dtype)  # [B]
+        return weighted_mean(weight * per_sample, weight)
+
+    def _soft_target_loss(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None) -> Tensor:
+        mass = target.sum(dim=1)  # [B]: 1 for a labelled sample, 0 for one without a label at this rank
+        nll = -(target * F.log_softmax(logits, dim=1)).sum(dim=1) / mass.clamp_min(1e-12)  # [B]
+        per_sample = nll if self.gamma == 0.0 else (1.0 - torch.exp(-nll)).clamp_min(0.0).pow(self.gamma) * nll
+        weight = mass.to(per_sample.dtype) if self.weight is None else target.to(per_sample.dtype) @ self.weight.to(per_sample.dtype)
+        if sample_weight is not None:
+            weight = weight * sample_weight.to(per_sample.dtype)
         return weighted_mean(weight * per_sample, weight)
 
     def extra_repr(self) -> str:

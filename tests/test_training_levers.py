@@ -1,0 +1,130 @@
+"""Mixup/CutMix targets per rank, soft-target losses, the trunk's learning-rate scale and the weight EMA."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures import tiny_train_config
+
+from herbarium import engine
+from herbarium.checkpoint import load_checkpoint
+from herbarium.config import DataConfig, OptimConfig
+from herbarium.data.mixing import RankMixup
+from herbarium.demo import make_demo_data
+from herbarium.errors import UsageError
+from herbarium.losses import FocalLoss, LogitAdjustedLoss
+from herbarium.models.config import ModelConfig
+from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
+from herbarium.optim.param_groups import parameter_groups
+from herbarium.run_dir import model_from_checkpoint
+
+CLASSES = {"family": 3, "genus": 5, "species": 7}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    make_demo_data(out, seed=0, image_size=32, max_per_class=12, min_per_class=2, test_per_class=2)
+    return out
+
+
+# ------------------------------------------------------------------ mixing
+def _targets(batch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.stack([torch.randint(0, n, (batch,), generator=generator) for n in CLASSES.values()], dim=1)
+
+
+@pytest.mark.parametrize("alphas", [(0.4, 0.0), (0.0, 1.0)])
+def test_mixup_gives_every_rank_the_same_pairs_and_mix(alphas):
+    np.random.seed(0)
+    images, targets = torch.rand(8, 3, 16, 16), _targets(8)
+    mixed_images, soft = RankMixup(CLASSES, *alphas)(images, targets)
+    assert list(soft) == list(CLASSES) and mixed_images.shape == images.shape
+    lams = []
+    for column, (rank, classes) in enumerate(CLASSES.items()):
+        assert soft[rank].shape == (8, classes)
+        assert torch.allclose(soft[rank].sum(dim=1), torch.ones(8))
+        own, partner = F.one_hot(targets[:, column], classes).float(), F.one_hot(targets.flip(0)[:, column], classes).float()
+        # soft = lam * own + (1 - lam) * partner (timm pairs the batch with its reverse): solve for lam on one sample
+        same = (own == partner).all(dim=1)
+        sample = int((~same).nonzero()[0])
+        lam = float(soft[rank][sample] @ own[sample])
+        assert torch.allclose(soft[rank], lam * own + (1 - lam) * partner, atol=1e-6)
+        lams.append(lam)
+    assert max(lams) - min(lams) < 1e-6 and 0.0 < lams[0] < 1.0
+
+
+def test_mixup_leaves_an_unlabelled_rank_at_zero_and_an_odd_last_image_alone():
+    np.random.seed(1)
+    targets = _targets(5)
+    targets[:, 1] = -1  # no genus label in this batch
+    images = torch.rand(5, 3, 8, 8)
+    mixed_images, soft = RankMixup(CLASSES, 0.4)(images, targets)
+    assert torch.count_nonzero(soft["genus"]) == 0
+    assert torch.equal(mixed_images[4], images[4])
+    assert torch.equal(soft["species"][4], F.one_hot(targets[4, 2], 7).float())
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_hot_probability_targets_give_the_index_loss(gamma, weighted):
+    logits, target = torch.randn(6, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 3, 1, -1, 2, 2])
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0]) if weighted else None
+    soft = F.one_hot(target.clamp(min=0), 4).float() * (target >= 0).unsqueeze(1)
+    for loss in (FocalLoss(gamma=gamma, weight=weight), LogitAdjustedLoss([5, 1, 2, 9], gamma=gamma, weight=weight)):
+        assert torch.allclose(loss(logits, soft), loss(logits, target), atol=1e-6)
+
+
+def test_mixed_targets_give_the_mixture_of_the_two_cross_entropies():
+    logits = torch.randn(2, 3, generator=torch.Generator().manual_seed(3))
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.25, 0.75]])
+    expected = -(soft * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    assert torch.allclose(FocalLoss(gamma=0.0)(logits, soft), expected)
+
+
+def test_mixup_with_a_loss_that_cannot_take_mixed_targets_is_refused(demo, tmp_path):
+    cfg = tiny_train_config(demo, tmp_path / "run", epochs=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mixup=0.2),
+                              loss=dataclasses.replace(cfg.loss, loss="sce"))
+    with pytest.raises(UsageError, match="sce"):
+        engine.Trainer(cfg)
+
+
+# ------------------------------------------------------------ trunk lr
+def test_trunk_learning_rate_is_the_scaled_heads_rate(demo, tmp_path):
+    model = engine.Trainer(tiny_train_config(demo, tmp_path / "run", epochs=1)).model
+    groups = parameter_groups(model, 0.1)
+    trunk_ids = {id(p) for p in model.trunk.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == trunk_ids and groups[0]["lr_scale"] == 0.1
+    assert not trunk_ids & {id(p) for p in groups[1]["params"]}
+    optimizer = PhasedOptimizer(groups, parse_phases("adamw@1e-3:0"), parse_schedule("constant"), 10, 2)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])
+    assert parameter_groups(model, 1.0) == [p for p in model.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------- EMA
+def test_ema_is_checkpointed_resumed_exactly_and_evaluated(demo, tmp_path):
+    ema = dict(optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine", ema_decay=0.99))
+    engine.train(tiny_train_config(demo, tmp_path / "straight", **ema))
+    engine.train(tiny_train_config(demo, tmp_path / "paused", stop_after_epoch=1, **ema))
+    engine.train(tiny_train_config(demo, tmp_path / "paused", **ema), resume=tmp_path / "paused")
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    paused = load_checkpoint(tmp_path / "paused" / "checkpoints" / "last.pt")
+    for key in ("model", "ema"):
+        assert straight[key].keys() == paused[key].keys()
+        assert all(torch.equal(straight[key][k], paused[key][k]) for k in straight[key]), key
+    assert any(not torch.equal(straight["ema"][k], straight["model"][k]) for k in straight["model"])
+    model, _ = model_from_checkpoint(straight)
+    assert all(torch.equal(value, straight["ema"][name]) for name, value in model.state_dict().items())
+
+
+def test_mixup_and_cutmix_train_end_to_end(demo, tmp_path):
+    cfg = tiny_train_config(demo, tmp_path / "run", epochs=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mixup=0.2, cutmix=1.0))
+    record = engine.train(cfg)
+    assert np.isfinite(record["loss"])
