@@ -458,6 +458,60 @@ def write_comparison(out: Path) -> dict[str, Any]:
     return table
 
 
+# ------------------------------------------------------------------- seeds
+def load_seed_results(out: Path) -> dict[int, dict[str, dict[str, Any]]]:
+    """{seed: {arm: result}} from ``OUT/s<seed>/<arm>/result.json``."""
+    return {int(folder.name[1:]): load_results(folder) for folder in sorted(out.glob("s[0-9]*")) if load_results(folder)}
+
+
+def seed_summary(by_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Per arm: macro-F1 per rank as mean, standard deviation and per-seed values; per seed: each herbarium arm's
+    margins over each stock arm (every rank, and the finest rank's paired bootstrap interval)."""
+    first = next(iter(next(iter(by_seed.values())).values()))
+    ranks = ranks_fine_to_coarse({"any": first})
+    arms = [name for name in ARMS if any(name in results for results in by_seed.values())]
+    rows = []
+    for arm in arms:
+        seeds = sorted(seed for seed, results in by_seed.items() if arm in results)
+        row: dict[str, Any] = {"arm": arm, "seeds": seeds,
+                               "batch": by_seed[seeds[0]][arm].get("batch_size"),
+                               "steps": by_seed[seeds[0]][arm].get("optimizer_steps")}
+        for rank in ranks:
+            scores = [by_seed[seed][arm]["metrics"][rank]["macro_f1"] for seed in seeds]
+            row[rank] = {"mean": float(np.mean(scores)), "per_seed": scores,
+                         "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None}
+        rows.append(row)
+    per_seed_margins = {seed: margins(results, ranks) for seed, results in sorted(by_seed.items())}
+    return {"ranks": ranks, "budget": first["budget"], "hardware": first["hardware"], "rows": rows,
+            "margins": per_seed_margins}
+
+
+def render_seed_summary(summary: dict[str, Any]) -> str:
+    budget, ranks = summary["budget"], summary["ranks"]
+    lines = [f"# Accuracy over seeds ({Path(budget['data']).name}, {budget['train_split']} -> {budget['test_split']})", "",
+             f"Budget: {budget['trunk']} ({'pretrained' if budget['pretrained'] else 'random init'}), {budget['size']} px, "
+             f"{budget['epochs']} epochs, batch {budget.get('batch_size', '-')}; hardware: {summary['hardware']}.",
+             "Macro-F1 of each arm's headline variant, mean ± standard deviation over seeds.", ""]
+    header = ["arm", "seeds", "batch", "steps", *(f"{rank} macro-F1" for rank in ranks)]
+    cells = lambda e: f"{e['mean']:.3f}" + (f" ± {e['std']:.3f}" if e["std"] is not None else "")  # noqa: E731
+    lines += _markdown_table(header, [[row["arm"], ",".join(map(str, row["seeds"])), row["batch"], row["steps"],
+                                       *(cells(row[rank]) for rank in ranks)] for row in summary["rows"]])
+    lines += ["", f"Margins per seed (herbarium arm - stock arm): every rank, and {ranks[0]} with its 95% paired "
+              "bootstrap interval over the test images:", ""]
+    rows = [[seed, pair, *(entry[rank] for rank in ranks), _interval(entry)]
+            for seed, pairs in summary["margins"].items() for pair, entry in pairs.items()]
+    lines += _markdown_table(["seed", "arms", *ranks, f"{ranks[0]} interval"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_summary(out: Path) -> dict[str, Any]:
+    """OUT/seeds.json and OUT/seeds.md from every seed's results under OUT/s<seed>/."""
+    summary = seed_summary(load_seed_results(out))
+    (out / "seeds.json").write_text(json.dumps(summary, indent=2))
+    (out / "seeds.md").write_text(render_seed_summary(summary))
+    return summary
+
+
 # --------------------------------------------------------------------- cli
 def _arm_names(value: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in value.split(",") if part.strip())
@@ -491,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--batch-size", type=int, default=B.batch_size,
                         help=f"images per optimizer step of every arm, the short last batch dropped (default: {B.batch_size})")
     budget.add_argument("--seed", type=int, default=B.seed, help=f"seed of every arm (default: {B.seed})")
+    budget.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=None,
+                        help="comma-separated seeds: each runs into OUT/s<seed>/, and OUT/seeds.md gives mean ± sd and "
+                             "the margins per seed (default: --seed only)")
     run = parser.add_argument_group("run")
     run.add_argument("--workers", type=int, default=B.workers, help="decoding processes (default: each arm's own default)")
     run.add_argument("--device", default=B.device, help=f"cpu, cuda or auto (default: {B.device})")
@@ -510,8 +567,19 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = Path(args.out or f"bench/results/accuracy_{args.train_split}")
+    if args.seeds is None:
+        return run_seed(args, out)
+    for seed in args.seeds:
+        run_seed(argparse.Namespace(**{**vars(args), "seed": seed}), out / f"s{seed}")
+        write_seed_summary(out)
+    print("\n" + (out / "seeds.md").read_text())
+    return 0
+
+
+def run_seed(args: argparse.Namespace, out: Path) -> int:
+    """Every arm at ``args.seed`` into ``out``; the comparison table written after each arm."""
     budget = budget_from_args(args)
-    out = Path(args.out or f"bench/results/accuracy_{budget.train_split}")
     arms = build_arms(budget, out, args.only, shlex.split(args.herbarium_args))
     for arm in (arm for arm in arms.values() if arm.stock is None):
         check_arguments(arm)  # fail on a config train.py or tta_eval.py refuses before hours of training

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole accuracy comparison of BENCHMARKS.md in one command: grocery-store-128, lite0 pretrained,
-# 128 px, 30 epochs, every arm, on train_lt and train (validated on val) and on train_lt with no
-# validation split. Sized for about 10 minutes on one GPU (not yet timed there); on a CPU pass a smaller proxy budget, e.g.
+# 128 px, 30 epochs, batch 64 for every arm, seeds 0,1,2 (SEEDS=0 for one), every arm, on train_lt and
+# train (validated on val) and on train_lt with no validation split; OUT/<split>/seeds.md holds mean ± sd. Sized for about 10 minutes on one GPU (not yet timed there); on a CPU pass a smaller proxy budget, e.g.
 #   bash bench/accuracy_suite.sh DATA OUT --size 64 --epochs 10 --device cpu
 # Usage: bash bench/accuracy_suite.sh DATA [OUT] [bench/accuracy.py options...]
 set -euo pipefail
@@ -9,6 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA=${1:?usage: bash bench/accuracy_suite.sh DATA [OUT] [options...]}
 OUT=${2:-bench/results/accuracy_suite}
 shift $(( $# >= 2 ? 2 : 1 ))
+set -- --seeds "${SEEDS:-0,1,2}" "$@"
 python bench/accuracy.py --data "$DATA" --train-split train_lt --val-split val --out "$OUT/train_lt" "$@"
 python bench/accuracy.py --data "$DATA" --train-split train --val-split val --out "$OUT/train" "$@"
 python bench/accuracy.py --data "$DATA" --train-split train_lt --val-split none --out "$OUT/train_lt_noval" \

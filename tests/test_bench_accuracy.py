@@ -203,3 +203,21 @@ def test_tiny_run_on_demo_data_writes_json_and_markdown(tmp_path):
     assert herbarium["primary_choice"]["reason"].startswith("the run has no labelled validation split")
     markdown = (out / "comparison.md").read_text()
     assert "| herbarium |" in markdown and "| stock_la |" in markdown and "python bench/stock.py" in markdown
+
+
+def test_seed_summary_gives_mean_spread_and_margins_per_seed(tmp_path):
+    for seed, (herbarium, stock_la) in {0: (0.50, 0.40), 1: (0.60, 0.45), 2: (0.55, 0.41)}.items():
+        for arm, species in (("stock_la", stock_la), ("herbarium", herbarium)):
+            paths = accuracy.ArmPaths(tmp_path / f"s{seed}" / arm)
+            paths.root.mkdir(parents=True)
+            paths.result.write_text(json.dumps(_fake_result(arm, species, 0.7, 0.9)))
+    summary = accuracy.write_seed_summary(tmp_path)
+    rows = {row["arm"]: row for row in summary["rows"]}
+    assert rows["herbarium"]["seeds"] == [0, 1, 2]
+    assert rows["herbarium"]["species"]["mean"] == pytest.approx(0.55)
+    assert rows["herbarium"]["species"]["std"] == pytest.approx(0.05)
+    assert rows["stock_la"]["species"]["per_seed"] == [0.40, 0.45, 0.41]
+    assert [summary["margins"][seed]["herbarium - stock_la"]["species"] for seed in (0, 1, 2)] == \
+        pytest.approx([0.10, 0.15, 0.14])
+    markdown = (tmp_path / "seeds.md").read_text()
+    assert "| herbarium | 0,1,2 | 64 | 540 | 0.550 ± 0.050 |" in markdown
