@@ -54,6 +54,10 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "mixup": ("adds mixup (alpha 0.2) with mixed targets at every rank", ["--mixup", "0.2"]),
     "cutmix": ("adds CutMix (alpha 1.0) with mixed targets at every rank", ["--cutmix", "1.0"]),
     "trunk_lr": ("trains the pretrained trunk at 0.1x the heads' learning rate", ["--trunk-lr-scale", "0.1"]),
+    "trivial": ("adds TrivialAugmentWide after the crop and flip", ["--augment", "crop_flip_trivial"]),
+    "randaugment": ("adds RandAugment (2 ops, magnitude 9) after the crop and flip", ["--augment", "crop_flip_randaugment"]),
+    "erasing": ("adds RandomErasing (p 0.5) after the crop and flip", ["--augment", "crop_flip_erasing"]),
+    "species_only": ("a species head alone (genus and family read off the tree)", ["--levels", "species"]),
 }
 REFERENCE_ARM = "stock_la"
 PROXY = {"size": 64, "epochs": 10}  # the CPU proxy budget of BENCHMARKS.md

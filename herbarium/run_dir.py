@@ -179,6 +179,11 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, RunDir]:
     return path, RunDir.of_checkpoint(path)
 
 
+def evaluated_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint is evaluated with: the moving average of a run with ``--ema-decay``, else the model's."""
+    return state.get("ema", state["model"])
+
+
 def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
     """The trained model a checkpoint holds, rebuilt from the config saved in it (no starting weights fetched).
 
@@ -186,5 +191,5 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig
     config = TrainConfig.from_dict(state["config"])
     model_config = replace(config.model, pretrained=False, weights=None)  # the checkpoint holds every weight
     model = build_model(model_config, {rank: int(n) for rank, n in state["classes"].items()})
-    model.load_state_dict(state.get("ema", state["model"]))  # a run with --ema-decay is evaluated on its average
+    model.load_state_dict(evaluated_weights(state))
     return model, config

@@ -29,7 +29,7 @@ from herbarium.data.dataset import ImageDataset, collate
 from herbarium.data.seeding import seeded
 from herbarium.data.splits import read_train_val
 from herbarium.errors import command
-from herbarium.run_dir import RunDir, model_from_checkpoint
+from herbarium.run_dir import RunDir, evaluated_weights, model_from_checkpoint
 from herbarium.runtime import default_workers, resolve_device
 
 BN_BATCH_SIZE = 64
@@ -100,7 +100,8 @@ def swa(run_dir: str | Path, checkpoints: Sequence[str] | None = None, out: str 
     for path, state in zip(paths[1:], states[1:]):
         if state["classes"] != states[0]["classes"]:
             raise ValueError(f"{path} has other heads than {paths[0]}: {state['classes']} vs {states[0]['classes']}")
-    averaged = {**states[-1], "model": average_state_dicts([state["model"] for state in states])}
+    averaged = {key: value for key, value in states[-1].items() if key != "ema"}
+    averaged["model"] = average_state_dicts([evaluated_weights(state) for state in states])
     model, config = model_from_checkpoint(averaged)
     torch_device = resolve_device(device)
     model.to(torch_device)

@@ -57,6 +57,8 @@ def test_each_lever_adds_one_setting_to_the_defaults(tmp_path):
     assert _changed(tmp_path, "mixup") == {"data.mixup": 0.2}
     assert _changed(tmp_path, "cutmix") == {"data.cutmix": 1.0}
     assert _changed(tmp_path, "trunk_lr") == {"optim.trunk_lr_scale": 0.1}
+    assert _changed(tmp_path, "trivial") == {"data.augment": "crop_flip_trivial"}
+    assert _changed(tmp_path, "species_only") == {"loss.levels": ("species",)}
 
 
 def test_every_setting_is_scored_on_validation_data_with_no_validation_split(tmp_path):

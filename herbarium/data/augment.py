@@ -85,6 +85,25 @@ def _square_resize(size: int) -> list[v2.Transform]:
     return [v2.Resize((size, size), antialias=True), v2.RandomHorizontalFlip()]
 
 
+def _crop_flip_trivial(size: int) -> list[v2.Transform]:
+    """``crop_flip`` followed by TrivialAugmentWide (one random colour or geometric op per image at a
+    random strength; Muller and Hutter 2021): timm users' strong default with no settings to tune.
+    Try it when classes have few images and the model overfits within a few epochs."""
+    return [*_crop_flip(size), v2.TrivialAugmentWide(interpolation=BILINEAR)]
+
+
+def _crop_flip_randaugment(size: int) -> list[v2.Transform]:
+    """``crop_flip`` followed by RandAugment (2 random ops at magnitude 9 of 31; Cubuk et al. 2020),
+    the timm ``rand-m9-n2`` policy. A stronger, fixed-strength alternative to ``crop_flip_trivial``."""
+    return [*_crop_flip(size), v2.RandAugment(num_ops=2, magnitude=9, interpolation=BILINEAR)]
+
+
+def _crop_flip_erasing(size: int) -> list[v2.Transform]:
+    """``crop_flip`` followed by RandomErasing (p=0.5, 2-25% of the area, black; Zhong et al.
+    2020), as timm's ``--reprob``: teaches the model not to rely on one part of the object."""
+    return [*_crop_flip(size), v2.ToImage(), v2.RandomErasing(**ERASING)]
+
+
 def _none(size: int) -> list[v2.Transform]:
     """No augmentation: resize the shorter side to size / crop_pct and centre-crop ``size``,
     exactly the evaluation view. A baseline, and for fine-tuning or feature extraction
@@ -109,6 +128,9 @@ PRESETS: dict[str, Preset] = {
     "shift_scale_rotate_cutout": _preset(_shift_scale_rotate_cutout),
     "perspective_erasing": _preset(_perspective_erasing),
     "square_resize": _preset(_square_resize),
+    "crop_flip_trivial": _preset(_crop_flip_trivial),
+    "crop_flip_randaugment": _preset(_crop_flip_randaugment),
+    "crop_flip_erasing": _preset(_crop_flip_erasing),
     "none": _preset(_none),
 }
 
