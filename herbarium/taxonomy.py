@@ -50,6 +50,9 @@ class Taxonomy:
     # paths[i][r] = class index at rank r of the category with index i.
     paths: list[tuple[int, ...]]
     _category_index: dict[Any, int] = field(init=False, repr=False)
+    # Tables derived from ``paths``, built on first use: at 65k categories a Python pass over the paths
+    # takes a large fraction of a second, and evaluation asks for the same maps on every batch.
+    _derived: dict[Any, torch.Tensor] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ranks = tuple(self.ranks)
@@ -141,8 +144,7 @@ class Taxonomy:
     def path_table(self, ranks: Sequence[str] | None = None) -> torch.Tensor:
         """Class indices of every category at the given ranks: LongTensor [num_categories, len(ranks)]."""
         columns = [self.rank_index(rank) for rank in (ranks or self.ranks)]
-        table = torch.tensor(self.paths, dtype=torch.long)
-        return table[:, columns]
+        return self._full_path_table()[:, columns]  # indexing copies: the cached table stays untouched
 
     def parents(self, rank: str) -> torch.Tensor:
         """Index of each class's parent one rank up: LongTensor [num_classes(rank)].
@@ -152,20 +154,29 @@ class Taxonomy:
         r = self.rank_index(rank)
         if r == 0:
             raise TaxonomyError(f"rank {rank!r} is the coarsest rank and has no parent")
-        parent = torch.full((self.num_classes(rank),), -1, dtype=torch.long)
-        for path in self.paths:
-            parent[path[r]] = path[r - 1]
-        return parent
+        return self.ancestor_map(rank, self.ranks[r - 1])
 
     def ancestor_map(self, rank: str, ancestor: str) -> torch.Tensor:
-        """Map classes of ``rank`` to their class at a coarser ``ancestor`` rank."""
+        """Map classes of ``rank`` to their class at a coarser ``ancestor`` rank: LongTensor [num_classes(rank)].
+
+        Built once per pair of ranks and cached; each call returns a copy.
+        """
         r, a = self.rank_index(rank), self.rank_index(ancestor)
         if a > r:
             raise TaxonomyError(f"{ancestor!r} is finer than {rank!r}")
-        mapping = torch.full((self.num_classes(rank),), -1, dtype=torch.long)
-        for path in self.paths:
-            mapping[path[r]] = path[a]
-        return mapping
+        key = ("ancestor", r, a)
+        if key not in self._derived:
+            table = self._full_path_table()  # [num_categories, num_ranks]
+            mapping = torch.full((self.num_classes(rank),), -1, dtype=torch.long)
+            mapping[table[:, r]] = table[:, a]  # every path through a class has the same ancestor: a tree
+            self._derived[key] = mapping
+        return self._derived[key].clone()
+
+    def _full_path_table(self) -> torch.Tensor:
+        """The cached LongTensor [num_categories, num_ranks] of ``paths``; callers must not modify it."""
+        if "paths" not in self._derived:
+            self._derived["paths"] = torch.tensor(self.paths, dtype=torch.long).reshape(len(self.paths), len(self.ranks))
+        return self._derived["paths"]
 
     def counts(self, category_ids: Iterable[Any], rank: str) -> list[int]:
         """Number of samples per class at ``rank`` for a list of category ids."""

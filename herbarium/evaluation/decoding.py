@@ -54,8 +54,8 @@ def available_ranks(scores: Mapping[str, Tensor], taxonomy: Taxonomy) -> list[st
 class PathDecoder:
     """Consistent decoding over a fixed taxonomy.
 
-    Holds the path table (and a copy per device), so that decoding many
-    batches does not rebuild it each time.
+    Holds the path table and the maps between ranks (a copy per device),
+    so that decoding many batches does not rebuild or copy them each time.
 
     Args:
         taxonomy: the label tree.
@@ -76,6 +76,7 @@ class PathDecoder:
         self.rank_weights = {rank: float((rank_weights or {}).get(rank, 1.0)) for rank in taxonomy.ranks}
         self.max_elements = int(max_elements)
         self._tables: dict[torch.device, Tensor] = {}
+        self._ancestor_maps: dict[tuple[str, str, torch.device], Tensor] = {}
 
     def path_table(self, device: torch.device) -> Tensor:
         """LongTensor [num_categories, num_ranks] on ``device``, all ranks coarse to fine."""
@@ -106,8 +107,7 @@ class PathDecoder:
     def predictions(self, log_probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Best path's class at every taxonomy rank: ``{rank: LongTensor [B]}``."""
         best_paths = torch.cat([scores.argmax(dim=1) for _, scores in self.path_score_blocks(log_probs)])  # [B]
-        table = self.path_table(best_paths.device)
-        return {rank: table[best_paths, i] for i, rank in enumerate(self.taxonomy.ranks)}
+        return self._classes_on_paths(best_paths)
 
     def rank_scores(self, log_probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per rank, the best path score through each class: ``{rank: FloatTensor [B, C_rank]}``.
@@ -116,13 +116,46 @@ class PathDecoder:
         so top-k accuracy of the consistent variant can be read from them.
         These are sums of weighted log-probabilities, not normalised.
         """
+        return self.decode(log_probs)[1]
+
+    def decode(self, log_probs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(predictions(log_probs), rank_scores(log_probs))`` from one pass over the path scores."""
         blocks: dict[str, list[Tensor]] = {rank: [] for rank in self.taxonomy.ranks}
+        best_paths = []
         for _, scores in self.path_score_blocks(log_probs):
             table = self.path_table(scores.device)
             for i, rank in enumerate(self.taxonomy.ranks[:-1]):
                 blocks[rank].append(_max_per_class(scores, table[:, i], self.taxonomy.num_classes(rank)))
             blocks[self.taxonomy.finest].append(scores)  # one path per finest class, in class order
-        return {rank: torch.cat(parts) for rank, parts in blocks.items()}
+            best_paths.append(scores.argmax(dim=1))
+        rank_scores = {rank: parts[0] if len(parts) == 1 else torch.cat(parts) for rank, parts in blocks.items()}
+        return self._classes_on_paths(torch.cat(best_paths)), rank_scores
+
+    def _classes_on_paths(self, paths: Tensor) -> dict[str, Tensor]:
+        """Class of each path [B] at every taxonomy rank: ``{rank: LongTensor [B]}``."""
+        table = self.path_table(paths.device)
+        return {rank: table[paths, i] for i, rank in enumerate(self.taxonomy.ranks)}
+
+    def ancestor_map(self, rank: str, ancestor: str, device: torch.device) -> Tensor:
+        """:meth:`Taxonomy.ancestor_map` on ``device``, copied there once."""
+        key = (rank, ancestor, torch.device(device))
+        if key not in self._ancestor_maps:
+            self._ancestor_maps[key] = self.taxonomy.ancestor_map(rank, ancestor).to(device)
+        return self._ancestor_maps[key]
+
+    def inconsistent_mask(self, predictions: Mapping[str, Tensor]) -> Tensor:
+        """BoolTensor [B], on the predictions' device: True where the predicted classes do not lie on one path.
+
+        Checks each predicted rank against the next coarser predicted rank (a
+        rank without a prediction is skipped, e.g. species against family).
+        """
+        ranks = available_ranks(predictions, self.taxonomy)
+        first = predictions[ranks[0]]
+        mask = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
+        for parent, child in zip(ranks, ranks[1:]):
+            to_parent = self.ancestor_map(child, parent, first.device)  # [C_child]
+            mask |= to_parent[predictions[child]] != predictions[parent]
+        return mask
 
     def _check_shapes(self, log_probs: Mapping[str, Tensor], ranks: list[str]) -> int:
         batch_sizes = {log_probs[rank].shape[0] for rank in ranks}
@@ -169,18 +202,8 @@ def consistent_scores(
 
 
 def inconsistent_mask(predictions: Mapping[str, Tensor], taxonomy: Taxonomy) -> Tensor:
-    """BoolTensor [B]: True where the predicted classes do not lie on one path.
-
-    Checks each predicted rank against the next coarser predicted rank (a
-    rank without a prediction is skipped, e.g. species against family).
-    """
-    ranks = available_ranks(predictions, taxonomy)
-    first = predictions[ranks[0]]
-    mask = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
-    for parent, child in zip(ranks, ranks[1:]):
-        to_parent = taxonomy.ancestor_map(child, parent).to(first.device)  # [C_child]
-        mask |= to_parent[predictions[child]] != predictions[parent]
-    return mask
+    """One-off :meth:`PathDecoder.inconsistent_mask`; build a decoder once when checking many batches."""
+    return PathDecoder(taxonomy).inconsistent_mask(predictions)
 
 
 def taxonomy_disagreement(predictions: Mapping[str, Tensor], taxonomy: Taxonomy) -> float:

@@ -32,7 +32,7 @@ from herbarium.errors import UsageError
 from herbarium.evaluation.combine import (
     average_views, class_weighted_ensemble, class_weights_from_accuracy, ensemble, per_class_accuracy,
 )
-from herbarium.evaluation.decoding import PathDecoder, independent_predictions, taxonomy_disagreement
+from herbarium.evaluation.decoding import PathDecoder, independent_predictions
 from herbarium.evaluation.metrics import evaluate_predictions, paired_bootstrap
 from herbarium.evaluation.report import write_report
 from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
@@ -285,7 +285,9 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
     plain = plain_view_index(settings.views)
     decoder = PathDecoder(taxonomy, settings.rank_weights or None)
     store, indices, targets, skipped = PredictionStore(), [], [], 0
-    disagreement = {"tta_heads": [], "single_view_heads": [], "retrieval_heads": []}
+    combine = ((lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)) if class_weights
+               else (lambda parts: ensemble(parts, settings.model_weights, settings.average)))
+    inconsistent: dict[str, torch.Tensor] = {}  # variant -> images whose heads disagree, counted on the device
     started, images_done = time.perf_counter(), 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True):
@@ -298,8 +300,6 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
                 tta_parts.append(tta)
                 single_parts.append(single)
                 embeddings.append(embedding)
-            combine = ((lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)) if class_weights
-                       else (lambda parts: ensemble(parts, settings.model_weights, settings.average)))
             variants = {"tta": combine(tta_parts)}
             if plain is not None and len(settings.views) > 1:
                 variants["single_view"] = combine(single_parts)
@@ -310,8 +310,8 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
             for name, scores in variants.items():
                 heads = independent_predictions(scores)
                 store.add(f"{name}_heads", heads, scores)
-                store.add(f"{name}_consistent", decoder.predictions(scores), decoder.rank_scores(scores))
-                disagreement[f"{name}_heads"].append(float(taxonomy_disagreement(heads, taxonomy)) * len(batch["index"]))
+                store.add(f"{name}_consistent", *decoder.decode(scores))
+                inconsistent[f"{name}_heads"] = inconsistent.get(f"{name}_heads", 0) + decoder.inconsistent_mask(heads).sum()
             indices.append(batch["index"])
             targets.append(batch["targets"])
             images_done += len(batch["index"])
@@ -322,7 +322,7 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
     seconds = time.perf_counter() - started
     return {
         "index": torch.cat(indices).numpy(), "targets": torch.cat(targets).numpy(), **store.finish(), "skipped": skipped,
-        "disagreement": {k: sum(v) / max(images_done, 1) for k, v in disagreement.items() if v},
+        "disagreement": {name: int(count) / max(images_done, 1) for name, count in inconsistent.items()},
         "images_per_s": images_done / seconds if seconds > 0 else None, "seconds": seconds,
     }
 
