@@ -25,6 +25,7 @@ from herbarium.evaluation import (
     taxonomy_disagreement,
     top_k_accuracy,
 )
+from herbarium.evaluation.decoding import hybrid_decoding
 from herbarium.evaluation.metrics import ancestor_table, hierarchical_distances, paired_bootstrap
 from herbarium.taxonomy import Taxonomy
 
@@ -111,6 +112,24 @@ def test_consistent_decoding_picks_the_path_the_coarse_heads_support():
     # With the coarse heads weighted out, the species head decides alone.
     species_only = consistent_predictions(log_probs, taxonomy, rank_weights={"genus": 0.0, "family": 0.0})
     assert [species_only[r].item() for r in RANKS] == [1, 2, 3]  # F2 > G3 > s4
+
+
+def test_hybrid_decoding_keeps_the_species_head_and_takes_the_coarse_ranks_from_the_path():
+    taxonomy = small_taxonomy()
+    log_probs = log_probs_from({
+        "species": [[0.30, 0.25, 0.05, 0.40]],  # own argmax s4; the path F1 > G1 > s1 wins overall
+        "genus": [[0.8, 0.1, 0.1]],
+        "family": [[0.9, 0.1]],
+    })
+    heads = independent_predictions(log_probs)
+    path_predictions, path_scores = PathDecoder(taxonomy).decode(log_probs)
+    predictions, scores = hybrid_decoding(heads, log_probs, path_predictions, path_scores, "species")
+    assert [predictions[r].item() for r in RANKS] == [0, 0, 3]  # F1, G1 from the path; s4 from its head
+    assert torch.equal(scores["species"], log_probs["species"]) and torch.equal(scores["genus"], path_scores["genus"])
+    without_species = {rank: value for rank, value in log_probs.items() if rank != "species"}
+    path_only = PathDecoder(taxonomy).decode(without_species)
+    predictions, _ = hybrid_decoding(independent_predictions(without_species), without_species, *path_only, "species")
+    assert all(torch.equal(predictions[r], path_only[0][r]) for r in RANKS)  # no species head: the path throughout
 
 
 def test_consistent_decoding_returns_ranks_without_a_head_from_the_path():

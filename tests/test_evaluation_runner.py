@@ -76,7 +76,11 @@ def test_four_views_report_submission_and_consistency(trained, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     variants = metrics["variants"]
     assert metrics["primary"] == "tta_consistent" and metrics["primary_choice"]["reason"] == "chosen with --primary"
-    assert set(variants) == {"tta_heads", "tta_consistent", "single_view_heads", "single_view_consistent"}
+    assert set(variants) == {f"{scores}_{decoding}" for scores in ("tta", "single_view")
+                             for decoding in ("heads", "consistent", "hybrid")}
+    for name in ("tta", "single_view"):  # hybrid: species from its head, genus and family from the path
+        assert variants[f"{name}_hybrid"]["species"] == variants[f"{name}_heads"]["species"]
+        assert variants[f"{name}_hybrid"]["genus"] == variants[f"{name}_consistent"]["genus"]
     species_f1 = variants["tta_consistent"]["species"]["macro_f1"]
     assert f"{species_f1:.3f}" in (tmp_path / "report.md").read_text()
     assert f"{species_f1:.3f}" in (tmp_path / "report.html").read_text()

@@ -30,15 +30,30 @@ from herbarium.taxonomy import Taxonomy
 DEFAULT_MAX_ELEMENTS = 2**23
 
 # The variants an evaluation scores, named "<scores>_<decoding>": the scores of the TTA mean, of the plain view
-# alone, or of TTA mixed with retrieval, each decoded per head (independent argmaxes) or consistently along the tree.
+# alone, or of TTA mixed with retrieval, each decoded per head (independent argmaxes), consistently along the tree,
+# or "hybrid": the finest rank from its own head and the coarser ranks from the tree.
 SCORE_SOURCES = ("tta", "single_view", "retrieval")
-DECODINGS = ("heads", "consistent")
+DECODINGS = ("heads", "consistent", "hybrid")
 VARIANTS = tuple(f"{source}_{decoding}" for source in SCORE_SOURCES for decoding in DECODINGS)
 
 
 def independent_predictions(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Each head's own argmax: ``{rank: LongTensor [B]}`` from ``{rank: [B, C]}``."""
     return {rank: rank_scores.argmax(dim=-1) for rank, rank_scores in scores.items()}
+
+
+def hybrid_decoding(heads: Mapping[str, Tensor], scores: Mapping[str, Tensor], path_predictions: Mapping[str, Tensor],
+                    path_scores: Mapping[str, Tensor], finest: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The finest rank's own head (argmax and scores), every coarser rank from the best path.
+
+    Consistent decoding lets confident coarse heads overrule the species head;
+    where the coarse heads are right but the species head knows its rare
+    species better than the path sum does, that costs species. This keeps the
+    species head's answer and takes the ranks above from the tree.
+    """
+    if finest not in heads:
+        return dict(path_predictions), dict(path_scores)
+    return {**path_predictions, finest: heads[finest]}, {**path_scores, finest: scores[finest]}
 
 
 def available_ranks(scores: Mapping[str, Tensor], taxonomy: Taxonomy) -> list[str]:

@@ -32,7 +32,7 @@ from herbarium.errors import UsageError
 from herbarium.evaluation.combine import (
     average_views, class_weighted_ensemble, class_weights_from_accuracy, ensemble, per_class_accuracy,
 )
-from herbarium.evaluation.decoding import PathDecoder, independent_predictions
+from herbarium.evaluation.decoding import PathDecoder, hybrid_decoding, independent_predictions
 from herbarium.evaluation.metrics import evaluate_predictions, paired_bootstrap
 from herbarium.evaluation.report import write_report
 from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
@@ -310,7 +310,9 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
             for name, scores in variants.items():
                 heads = independent_predictions(scores)
                 store.add(f"{name}_heads", heads, scores)
-                store.add(f"{name}_consistent", *decoder.decode(scores))
+                path_predictions, path_scores = decoder.decode(scores)
+                store.add(f"{name}_consistent", path_predictions, path_scores)
+                store.add(f"{name}_hybrid", *hybrid_decoding(heads, scores, path_predictions, path_scores, taxonomy.finest))
                 inconsistent[f"{name}_heads"] = inconsistent.get(f"{name}_heads", 0) + decoder.inconsistent_mask(heads).sum()
             indices.append(batch["index"])
             targets.append(batch["targets"])
