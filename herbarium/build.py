@@ -22,6 +22,7 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.gpu import BytesDataset, GpuLoader, loader_workers, select_decode
 from herbarium.data.loader import build_loader
 from herbarium.data.readers import DatasetSplit
+from herbarium.data.sample_table import class_counts
 from herbarium.data.samplers import EpochSampler, sample_weights
 from herbarium.data.transforms import eval_transform, resize_size
 from herbarium.distributed import DistributedContext
@@ -128,8 +129,7 @@ def build_run_model(cfg: TrainConfig, taxonomy, device: torch.device) -> nn.Modu
 def build_run_loss(cfg: TrainConfig, train: DatasetSplit) -> nn.Module:
     """The multi-rank loss of ``cfg``, with class counts (weights, priors) from the training split."""
     loss, levels, taxonomy = cfg.loss, tuple(cfg.loss.levels), train.taxonomy
-    category_ids = train.category_ids()
-    counts = {rank: taxonomy.counts(category_ids, rank) for rank in levels}
+    counts = {rank: class_counts(train.samples, taxonomy, rank) for rank in levels}
     return build_multi_rank_loss(
         loss.loss_by_rank(), counts, {rank: loss.weight_of(rank) for rank in levels}, loss.class_weights,
         gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta, sce_alpha=loss.sce_alpha,

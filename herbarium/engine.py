@@ -33,6 +33,7 @@ from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from herbarium.config import NAN_POLICIES, TrainConfig
 from herbarium.data.gpu import loader_workers
 from herbarium.data.images import BadImageError
+from herbarium.data.sample_table import class_counts
 from herbarium.data.splits import read_train_val
 from herbarium.distributed import (
     DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed, is_collective_failure, timeout_text,
@@ -407,7 +408,7 @@ class Trainer:
                 raise FileExistsError(f"{self.run} already holds a run; pass --resume {self.run} to continue it, "
                                       "--overwrite to start again, or another --out")
             self.run.clear_training_outputs()
-        counts = {rank: self.taxonomy.counts(self.train_split.category_ids(), rank) for rank in self.taxonomy.ranks}
+        counts = {rank: class_counts(self.train_split.samples, self.taxonomy, rank) for rank in self.taxonomy.ranks}
         self.run.write_files(self.cfg, self.taxonomy, self.normalization, counts)
 
     # ----------------------------------------------------------------- loop
