@@ -96,3 +96,26 @@ def read_train_val(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit | None]
         if not len(train.samples):
             raise ValueError(f"{data.subset}: none of its image ids is a training image")
     return train, val
+
+
+def stratified_sample(split: DatasetSplit, size: int, seed: int = 0) -> np.ndarray:
+    """Positions of ``size`` images of ``split`` drawn at random, each class's share of them as its share of the split.
+
+    Classes get ``size * n_c / N`` images rounded down, and the images left
+    go to the classes with the largest remainders (ties drawn at random); so
+    the sample's class mix is the split's, and a mean over it estimates the
+    split's mean without a reweighting. Sorted; a pure function of ``seed``.
+    """
+    total = len(split)
+    if not 0 < size <= total:
+        raise ValueError(f"--sample {size}: must be between 1 and the {total:,} images of split {split.name!r}")
+    rng = np.random.default_rng(seed)
+    _, classes, counts = np.unique(category_keys(split.samples), return_inverse=True, return_counts=True)
+    exact = size * counts / total
+    quota = np.floor(exact).astype(np.int64)
+    largest_remainders = np.lexsort((rng.random(len(counts)), quota - exact))
+    quota[largest_remainders[:size - quota.sum()]] += 1
+    grouped = np.lexsort((rng.random(total), classes))  # images by class, in random order within each
+    rank_in_class = np.empty(total, dtype=np.int64)
+    rank_in_class[grouped] = np.arange(total) - np.r_[0, np.cumsum(counts)[:-1]][classes[grouped]]
+    return np.flatnonzero(rank_in_class < quota[classes])
