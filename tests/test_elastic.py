@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from fixtures import tiny_train_config, torchrun_demo_data
 from herbarium.checkpoint import load_checkpoint
 from herbarium.data.gpu import loader_workers
-from herbarium.demo import make_demo_data
 from herbarium.elastic import batches_done, continue_on, per_process_batch
 from herbarium.errors import UsageError
-from fixtures import tiny_train_config
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +35,7 @@ TRAIN = ["--val-split", "test", "--size", "32", "--trunk", "resnet10t", "--dropo
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("elastic") / "data"
-    make_demo_data(out, seed=0, image_size=32, max_per_class=10, min_per_class=3, test_per_class=1,
-                   num_families=2, genera_per_family=2, species_per_genus=2)
-    return out
+    return torchrun_demo_data(tmp_path_factory.mktemp("torchrun") / "data")
 
 
 def launch(processes: int, args: list[str], log: Path, attempt: int = 0, fault: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures import machine_with
 from herbarium import runtime
 from herbarium.data import gpu
 from herbarium.data.loader import build_loader, prefetch_factor
@@ -13,11 +14,7 @@ from herbarium.data.loader import build_loader, prefetch_factor
     (96, "8", 12, 4), (2, "2", 1, 1), (2, "4", 1, 1), (16, None, 16, 4), (16, "1", 16, 4), (7, "2", 3, 3),
 ])
 def test_each_process_gets_its_share_of_the_cores(monkeypatch, cores, local_processes, cpu_workers, byte_workers):
-    monkeypatch.setattr(gpu, "default_workers", lambda: cores)
-    if local_processes:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
-    else:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    machine_with(monkeypatch, cores, local_processes)
     assert gpu.loader_workers(None, "cpu") == cpu_workers
     assert gpu.loader_workers(None, "gpu") == byte_workers
     assert gpu.loader_workers(5, "cpu") == gpu.loader_workers(5, "gpu") == 5  # --workers wins
