@@ -118,3 +118,12 @@ def test_the_vectorised_check_normalises_as_the_per_path_one(tmp_path):
     source = tmp_path / "metadata.json"
     assert safe_relative_paths(names, list(range(len(names))), source) == \
         [safe_relative_path(name, i, source) for i, name in enumerate(names)]
+
+
+def test_a_table_joins_and_compares_as_a_list_of_samples(herbarium2021):
+    root, ranks = herbarium2021.root, ("order", "family", "genus", "species")
+    parsed, cached = read_split(root, "train", ranks), read_split_indexed(root, "train", ranks)
+    assert cached.samples == parsed.samples and cached.samples[:2] == parsed.samples[:2]
+    assert cached.samples + cached.samples[:1] == parsed.samples + parsed.samples[:1]
+    assert parsed.samples[:1] + cached.samples == parsed.samples[:1] + parsed.samples
+    assert cached.samples * 2 == parsed.samples * 2

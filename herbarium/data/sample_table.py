@@ -64,6 +64,21 @@ class SampleTable(Sequence):
         for index in range(len(self)):
             yield self[index]
 
+    def __add__(self, other: Sequence[Sample]) -> list[Sample]:
+        """Joined with other samples: a list, as two lists joined would be."""
+        return list(self) + list(other)
+
+    def __radd__(self, other: Sequence[Sample]) -> list[Sample]:
+        return list(other) + list(self)
+
+    def __mul__(self, times: int) -> list[Sample]:
+        return list(self) * times
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
     def take(self, indices: np.ndarray) -> "SampleTable":
         """The samples at ``indices`` (a boolean mask or positions), as a new table in memory."""
         return SampleTable(*(np.asarray(getattr(self, name))[indices] for name in ARRAYS))
