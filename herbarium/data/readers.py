@@ -51,7 +51,7 @@ class DatasetSplit:
 
     name: str
     image_root: Path
-    samples: list[Sample]
+    samples: Sequence[Sample]  # a list, or a memory-mapped SampleTable (herbarium.data.sample_table) read from the index
     taxonomy: Taxonomy
     source: Path
     layout: str
