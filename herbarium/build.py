@@ -22,6 +22,7 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.gpu import BytesDataset, GpuLoader, loader_workers, select_decode
 from herbarium.data.loader import build_loader
 from herbarium.data.readers import DatasetSplit
+from herbarium.data.sample_table import class_counts
 from herbarium.data.samplers import EpochSampler, sample_weights
 from herbarium.data.transforms import eval_transform, resize_size
 from herbarium.distributed import DistributedContext
@@ -90,10 +91,11 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit | Non
             val_images = ImageDataset(val, levels, eval_transform(data.size, mean, std), decode_min_side=val_side,
                                       skip_bad_images=data.skip_bad_images)
     finest_column = max(range(len(levels)), key=lambda i: train.taxonomy.rank_index(levels[i]))
-    sampler = EpochSampler(len(train_images), sample_weights(train_images.targets[:, finest_column], data.sampler),
-                           seed=cfg.seed, num_replicas=context.world_size, rank=context.rank)
-    val_shard = range(context.rank, len(val_images), context.world_size) if val_images is not None else None
     drop_last = len(train_images) > data.batch_size * context.world_size
+    sampler = EpochSampler(len(train_images), sample_weights(train_images.targets[:, finest_column], data.sampler),
+                           seed=cfg.seed, num_replicas=context.world_size, rank=context.rank,
+                           batch_size=data.batch_size if drop_last else None)
+    val_shard = range(context.rank, len(val_images), context.world_size) if val_images is not None else None
     # Loaders get their own generator so creating an iterator never draws from the global RNG
     # (dropout's), which a mid-epoch resume could not replay; augmentation is seeded per sample.
     own_generator = lambda: torch.Generator().manual_seed(cfg.seed)
@@ -104,7 +106,7 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit | Non
             train=on_device(train_images, sampler, train=True, drop_last=drop_last, generator=own_generator(),
                             decode_min_side=train_side),
             val=None if val_images is None else on_device(val_images, val_shard, train=False, generator=own_generator(),
-                                                          decode_min_side=val_side),
+                                                          decode_min_side=val_side, persistent=False),
             sampler=sampler, decode=decode,
         )
     pin_memory = device.type == "cuda"
@@ -112,7 +114,7 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit | Non
         train=build_loader(train_images, data.batch_size, workers, sampler, drop_last=drop_last, pin_memory=pin_memory,
                            generator=own_generator()),
         val=None if val_images is None else build_loader(Subset(val_images, val_shard), data.batch_size, workers,
-                                                         pin_memory=pin_memory, generator=own_generator()),
+                                                         pin_memory=pin_memory, generator=own_generator(), persistent=False),
         sampler=sampler, decode=decode,
     )
 
@@ -127,8 +129,7 @@ def build_run_model(cfg: TrainConfig, taxonomy, device: torch.device) -> nn.Modu
 def build_run_loss(cfg: TrainConfig, train: DatasetSplit) -> nn.Module:
     """The multi-rank loss of ``cfg``, with class counts (weights, priors) from the training split."""
     loss, levels, taxonomy = cfg.loss, tuple(cfg.loss.levels), train.taxonomy
-    category_ids = train.category_ids()
-    counts = {rank: taxonomy.counts(category_ids, rank) for rank in levels}
+    counts = {rank: class_counts(train.samples, taxonomy, rank) for rank in levels}
     return build_multi_rank_loss(
         loss.loss_by_rank(), counts, {rank: loss.weight_of(rank) for rank in levels}, loss.class_weights,
         gamma=loss.gamma, smoothing=loss.smoothing, tau=loss.tau, beta=loss.beta, sce_alpha=loss.sce_alpha,

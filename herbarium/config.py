@@ -44,7 +44,9 @@ class DataConfig:
                                default_text="DATA/<train-split>/stats.json if present, else ImageNet mean/std")
     size: int = option(224, "input side in pixels")
     batch_size: int = option(64, "images per step per process")
-    workers: int | None = option(None, "decoding processes", default_text="all cores")
+    workers: int | None = option(None, "loader worker processes per training process (validation's end after each "
+                                       "validation)", default_text="the cores divided among the processes torchrun "
+                                       "started on the machine; at most 4 with --decode gpu")
     sampler: str = option("none", "class rebalancing of the draws", choices=SAMPLERS)
     augment: str = option("crop_flip", f"augmentation preset. {describe_presets(' ')}", choices=sorted(PRESETS))
     decode: str = option(

@@ -35,10 +35,12 @@ from herbarium.config import NAN_POLICIES, TrainConfig
 from herbarium.data.gpu import loader_workers
 from herbarium.data.images import BadImageError
 from herbarium.data.mixing import RankMixup
+from herbarium.data.sample_table import class_counts
 from herbarium.data.splits import read_train_val
 from herbarium.distributed import (
     DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed, is_collective_failure, timeout_text,
 )
+from herbarium.elastic import batches_done, continue_on
 from herbarium.errors import DistributedError, HerbariumError, UsageError
 from herbarium.evaluation.metrics import macro_f1
 from herbarium.losses.factory import SOFT_TARGET_LOSSES
@@ -243,6 +245,8 @@ class RunState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss (--nan-policy skip), whole run
     skipped_in_a_row: int = 0  # of which since the last step taken
     skipped_train_images: int = 0  # unreadable training images skipped in `epoch` so far
+    world_size: int | None = None  # processes that wrote the checkpoint (None: an older checkpoint)
+    samples_done: int = 0  # images of `epoch` already trained, all processes: the position any world size resumes from
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -262,6 +266,9 @@ class Trainer:
             self.device = torch.device("cuda", self.context.local_rank)
             torch.cuda.set_device(self.device)
         self.dtype = autocast_dtype(cfg.precision, self.device)
+        self.saved = load_checkpoint(self._checkpoint_path(resume), map_location=self.device) if resume else None
+        if self.saved is not None:  # on another number of processes, each takes its share of the run's global batch
+            cfg = self.cfg = continue_on(cfg, self.saved["run"], self.context.world_size)
         self.run = RunDir(cfg.out)
         self.levels = tuple(cfg.loss.levels)
         torch.manual_seed(cfg.seed)
@@ -303,7 +310,7 @@ class Trainer:
         self._window_finite = True  # --nan-policy skip: every batch of the accumulation window so far was finite
         self._window_flags: list[torch.Tensor] = []  # --nan-policy stop: the window's finiteness, on the device
         if resume:
-            self._resume(resume)
+            self._resume(self._checkpoint_path(resume))
         self.train_model = self._wrap_model()
         self.writer: SummaryWriter | None = None
 
@@ -378,7 +385,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "run": self.state.to_dict(),
+            "run": {**self.state.to_dict(), "world_size": self.context.world_size,
+                    "samples_done": self.state.batches_done * self.cfg.data.batch_size * self.context.world_size},
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "levels": list(self.levels),
@@ -391,11 +399,13 @@ class Trainer:
         if self.context.is_main:
             save_checkpoint(self.checkpoint_state(), self.run.checkpoint(name))
 
-    def _resume(self, resume: str | Path) -> None:
+    @staticmethod
+    def _checkpoint_path(resume: str | Path) -> Path:
         path = Path(resume)
-        if path.is_dir():
-            path = RunDir(path).last
-        state = load_checkpoint(path, map_location=self.device)
+        return RunDir(path).last if path.is_dir() else path
+
+    def _resume(self, path: Path) -> None:
+        state, self.saved = self.saved, None  # read in __init__; not kept beyond this
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -404,6 +414,9 @@ class Trainer:
             if "ema" in state:
                 self.ema.module.load_state_dict(state["ema"])
         self.state = RunState(**state["run"])
+        saved_world = self.state.world_size or self.context.world_size
+        if saved_world != self.context.world_size:
+            self.state.batches_done = batches_done(self.state.samples_done, self.cfg.data.batch_size, self.context.world_size)
         self.nan_guard.skipped, self.nan_guard.in_a_row = self.state.skipped_steps, self.state.skipped_in_a_row
         if self.o2u is not None and "o2u" in state:
             self.o2u.load_state_dict(state["o2u"], is_main=self.context.is_main)
@@ -414,7 +427,9 @@ class Trainer:
                 self.new_changes.append(change)
         if self.context.is_main:
             where = f"epoch {self.state.epoch + 1}, batch {self.state.batches_done + 1}" if self.state.batches_done else f"the start of epoch {self.state.epoch + 1}"
-            tqdm.write(f"resuming {self.run} from {path} at {where} (step {self.state.global_step})")
+            moved = f"; written by {saved_world} processes, continuing on {self.context.world_size}" \
+                if saved_world != self.context.world_size else ""
+            tqdm.write(f"resuming {self.run} from {path} at {where} (step {self.state.global_step}{moved})")
             for change in self.new_changes:
                 tqdm.write(f"  {change['option']}: {change['from']!r} -> {change['to']!r} (recorded in config.json)")
 
@@ -434,7 +449,7 @@ class Trainer:
                 raise FileExistsError(f"{self.run} already holds a run; pass --resume {self.run} to continue it, "
                                       "--overwrite to start again, or another --out")
             self.run.clear_training_outputs()
-        counts = {rank: self.taxonomy.counts(self.train_split.category_ids(), rank) for rank in self.taxonomy.ranks}
+        counts = {rank: class_counts(self.train_split.samples, self.taxonomy, rank) for rank in self.taxonomy.ranks}
         self.run.write_files(self.cfg, self.taxonomy, self.normalization, counts)
 
     # ----------------------------------------------------------------- loop

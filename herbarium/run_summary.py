@@ -94,9 +94,16 @@ def startup_lines(cfg: TrainConfig, *, layout: str, train_images: int, val_image
         f"  recipe     {cfg.epochs} epochs, batch {batch}; loss {loss.loss} (class weights {loss.class_weights}); "
         f"optim {optim.optim}, schedule {optim.schedule}",
         f"  device     {device} ({precision}{', compiled' if cfg.compile else ''}); input path {decode}"
-        f" ({'all cores' if workers is None else workers} {'workers' if workers != 1 else 'worker'})",
+        f" ({workers_text(workers, world_size)})",
     ]
     return lines
+
+
+def workers_text(workers: int | None, world_size: int) -> str:
+    """``12 workers per process``: what each process runs, not the machine's total."""
+    if workers is None:
+        return "all cores"
+    return f"{workers} {'worker' if workers == 1 else 'workers'}" + (" per process" if world_size > 1 else "")
 
 
 def read_log(run: RunDir) -> list[dict[str, Any]]:

@@ -7,7 +7,9 @@ they live here so that none of them imports another command to answer them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,33 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
 def default_workers() -> int:
-    """The cores this process may run on (its affinity where the OS tells it), for DataLoader workers."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may run on: its affinity (cpusets, ``taskset``), capped by a cgroup CPU quota.
+
+    A container started with ``--cpus 8`` on a 96-core host keeps an
+    affinity of 96 cores but gets the time of 8; workers beyond that only
+    hold memory.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def cgroup_cpu_quota(path: Path = CGROUP_CPU_MAX) -> int | None:
+    """Whole CPUs the cgroup v2 quota allows (rounded up), or None where there is no quota or no such file."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def local_processes() -> int:
+    """Processes a launcher (``torchrun``) started on this machine: ``LOCAL_WORLD_SIZE``, 1 without one."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from fixtures import Written, write_herbarium2020, write_herbarium2021, write_herbarium2022
+
+
+@pytest.fixture(autouse=True, scope="session")
+def index_cache(tmp_path_factory) -> Iterator[Path]:
+    """The cached split indexes of the test runs go to a folder of their own, not the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("index_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HERBARIUM_CACHE", str(folder))
+    yield folder
+    patch.undo()
 
 
 @pytest.fixture

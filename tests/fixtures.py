@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.data import gpu
+from herbarium.demo import make_demo_data
 from herbarium.models.config import ModelConfig
 
 # Herbarium 2020 categories: ids with a gap, a name with a latin-1 character.
@@ -204,3 +206,19 @@ def tiny_train_config(data_dir: Path, out: Path, *, epochs: int = 2, batch_size:
         optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine"),
     )
     return dataclasses.replace(cfg, **changes)
+
+
+def torchrun_demo_data(out: Path) -> Path:
+    """The demo data of the torchrun tests: 8 species, 47 training images of 32 px, one test image per species."""
+    make_demo_data(out, seed=0, image_size=32, max_per_class=10, min_per_class=3, test_per_class=1,
+                   num_families=2, genera_per_family=2, species_per_genus=2)
+    return out
+
+
+def machine_with(monkeypatch, cores: int, local_processes: str | None) -> None:
+    """Pretend the process may use ``cores`` cores and torchrun started ``local_processes`` on the machine (None: no torchrun)."""
+    monkeypatch.setattr(gpu, "default_workers", lambda: cores)
+    if local_processes:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

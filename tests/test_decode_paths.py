@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures import machine_with
 from herbarium import build
 from herbarium.data import splits
 from herbarium import engine, stats
@@ -104,11 +105,7 @@ def test_training_on_the_device_path_logs_it_and_resumes_exactly(demo, tmp_path,
 
 @pytest.mark.parametrize("cores,local_processes,expected", [(16, None, "cpu"), (8, None, "cpu"), (7, None, "gpu"), (16, "4", "gpu")])
 def test_auto_takes_the_device_path_only_with_few_cores_per_gpu(monkeypatch, device_decoding, cores, local_processes, expected):
-    monkeypatch.setattr(gpu, "default_workers", lambda: cores)
-    if local_processes:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
-    else:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    machine_with(monkeypatch, cores, local_processes)
     assert gpu.select_decode("auto", "cpu") == expected
     assert gpu.select_decode("gpu", "cpu") == "gpu" and gpu.select_decode("cpu", "cpu") == "cpu"
 

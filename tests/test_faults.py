@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import torchrun_demo_data
 from herbarium.checkpoint import load_checkpoint
-from herbarium.demo import make_demo_data
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +38,7 @@ TRAIN = ["--val-split", "test", "--size", "32", "--batch-size", "4", "--workers"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "data"
-    make_demo_data(out, seed=0, image_size=32, max_per_class=10, min_per_class=3, test_per_class=1,
-                   num_families=2, genera_per_family=2, species_per_genus=2)
-    return out
+    return torchrun_demo_data(tmp_path_factory.mktemp("torchrun") / "data")
 
 
 def torchrun(data: Path, out: Path, restarts: int, fault: dict[str, str] | None = None, extra: tuple[str, ...] = (),

@@ -174,3 +174,20 @@ def test_holdout_refuses_bad_fractions_and_empty_validation(long_tail):
                               long_tail.taxonomy, long_tail.source, "csv")
     with pytest.raises(ValueError, match="leaves no validation image"):
         stratified_holdout(singletons, 0.5)
+
+
+def test_the_same_global_batch_takes_the_same_images_per_step_on_any_number_of_processes():
+    def steps(replicas: int, batch: int) -> list[list[int]]:
+        ranks = []
+        for rank in range(replicas):
+            sampler = EpochSampler(47, seed=5, num_replicas=replicas, rank=rank, batch_size=batch)
+            sampler.set_epoch(1)
+            ranks.append([index for index, _ in sampler])
+        return [sorted(i for r in ranks for i in r[k * batch:(k + 1) * batch]) for k in range(len(ranks[0]) // batch)]
+
+    two_by_four, one_by_eight, four_by_two = steps(2, 4), steps(1, 8), steps(4, 2)
+    assert two_by_four == one_by_eight == four_by_two
+    assert len(two_by_four) == 5 and len({i for step in two_by_four for i in step}) == 40  # whole batches of 8, none twice
+    resumed = EpochSampler(47, seed=5, num_replicas=1, rank=0, batch_size=8)  # 2 steps done on 2 processes, then 1
+    resumed.set_epoch(1, start=2 * 8)
+    assert sorted(index for index, _ in resumed) == sorted(i for step in two_by_four[2:] for i in step)

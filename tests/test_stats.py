@@ -17,6 +17,8 @@ import herbarium.stats_file as stats_file
 from fixtures import COUNTS_2020, CATEGORIES_2020, truncate, write_csv_manifest
 from herbarium.data.images import BadImageError, load_rgb
 from herbarium.data.readers import CsvColumns, read_split
+from herbarium.data.splits import stratified_sample
+from herbarium.demo import make_demo_data
 from herbarium.stats import compute_stats, main, stats_transform
 from herbarium.stats_file import IMAGENET_MEAN, IMAGENET_STD, default_stats_path, read_normalization
 
@@ -214,3 +216,57 @@ def test_default_stats_path(herbarium2020, herbarium2022):
     assert default_stats_path(data2020, "train") == data2020 / "train" / "stats.json"
     data2022 = herbarium2022["train"].root
     assert default_stats_path(data2022, "train") == data2022 / "stats.json"
+
+
+# ------------------------------------------------------------------ --sample
+def _per_image_means(split, size: int = SIZE) -> np.ndarray:
+    transform = stats_transform(size)
+    return np.stack([transform(load_rgb(split.path(s), size)).numpy().astype(np.float64).reshape(3, -1).mean(axis=1)
+                     for s in split.samples])  # [N, 3]
+
+
+def test_a_stratified_sample_keeps_each_class_share(tmp_path):
+    make_demo_data(tmp_path / "demo", seed=2, image_size=16, max_per_class=40, min_per_class=1, test_per_class=1,
+                   num_families=2, genera_per_family=2, species_per_genus=3)
+    split = read_split(tmp_path / "demo", "train")
+    labels = np.array([str(s.category_id) for s in split.samples])
+    for size in (1, 17, len(split) // 2, len(split)):
+        chosen = stratified_sample(split, size, seed=3)
+        assert len(chosen) == size == len(set(chosen.tolist())) and np.all(np.diff(chosen) > 0)
+        for label in set(labels):
+            share = size * np.mean(labels == label)
+            assert np.floor(share) <= np.sum(labels[chosen] == label) <= np.ceil(share)
+    assert np.array_equal(stratified_sample(split, 17, seed=3), stratified_sample(split, 17, seed=3))
+    assert not np.array_equal(stratified_sample(split, 17, seed=3), stratified_sample(split, 17, seed=4))
+    with pytest.raises(ValueError, match=f"--sample {len(split) + 1}: must be between 1 and the {len(split)} images"):
+        stratified_sample(split, len(split) + 1)
+
+
+def test_sample_measures_the_drawn_images_and_gives_their_standard_error(train_split):
+    chosen = stratified_sample(train_split, 5, seed=1)
+    subset = dataclasses.replace(train_split, samples=[train_split.samples[i] for i in chosen])
+    stats = compute_stats(train_split, SIZE, workers=0, batch_size=2, progress=False, sample=5, seed=1)
+    mean, std = _reference(subset)
+    np.testing.assert_allclose(stats["mean"], mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats["std"], std, rtol=0, atol=1e-9)
+    means = _per_image_means(subset)
+    expected = means.std(axis=0, ddof=1) * np.sqrt((1 - 5 / 9) / 5)  # without replacement from 9 images
+    sample = stats["sample"]
+    assert (sample["images"], sample["of"], sample["seed"], stats["num_images"]) == (5, 9, 1, 5)
+    np.testing.assert_allclose(sample["mean_standard_error"], expected, rtol=1e-9)
+    assert all(error > 0 for error in sample["std_standard_error"])
+    assert stats["class_counts"]["genus"]["Poa"] == 5  # counts are the whole split's, read from the metadata
+    whole = compute_stats(train_split, SIZE, workers=0, progress=False, sample=9)
+    assert "sample" not in whole and whole["num_images"] == 9  # a sample of every image is the exact pass
+
+
+def test_main_sample_prints_the_standard_error_and_the_progress_shows_the_time_left(herbarium2020, capsys):
+    data = herbarium2020["train"].root.parent
+    assert main([str(data), "--size", str(SIZE), "--workers", "0", "--sample", "4", "--seed", "2"]) == 0
+    captured = capsys.readouterr()
+    assert f"a stratified sample of 4 of the 9 images (seed 2) of split 'train' at {SIZE} px" in captured.out
+    assert re.search(r"standard error: mean \([\d.]+, [\d.]+, [\d.]+\)  std \(", captured.out)
+    assert re.search(r"collect-stats train: 100%.*4/4 images \[[\d:]+ elapsed, [\d:]+ left", captured.err)
+    assert json.loads((data / "train" / "stats.json").read_text())["sample"]["images"] == 4
+    assert main([str(data), "--sample", "0"]) == 2
+    assert "error: --sample 0: give a number of images of at least 1" in capsys.readouterr().err

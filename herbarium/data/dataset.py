@@ -9,9 +9,9 @@ from torch.utils.data import Dataset
 
 from herbarium.data.images import IMAGE_ERRORS, BadImageError, load_rgb
 from herbarium.data.readers import DatasetSplit
+from herbarium.data.sample_table import UNKNOWN, UNLABELLED, category_indices
 from herbarium.data.seeding import seeded
-
-UNLABELLED = -1
+from herbarium.taxonomy import TaxonomyError
 
 
 class ImageDataset(Dataset):
@@ -40,13 +40,16 @@ class ImageDataset(Dataset):
         self.targets = self._target_table()
 
     def _target_table(self) -> torch.Tensor:
-        """Targets of every sample up front: LongTensor [N, len(ranks)]."""
+        """Targets of every sample up front: LongTensor [N, len(ranks)], in one gather over the taxonomy's table."""
         taxonomy = self.split.taxonomy
         table = taxonomy.path_table(self.ranks)
+        indices = torch.from_numpy(category_indices(self.split.samples, taxonomy))
+        if (indices == UNKNOWN).any():
+            first = self.split.samples[int(torch.nonzero(indices == UNKNOWN)[0])]
+            raise TaxonomyError(f"category id {first.category_id!r} of image {first.image_id!r} has no category record")
         targets = torch.full((len(self.split), len(self.ranks)), UNLABELLED, dtype=torch.long)
-        for i, sample in enumerate(self.split.samples):
-            if sample.category_id is not None:
-                targets[i] = table[taxonomy.category_index(sample.category_id)]
+        labelled = indices >= 0
+        targets[labelled] = table[indices[labelled]]
         return targets
 
     def __len__(self) -> int:

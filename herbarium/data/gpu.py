@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -52,11 +51,12 @@ from herbarium.data.device_augment import (
 )
 from herbarium.data.geometry import Plan
 from herbarium.data.images import IMAGE_ERRORS, BadImageError, load_rgb
+from herbarium.data.loader import prefetch_factor
 from herbarium.data.prefetch import prefetched
 from herbarium.data.readers import DatasetSplit
 from herbarium.data.seeding import view_seeds
 from herbarium.data.transforms import stats_transform
-from herbarium.runtime import default_workers
+from herbarium.runtime import default_workers, local_processes
 
 DECODES = ("auto", "cpu", "gpu")
 BYTE_WORKERS = 4  # workers that only read files keep up with nvJPEG; more would only hold memory
@@ -70,11 +70,17 @@ AUTO_DEVICE_BELOW_CORES = 8
 
 
 def loader_workers(requested: int | None, decode: str) -> int:
-    """DataLoader workers for an input path: ``requested``, else all cores to decode with PIL, or a few to read bytes."""
+    """DataLoader workers per process for an input path: ``requested``, else this process's share of the cores.
+
+    Each process a launcher started on the machine gets its share of the
+    cores (:func:`cores_per_device`): all of them to decode with PIL, or at
+    most :data:`BYTE_WORKERS` to read bytes for the device decoder. Eight
+    processes on a 96-core node run 12 workers each, not 96.
+    """
     if requested is not None:
         return requested
-    return min(BYTE_WORKERS, default_workers()) if decode == "gpu" else default_workers()
-
+    cores = cores_per_device()
+    return min(BYTE_WORKERS, cores) if decode == "gpu" else cores
 
 
 # ------------------------------------------------------------------ choosing
@@ -96,7 +102,7 @@ def device_decode_available(device: str) -> bool:
 
 def cores_per_device() -> int:
     """Cores for this process's loader: its CPU affinity shared among the processes a launcher started on this machine."""
-    return max(1, default_workers() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, default_workers() // local_processes())
 
 
 def select_decode(decode: str, device: str | torch.device) -> str:
@@ -311,8 +317,9 @@ class GpuBatchDecoder:
 class _DeviceBatches:
     """Reads byte batches with DataLoader workers and turns each into a batch on the device.
 
-    The workers read ahead (``prefetch_factor`` batches each, pinned on
-    CUDA). A background thread decodes and transforms up to ``prefetch``
+    The workers read ahead (:func:`~herbarium.data.loader.prefetch_factor`
+    batches each, pinned on CUDA); ``persistent=False`` ends them after each
+    pass (validation). A background thread decodes and transforms up to ``prefetch``
     batches ahead of the one the caller is using, on a CUDA stream of its
     own, and hands a batch over only once its work is complete, so the
     training step never waits for Python or kernels it could have had
@@ -326,14 +333,14 @@ class _DeviceBatches:
 
     def __init__(self, dataset: BytesDataset, batch_size: int, workers: int, device: str | torch.device, *,
                  sampler: Sampler | None = None, drop_last: bool = False, generator: torch.Generator | None = None,
-                 decode_min_side: int | None = None, prefetch: int = PREFETCH_BATCHES) -> None:
+                 decode_min_side: int | None = None, prefetch: int = PREFETCH_BATCHES, persistent: bool = True) -> None:
         self.dataset = dataset
         self.device = torch.device(device)
         self.decoder = GpuBatchDecoder(self.device, decode_min_side=decode_min_side)
         self.bytes = DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers, collate_fn=collate_bytes,
-            pin_memory=self.device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None, generator=generator,
+            pin_memory=self.device.type == "cuda", drop_last=drop_last, persistent_workers=persistent and workers > 0,
+            prefetch_factor=prefetch_factor(workers), generator=generator,
         )
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.prefetch = prefetch
@@ -411,9 +418,9 @@ class GpuLoader(_DeviceBatches):
     def __init__(self, dataset: BytesDataset, sampler: Sampler | None, batch_size: int, workers: int,
                  device: str | torch.device, preset: str, size: int, mean: Sequence[float], std: Sequence[float],
                  train: bool, *, drop_last: bool = False, generator: torch.Generator | None = None,
-                 decode_min_side: int | None = None, prefetch: int = PREFETCH_BATCHES) -> None:
+                 decode_min_side: int | None = None, prefetch: int = PREFETCH_BATCHES, persistent: bool = True) -> None:
         super().__init__(dataset, batch_size, workers, device, sampler=sampler, drop_last=drop_last, generator=generator,
-                         decode_min_side=decode_min_side, prefetch=prefetch)
+                         decode_min_side=decode_min_side, prefetch=prefetch, persistent=persistent)
         self.transform = BatchTransform([train_ops(preset, size) if train else eval_ops(size)], size)
         self.background = self.transform.batched
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)

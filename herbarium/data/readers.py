@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from herbarium.errors import HerbariumError
@@ -50,7 +51,7 @@ class DatasetSplit:
 
     name: str
     image_root: Path
-    samples: list[Sample]
+    samples: Sequence[Sample]  # a list, or a memory-mapped SampleTable (herbarium.data.sample_table) read from the index
     taxonomy: Taxonomy
     source: Path
     layout: str
@@ -130,6 +131,23 @@ def safe_relative_path(file_name: str, image_id: Any, source: Path) -> str:
     if not text or text.startswith("/") or PurePosixPath(text).is_absolute() or normal == ".." or normal.startswith("../") or ":" in PurePosixPath(text).parts[0]:
         raise DatasetError(f"{source}: image {image_id!r} has path {file_name!r}, which escapes the dataset root")
     return normal
+
+
+# Paths os.path.normpath would change ('.', '..', empty segments, a trailing slash) or that may escape the root.
+NEEDS_A_CLOSER_LOOK = r"(?:^|/)\.\.?(?:/|$)|//|/$|^/|^[^/]*:|^$"
+
+
+def safe_relative_paths(file_names: Sequence[Any], image_ids: Sequence[Any], source: Path) -> list[str]:
+    """:func:`safe_relative_path` over a whole column at once.
+
+    One vectorised pass finds the few paths that need normalising or may
+    escape the root; only those go through the per-path check, so a
+    2-million-image split costs a second, not a minute.
+    """
+    names = pd.Series(file_names, dtype=object).astype(str).str.replace("\\", "/", regex=False)
+    for position in np.flatnonzero(names.str.contains(NEEDS_A_CLOSER_LOOK, regex=True).to_numpy()):
+        names.iat[position] = safe_relative_path(file_names[position], image_ids[position], source)
+    return names.tolist()
 
 
 def _require(record: Mapping[str, Any], key: str, what: str, source: Path) -> Any:
@@ -212,11 +230,10 @@ def _read_coco(metadata_path: Path, ranks: Sequence[str], taxonomy: Taxonomy | N
     label_of = {}
     for annotation in meta.get("annotations") or []:
         label_of[_require(annotation, "image_id", "annotation", metadata_path)] = _require(annotation, "category_id", "annotation", metadata_path)
-    samples = []
-    for image in meta["images"]:
-        image_id = _require(image, "id", "image", metadata_path)
-        file_name = safe_relative_path(_require(image, "file_name", "image", metadata_path), image_id, metadata_path)
-        samples.append(Sample(image_id, file_name, label_of.get(image_id)))
+    image_ids = [_require(image, "id", "image", metadata_path) for image in meta["images"]]
+    file_names = safe_relative_paths([_require(image, "file_name", "image", metadata_path) for image in meta["images"]],
+                                     image_ids, metadata_path)
+    samples = [Sample(image_id, file_name, label_of.get(image_id)) for image_id, file_name in zip(image_ids, file_names)]
     return samples, taxonomy, layout
 
 
@@ -230,11 +247,10 @@ def _read_2022(metadata_path: Path, ranks: Sequence[str], taxonomy: Taxonomy | N
     if categories and taxonomy is None:
         taxonomy = Taxonomy.from_categories(_categories_2022(categories), ranks)
     label_of = {_require(a, "image_id", "annotation", metadata_path): _require(a, "category_id", "annotation", metadata_path) for a in annotations}
-    samples = []
-    for image in images:
-        image_id = _require(image, "image_id", "image", metadata_path)
-        file_name = safe_relative_path(_require(image, "file_name", "image", metadata_path), image_id, metadata_path)
-        samples.append(Sample(image_id, file_name, label_of.get(image_id)))
+    image_ids = [_require(image, "image_id", "image", metadata_path) for image in images]
+    file_names = safe_relative_paths([_require(image, "file_name", "image", metadata_path) for image in images],
+                                     image_ids, metadata_path)
+    samples = [Sample(image_id, file_name, label_of.get(image_id)) for image_id, file_name in zip(image_ids, file_names)]
     return samples, taxonomy, "herbarium2022"
 
 
@@ -312,6 +328,11 @@ def _locate(data: Path, split: str) -> _Located:
             return _Located(metadata, image_root, read)
     tried = ", ".join(str(c[0]) for c in candidates)
     raise DatasetError(f"no {split!r} split found under {data}: looked for {tried}")
+
+
+def locate_metadata(data: Path, split: str) -> Path:
+    """The metadata file :func:`read_split` reads for ``split`` under ``data``."""
+    return _locate(Path(data), split).metadata
 
 
 def _taxonomy_source(data: Path, split: str) -> Path | None:

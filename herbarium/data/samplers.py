@@ -38,7 +38,18 @@ def sample_weights(labels: Sequence[int] | torch.Tensor, mode: str) -> torch.Ten
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields this rank's indices for one epoch; call :meth:`set_epoch` before each epoch."""
+    """Yields this rank's indices for one epoch; call :meth:`set_epoch` before each epoch.
+
+    Rank ``r`` takes positions ``r, r + num_replicas, ...`` of the epoch's
+    order, so the ``k``-th batch of every rank together is positions
+    ``[k * G, (k + 1) * G)`` with ``G = batch_size * num_replicas``: the same
+    images for the same ``G`` on any number of processes. With
+    ``batch_size`` (training, which drops a last incomplete batch) the epoch
+    is the whole global batches of the order, rather than each rank's share
+    padded and then cut, so that its length and its images depend on ``G``
+    alone, and a run resumed with another number of processes (and the same
+    ``G``) continues exactly.
+    """
 
     def __init__(
         self,
@@ -48,6 +59,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        batch_size: int | None = None,
     ) -> None:
         self.num_samples = num_samples
         self.weights = weights
@@ -56,14 +68,19 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.rank = rank
         self.epoch = 0
         self.start = 0
-        self.per_replica = math.ceil(num_samples / num_replicas)
+        global_batch = batch_size * num_replicas if batch_size else 0
+        if global_batch and num_samples >= global_batch:
+            # Whole global batches only: positions [0, k * global_batch) of the order, however they are shared out.
+            self.per_replica = num_samples // global_batch * batch_size
+        else:
+            self.per_replica = math.ceil(num_samples / num_replicas)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's order and skip its first ``start`` indices (of this rank) on resume."""
         self.epoch, self.start = epoch, start
 
     def epoch_order(self) -> torch.Tensor:
-        """All ranks' indices for the epoch, padded by wrapping so every rank gets as many."""
+        """All ranks' indices for the epoch: padded by wrapping so every rank gets as many, or cut to whole global batches."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.weights is None:
             order = torch.randperm(self.num_samples, generator=generator)
@@ -72,8 +89,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         total = self.per_replica * self.num_replicas
         if total > len(order) > 0:
             # Wrap as often as needed: with more replicas than samples one copy is not enough.
-            order = order.repeat(math.ceil(total / len(order)))[:total]
-        return order
+            order = order.repeat(math.ceil(total / len(order)))
+        return order[:total]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order().tolist()
