@@ -222,11 +222,12 @@ def step_evaluate(size: Size, data: Path, args: argparse.Namespace) -> dict[str,
     device = torch.device("cpu")
     ranks = len(loaded.taxonomy.ranks)
     batch = next(view_batches(1, args.eval_batch, len(settings.views), ranks))
+    model_input = batch["views"][0].flatten(0, 1)  # [B*V, 3, H, W]
     with torch.inference_mode():
-        runner.model_outputs(loaded, batch["views"][0], settings.average, 3, device, None)  # warm-up
+        loaded.model(model_input)  # warm-up
         started = time.perf_counter()
         for _ in range(3):
-            runner.model_outputs(loaded, batch["views"][0], settings.average, 3, device, None)
+            loaded.model(model_input)
         model_s = (time.perf_counter() - started) / 3
     resident = []
 
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown size or step {unknown}; sizes {list(SIZES)}, steps {list(STEPS)}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for size_name in sizes:
         size = SIZES[size_name].scaled(args.scale) if args.scale != 1 else SIZES[size_name]

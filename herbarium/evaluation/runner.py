@@ -285,8 +285,12 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
     plain = plain_view_index(settings.views)
     decoder = PathDecoder(taxonomy, settings.rank_weights or None)
     store, indices, targets, skipped = PredictionStore(), [], [], 0
-    combine = ((lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)) if class_weights
-               else (lambda parts: ensemble(parts, settings.model_weights, settings.average)))
+    if len(models) == 1:  # the ensemble of one model's log-probs is those log-probs, whatever the weights
+        combine = lambda parts: parts[0]
+    elif class_weights:
+        combine = lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)
+    else:
+        combine = lambda parts: ensemble(parts, settings.model_weights, settings.average)
     inconsistent: dict[str, torch.Tensor] = {}  # variant -> images whose heads disagree, counted on the device
     started, images_done = time.perf_counter(), 0
     with torch.inference_mode():
@@ -310,7 +314,7 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
             for name, scores in variants.items():
                 heads = independent_predictions(scores)
                 store.add(f"{name}_heads", heads, scores)
-                store.add(f"{name}_consistent", *decoder.decode(scores))
+                store.add(f"{name}_consistent", *decoder.decode(scores, normalised=True))
                 inconsistent[f"{name}_heads"] = inconsistent.get(f"{name}_heads", 0) + decoder.inconsistent_mask(heads).sum()
             indices.append(batch["index"])
             targets.append(batch["targets"])

@@ -87,12 +87,16 @@ def write_submission(
 
 
 def top_k_probabilities(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Softmax top-k of [N, C] scores, block by block: (probabilities [N, k], indices [N, k])."""
+    """Softmax top-k of [N, C] scores, block by block: (probabilities [N, k], indices [N, k]).
+
+    The top k of the scores are the top k of their softmax, so only those k
+    are turned into probabilities, ``exp(score - logsumexp(scores))``.
+    """
     values, indices = [], []
     for start in range(0, scores.shape[0], SCORE_BLOCK_ROWS):
-        block = torch.softmax(scores[start : start + SCORE_BLOCK_ROWS].float(), dim=1)
+        block = scores[start : start + SCORE_BLOCK_ROWS].float()
         top = block.topk(k, dim=1)
-        values.append(top.values)
+        values.append((top.values - block.logsumexp(dim=1, keepdim=True)).exp())
         indices.append(top.indices)
     if not values:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
