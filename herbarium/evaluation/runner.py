@@ -40,7 +40,9 @@ from herbarium.evaluation.submission import top_k_probabilities, write_predictio
 from herbarium.evaluation.tta import (
     InputProfile, MultiViewDataset, collate_views, plain_view_index, view_decode_side, view_transform,
 )
-from herbarium.retrieval import Gallery, embed, mix_log_probs, normalised_view_mean, retrieval_log_probs
+from herbarium.retrieval import (
+    Gallery, embed, gallery_placement, mix_log_probs, normalised_view_mean, retrieval_log_probs,
+)
 from herbarium.run_dir import locate_checkpoint, model_from_checkpoint
 from herbarium.runtime import autocast, autocast_dtype, default_workers, resolve_device
 from herbarium.taxonomy import Taxonomy
@@ -381,24 +383,34 @@ def retrieval_ranks(models: Sequence[LoadedModel], taxonomy: Taxonomy, levels: S
 
 def build_gallery(loaded: LoadedModel, split: DatasetSplit, taxonomy: Taxonomy, settings: EvaluationSettings,
                   device: torch.device, ranks: Sequence[str]) -> Gallery:
-    """Unit embeddings of a labelled split (plain and flipped views averaged) and its labels at ``ranks`` (those the model has)."""
+    """Unit embeddings of a labelled split (plain and flipped views averaged) and its labels at ``ranks`` (those the model has).
+
+    The embeddings are written into one table allocated up front, on the
+    device or the host and in float32 or float16 as :func:`gallery_placement`
+    decides (the choice and its reason are printed); the labels stay on ``device``.
+    """
     if not any(sample.category_id is not None for sample in split.samples):
         raise ValueError(f"retrieval gallery split {split.name!r} has no labels")
     dtype = autocast_dtype(settings.precision, device)
+    placement = gallery_placement(len(split), loaded.model.num_features, device)
+    tqdm.write(f"retrieval gallery of {split.name}: kept on {placement.device} in "
+               f"{str(placement.dtype).removeprefix('torch.')}: {placement.reason}")
+    embeddings = torch.empty(len(split), loaded.model.num_features, dtype=placement.dtype, device=placement.device)
+    targets = torch.empty(len(split), len(taxonomy.ranks), dtype=torch.long, device=device)
     loader = build_view_loader(split, taxonomy, [loaded], replace(settings, views=("plain", "flip")), device)
-    embeddings, targets = [], []
+    rows = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="gallery", unit="batch", leave=False, dynamic_ncols=True):
             if "views" not in batch:
                 continue
             views = batch["views"][0].to(device, non_blocking=True)  # [B, 2, 3, H, W]: plain and flipped
             with autocast(device, dtype):
-                embeddings.append(embed(loaded.model, views))
-            targets.append(batch["targets"].to(device))
-    targets_table = torch.cat(targets)  # [N, len(taxonomy.ranks)]
+                embeddings[rows : rows + len(views)] = embed(loaded.model, views)
+            targets[rows : rows + len(views)] = batch["targets"]
+            rows += len(views)
     ranks = [rank for rank in ranks if rank in loaded.model.ranks]
-    labels = {rank: targets_table[:, taxonomy.ranks.index(rank)] for rank in ranks}
-    return Gallery(torch.cat(embeddings), labels, {rank: loaded.model.classes_by_rank[rank] for rank in ranks})
+    labels = {rank: targets[:rows, taxonomy.ranks.index(rank)] for rank in ranks}
+    return Gallery(embeddings[:rows], labels, {rank: loaded.model.classes_by_rank[rank] for rank in ranks})
 
 
 def validation_split(loaded: LoadedModel, data: str | Path, split: str, taxonomy: Taxonomy) -> DatasetSplit | None:
