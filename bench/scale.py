@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from torch import nn
 from herbarium.data.gpu import loader_workers
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import DatasetSplit, Sample, read_split
+from herbarium import retrieval
 from herbarium.evaluation import runner
 from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.evaluation.tta import InputProfile
@@ -252,25 +254,33 @@ def step_evaluate(size: Size, data: Path, args: argparse.Namespace) -> dict[str,
 def step_gallery(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Row 7: memory of a retrieval gallery of the whole train split (``runner.build_gallery``), embeddings of ``--embedding-dim``.
 
-    Built for ``--gallery-images`` images at most and scaled linearly to the
-    train split; the figure is the growth of the process's peak resident
-    memory, so it counts every copy made while building.
+    Built on the CPU for ``--gallery-images`` images at most and scaled
+    linearly to the train split; the figure is the growth of the process's
+    peak resident memory, so it counts every copy made while building. Where
+    the code chooses a placement, the choice for the whole train split on
+    two GPUs (60 and 20 GB free) is reported too.
     """
     images = min(size.train, args.gallery_images)
     loaded = tiny_model(size.scaled(1e-6), args.embedding_dim)
     split = DatasetSplit("train", data, [Sample(i, f"{i}.jpg", 0) for i in range(images)], loaded.taxonomy, data, "synthetic")
     batches = view_batches(images // args.eval_batch, args.eval_batch, 2, len(loaded.taxonomy.ranks),
                            side=int(np.ceil(np.sqrt(args.embedding_dim / 3))))
-    runner.build_view_loader = lambda *_, **__: batches  # the step measures the gallery, not the decoding
     settings = EvaluationSettings(device="cpu", workers=0, batch_size=args.eval_batch)
     before = peak_resident_bytes()
-    gallery = runner.build_gallery(loaded, split, loaded.taxonomy, settings, torch.device("cpu"), loaded.taxonomy.ranks[-1:])
+    with mock.patch.object(runner, "build_view_loader", lambda *_, **__: batches):  # the gallery, not the decoding
+        gallery = runner.build_gallery(loaded, split, loaded.taxonomy, settings, torch.device("cpu"), loaded.taxonomy.ranks[-1:])
     built = len(gallery.embeddings)
     peak = peak_resident_bytes() - before
-    return {"embedding_dim": args.embedding_dim, "images_built": built, "peak_gb_built": peak / 2**30,
-            "peak_gb_train_split": peak / built * size.train / 2**30,
-            "embeddings_dtype": str(gallery.embeddings.dtype).removeprefix("torch."),
-            "embeddings_device": str(gallery.embeddings.device)}
+    figures = {"embedding_dim": args.embedding_dim, "images_built": built, "peak_gb_built": peak / 2**30,
+               "peak_gb_train_split": peak / built * size.train / 2**30,
+               "embeddings_dtype": str(gallery.embeddings.dtype).removeprefix("torch."),
+               "embeddings_device": str(gallery.embeddings.device)}
+    placement = getattr(retrieval, "gallery_placement", None)  # where the code decides where a gallery is kept
+    if placement is not None:
+        for name, free in (("80gb_gpu_60_free", {"cuda": 60 * 10**9}), ("24gb_gpu_20_free", {"cuda": 20 * 10**9})):
+            chosen = placement(size.train, args.embedding_dim, torch.device("cuda"), free={"cpu": 100 * 10**9, **free})
+            figures[f"train_split_on_{name}"] = f"{chosen.device.type} {str(chosen.dtype).removeprefix('torch.')}"
+    return figures
 
 
 STEPS: dict[str, Callable[[Size, Path, argparse.Namespace], dict[str, Any]]] = {
@@ -297,7 +307,8 @@ def run_step(name: str, size_name: str, args: argparse.Namespace) -> dict[str, A
     size = SIZES[size_name].scaled(args.scale) if args.scale != 1 else SIZES[size_name]
     started = time.perf_counter()
     figures = STEPS[name](size, Path(args.out) / size_name, args)
-    return {**figures, "step_s": time.perf_counter() - started, "peak_resident_gb": peak_resident_bytes() / 2**30}
+    return {**figures, "step_s": time.perf_counter() - started, "peak_resident_gb": peak_resident_bytes() / 2**30,
+            "load_average": os.getloadavg()[0]}  # other work on the machine slows every timing
 
 
 def step_in_subprocess(name: str, size_name: str, argv: list[str]) -> dict[str, Any]:
