@@ -43,10 +43,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from herbarium.data.gpu import loader_workers
-from herbarium.data.dataset import ImageDataset
-from herbarium.data.readers import DatasetSplit, Sample, read_split
 from herbarium import retrieval
+from herbarium.data.dataset import ImageDataset
+from herbarium.data.gpu import loader_workers
+from herbarium.data.readers import DatasetSplit, Sample, read_split
 from herbarium.evaluation import runner
 from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.evaluation.tta import InputProfile

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fixtures import load_bench_script
 from herbarium.data.readers import read_split
 
-SCALE = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
 TINY = ["--scale", "0.0005", "--eval-batch", "16", "--eval-batches", "3", "--gallery-images", "64",
         "--embedding-dim", "32", "--sheets", "2", "--stats-images", "4"]
 
-
-def _load_scale():
-    spec = importlib.util.spec_from_file_location("scale", SCALE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-scale = _load_scale()
+scale = load_bench_script("scale")
 
 
 @pytest.mark.parametrize("size_name", ["h2020", "h2021"])
