@@ -47,7 +47,7 @@ from herbarium import retrieval
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.gpu import loader_workers
 from herbarium.data.readers import DatasetSplit, Sample, read_split
-from herbarium.evaluation import runner
+from herbarium.evaluation import decoding, runner
 from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.evaluation.tta import InputProfile
 from herbarium.models.config import ModelConfig
@@ -251,6 +251,25 @@ def step_evaluate(size: Size, data: Path, args: argparse.Namespace) -> dict[str,
             "hours_runner_on_test_split": (per_batch - model_s) * size.test / args.eval_batch / 3600}
 
 
+def step_disagreement(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Row 1, its first cause: checking one 128-image batch of per-rank predictions against the tree, as the runner does.
+
+    Through the runner's :class:`PathDecoder` where it has the check, else the module-level function it called.
+    """
+    taxonomy = taxonomy_of(size)
+    generator = torch.Generator().manual_seed(0)
+    predictions = {rank: torch.randint(0, taxonomy.num_classes(rank), (128,), generator=generator) for rank in taxonomy.ranks}
+    decoder = decoding.PathDecoder(taxonomy)
+    check = getattr(decoder, "inconsistent_mask", None) or (lambda batch: decoding.inconsistent_mask(batch, taxonomy))
+    check(predictions)  # the first call builds what is cached
+    times = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        int(check(predictions).sum())
+        times.append(time.perf_counter() - started)
+    return {"classes": taxonomy.num_classes(taxonomy.finest), "median_ms_per_batch": float(np.median(times)) * 1000}
+
+
 def step_gallery(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Row 7: memory of a retrieval gallery of the whole train split (``runner.build_gallery``), embeddings of ``--embedding-dim``.
 
@@ -285,6 +304,7 @@ def step_gallery(size: Size, data: Path, args: argparse.Namespace) -> dict[str, 
 
 STEPS: dict[str, Callable[[Size, Path, argparse.Namespace], dict[str, Any]]] = {
     "evaluate": step_evaluate,
+    "disagreement": step_disagreement,
     "workers": step_workers,
     "read_split": step_read_split,
     "stats": step_stats,
@@ -337,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the images and classes (default 1: full size)")
     parser.add_argument("--eval-batch", type=int, default=128, help="images per evaluation batch (default 128)")
     parser.add_argument("--eval-batches", type=int, default=75, help="evaluation batches run (default 75: 9,600 images)")
+    parser.add_argument("--repeats", type=int, default=9, help="repeats of the disagreement check (default 9)")
     parser.add_argument("--feature-dim", type=int, default=16, help="features of the evaluation's stand-in model (default 16)")
     parser.add_argument("--embedding-dim", type=int, default=1024, help="gallery embedding size (default 1024)")
     parser.add_argument("--gallery-images", type=int, default=262_144, help="gallery images built at most (default 262144)")
