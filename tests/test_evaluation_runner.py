@@ -248,8 +248,8 @@ def test_predict_equals_the_plain_per_batch_recipe(members):
     outputs = predict(models, batches, taxonomy, settings(views=("flip", "flip", "plain")), torch.device("cpu"))
     with torch.no_grad():
         expected = reference_outputs(models, batches, taxonomy, "logits")
-    assert set(outputs["predictions"]) == set(expected["predictions"]) == {
-        "tta_heads", "tta_consistent", "single_view_heads", "single_view_consistent"}
+    assert set(expected["predictions"]) == {"tta_heads", "tta_consistent", "single_view_heads", "single_view_consistent"}
+    assert set(expected["predictions"]) <= set(outputs["predictions"])
     for variant, ranks in expected["predictions"].items():
         for rank in ranks:
             assert np.array_equal(outputs["predictions"][variant][rank], expected["predictions"][variant][rank])
