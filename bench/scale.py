@@ -36,16 +36,18 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from herbarium.data.gpu import loader_workers
+from herbarium import retrieval
 from herbarium.data.dataset import ImageDataset
+from herbarium.data.gpu import loader_workers
 from herbarium.data.readers import DatasetSplit, Sample, read_split
-from herbarium.evaluation import runner
+from herbarium.evaluation import decoding, runner
 from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.evaluation.tta import InputProfile
 from herbarium.models.config import ModelConfig
@@ -222,11 +224,12 @@ def step_evaluate(size: Size, data: Path, args: argparse.Namespace) -> dict[str,
     device = torch.device("cpu")
     ranks = len(loaded.taxonomy.ranks)
     batch = next(view_batches(1, args.eval_batch, len(settings.views), ranks))
+    model_input = batch["views"][0].flatten(0, 1)  # [B*V, 3, H, W]
     with torch.inference_mode():
-        runner.model_outputs(loaded, batch["views"][0], settings.average, 3, device, None)  # warm-up
+        loaded.model(model_input)  # warm-up
         started = time.perf_counter()
         for _ in range(3):
-            runner.model_outputs(loaded, batch["views"][0], settings.average, 3, device, None)
+            loaded.model(model_input)
         model_s = (time.perf_counter() - started) / 3
     resident = []
 
@@ -248,32 +251,60 @@ def step_evaluate(size: Size, data: Path, args: argparse.Namespace) -> dict[str,
             "hours_runner_on_test_split": (per_batch - model_s) * size.test / args.eval_batch / 3600}
 
 
+def step_disagreement(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Row 1, its first cause: checking one 128-image batch of per-rank predictions against the tree, as the runner does.
+
+    Through the runner's :class:`PathDecoder` where it has the check, else the module-level function it called.
+    """
+    taxonomy = taxonomy_of(size)
+    generator = torch.Generator().manual_seed(0)
+    predictions = {rank: torch.randint(0, taxonomy.num_classes(rank), (128,), generator=generator) for rank in taxonomy.ranks}
+    decoder = decoding.PathDecoder(taxonomy)
+    check = getattr(decoder, "inconsistent_mask", None) or (lambda batch: decoding.inconsistent_mask(batch, taxonomy))
+    check(predictions)  # the first call builds what is cached
+    times = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        int(check(predictions).sum())
+        times.append(time.perf_counter() - started)
+    return {"classes": taxonomy.num_classes(taxonomy.finest), "median_ms_per_batch": float(np.median(times)) * 1000}
+
+
 def step_gallery(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Row 7: memory of a retrieval gallery of the whole train split (``runner.build_gallery``), embeddings of ``--embedding-dim``.
 
-    Built for ``--gallery-images`` images at most and scaled linearly to the
-    train split; the figure is the growth of the process's peak resident
-    memory, so it counts every copy made while building.
+    Built on the CPU for ``--gallery-images`` images at most and scaled
+    linearly to the train split; the figure is the growth of the process's
+    peak resident memory, so it counts every copy made while building. Where
+    the code chooses a placement, the choice for the whole train split on
+    two GPUs (60 and 20 GB free) is reported too.
     """
     images = min(size.train, args.gallery_images)
     loaded = tiny_model(size.scaled(1e-6), args.embedding_dim)
     split = DatasetSplit("train", data, [Sample(i, f"{i}.jpg", 0) for i in range(images)], loaded.taxonomy, data, "synthetic")
     batches = view_batches(images // args.eval_batch, args.eval_batch, 2, len(loaded.taxonomy.ranks),
                            side=int(np.ceil(np.sqrt(args.embedding_dim / 3))))
-    runner.build_view_loader = lambda *_, **__: batches  # the step measures the gallery, not the decoding
     settings = EvaluationSettings(device="cpu", workers=0, batch_size=args.eval_batch)
     before = peak_resident_bytes()
-    gallery = runner.build_gallery(loaded, split, loaded.taxonomy, settings, torch.device("cpu"), loaded.taxonomy.ranks[-1:])
+    with mock.patch.object(runner, "build_view_loader", lambda *_, **__: batches):  # the gallery, not the decoding
+        gallery = runner.build_gallery(loaded, split, loaded.taxonomy, settings, torch.device("cpu"), loaded.taxonomy.ranks[-1:])
     built = len(gallery.embeddings)
     peak = peak_resident_bytes() - before
-    return {"embedding_dim": args.embedding_dim, "images_built": built, "peak_gb_built": peak / 2**30,
-            "peak_gb_train_split": peak / built * size.train / 2**30,
-            "embeddings_dtype": str(gallery.embeddings.dtype).removeprefix("torch."),
-            "embeddings_device": str(gallery.embeddings.device)}
+    figures = {"embedding_dim": args.embedding_dim, "images_built": built, "peak_gb_built": peak / 2**30,
+               "peak_gb_train_split": peak / built * size.train / 2**30,
+               "embeddings_dtype": str(gallery.embeddings.dtype).removeprefix("torch."),
+               "embeddings_device": str(gallery.embeddings.device)}
+    placement = getattr(retrieval, "gallery_placement", None)  # where the code decides where a gallery is kept
+    if placement is not None:
+        for name, free in (("80gb_gpu_60_free", {"cuda": 60 * 10**9}), ("24gb_gpu_20_free", {"cuda": 20 * 10**9})):
+            chosen = placement(size.train, args.embedding_dim, torch.device("cuda"), free={"cpu": 100 * 10**9, **free})
+            figures[f"train_split_on_{name}"] = f"{chosen.device.type} {str(chosen.dtype).removeprefix('torch.')}"
+    return figures
 
 
 STEPS: dict[str, Callable[[Size, Path, argparse.Namespace], dict[str, Any]]] = {
     "evaluate": step_evaluate,
+    "disagreement": step_disagreement,
     "workers": step_workers,
     "read_split": step_read_split,
     "stats": step_stats,
@@ -296,7 +327,8 @@ def run_step(name: str, size_name: str, args: argparse.Namespace) -> dict[str, A
     size = SIZES[size_name].scaled(args.scale) if args.scale != 1 else SIZES[size_name]
     started = time.perf_counter()
     figures = STEPS[name](size, Path(args.out) / size_name, args)
-    return {**figures, "step_s": time.perf_counter() - started, "peak_resident_gb": peak_resident_bytes() / 2**30}
+    return {**figures, "step_s": time.perf_counter() - started, "peak_resident_gb": peak_resident_bytes() / 2**30,
+            "load_average": os.getloadavg()[0]}  # other work on the machine slows every timing
 
 
 def step_in_subprocess(name: str, size_name: str, argv: list[str]) -> dict[str, Any]:
@@ -325,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the images and classes (default 1: full size)")
     parser.add_argument("--eval-batch", type=int, default=128, help="images per evaluation batch (default 128)")
     parser.add_argument("--eval-batches", type=int, default=75, help="evaluation batches run (default 75: 9,600 images)")
+    parser.add_argument("--repeats", type=int, default=9, help="repeats of the disagreement check (default 9)")
     parser.add_argument("--feature-dim", type=int, default=16, help="features of the evaluation's stand-in model (default 16)")
     parser.add_argument("--embedding-dim", type=int, default=1024, help="gallery embedding size (default 1024)")
     parser.add_argument("--gallery-images", type=int, default=262_144, help="gallery images built at most (default 262144)")
@@ -347,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown size or step {unknown}; sizes {list(SIZES)}, steps {list(STEPS)}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for size_name in sizes:
         size = SIZES[size_name].scaled(args.scale) if args.scale != 1 else SIZES[size_name]

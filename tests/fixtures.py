@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Sequence
 
 import numpy as np
@@ -61,6 +64,16 @@ class Written:
     files: dict[Any, Path] = field(default_factory=dict)  # image id -> absolute path
     labels: dict[Any, Any] = field(default_factory=dict)  # image id -> category id
     categories: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` as a module (the bench folder is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_jpeg(path: Path, width: int, height: int, seed: int, quality: int = 90) -> Path:

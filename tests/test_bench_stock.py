@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,20 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
+from fixtures import load_bench_script
 from herbarium.demo import make_demo_data
 
-STOCK = Path(__file__).resolve().parents[1] / "bench" / "stock.py"
-
-
-def _load_stock():
-    spec = importlib.util.spec_from_file_location("stock", STOCK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-stock = _load_stock()
+stock = load_bench_script("stock")
 
 
 def test_recipe_is_the_plain_script_a_timm_user_writes():

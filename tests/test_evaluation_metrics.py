@@ -164,6 +164,10 @@ def test_consistent_decoding_is_always_a_valid_path_and_the_best_one(seed):
     for rank, scores in decoder.rank_scores(logits).items():
         assert scores.shape == (9, taxonomy.num_classes(rank))
         torch.testing.assert_close(scores.max(1).values, brute.max(1).values)
+    # One pass gives both, equal to the separate calls.
+    together, together_scores = decoder.decode(logits)
+    assert all(torch.equal(together[rank], predicted[rank]) for rank in RANKS)
+    assert all(torch.equal(together_scores[rank], scores) for rank, scores in decoder.rank_scores(logits).items())
 
 
 def test_block_size_does_not_change_the_decoding():
@@ -188,6 +192,11 @@ def test_disagreement_counts_images_whose_heads_leave_the_tree():
     # Without a genus prediction, species is checked against family directly.
     no_genus = {"family": predictions["family"], "species": predictions["species"]}
     assert inconsistent_mask(no_genus, taxonomy).tolist() == [False, False, False, True]
+    # A decoder keeps its maps between batches and gives the same answer.
+    decoder = PathDecoder(taxonomy)
+    for _ in range(2):
+        assert decoder.inconsistent_mask(predictions).tolist() == [False, True, False, True]
+        assert decoder.inconsistent_mask(no_genus).tolist() == [False, False, False, True]
 
 
 # ------------------------------------------------------------------ metrics

@@ -18,12 +18,15 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import read_split
 from herbarium.data.transforms import eval_transform
 from herbarium.demo import make_demo_data
+from herbarium.evaluation.combine import average_views, ensemble
+from herbarium.evaluation.decoding import consistent_predictions, consistent_scores
 from herbarium.evaluation.report import md_escape
-from herbarium.evaluation.runner import evaluate, load_run, primary_from_validation
+from herbarium.evaluation.runner import LoadedModel, evaluate, load_run, predict, primary_from_validation
 from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
 from herbarium.run_dir import RUN_FILES
-from herbarium.evaluation.tta import parse_views
+from herbarium.evaluation.tta import InputProfile, parse_views
 from herbarium.models.config import ModelConfig
+from herbarium.models.multi_rank import MultiRankModel
 from herbarium.taxonomy import Taxonomy
 
 
@@ -189,3 +192,73 @@ def test_checkpoint_with_a_pickled_object_is_refused(trained, tmp_path):
     torch.save(state, bad_run / "checkpoints" / "last.pt", pickle_protocol=pickle.HIGHEST_PROTOCOL)
     with pytest.raises(CheckpointError, match="refused"):
         load_run(bad_run, torch.device("cpu"))
+
+
+# ------------------------------------------------------ predict against the plain per-batch recipe
+def synthetic_model(taxonomy: Taxonomy, seed: int) -> LoadedModel:
+    """A real multi-rank model over a linear trunk on 4 x 4 images: fast, and different per seed."""
+    torch.manual_seed(seed)
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    classes = {rank: taxonomy.num_classes(rank) for rank in taxonomy.ranks}
+    model = MultiRankModel(trunk, 8, classes, ModelConfig(trunk="resnet10t")).eval()
+    return LoadedModel(model, None, taxonomy, InputProfile(4, (0.5,) * 3, (0.25,) * 3, "none"), {}, Path(f"m{seed}"))
+
+
+def loop_disagreement(predictions: dict[str, torch.Tensor], taxonomy: Taxonomy) -> int:
+    """Images whose per-rank predictions leave the tree, one image and one category at a time."""
+    ancestors = {path[-1]: path for path in taxonomy.paths}  # finest class -> its path
+    genus_of = {path[1]: path[0] for path in taxonomy.paths}
+    return sum(int(predictions["genus"][i] != ancestors[int(s)][1] or predictions["family"][i] != genus_of[int(predictions["genus"][i])])
+               for i, s in enumerate(predictions["species"]))
+
+
+def reference_outputs(models, batches, taxonomy, average: str) -> dict:
+    """What ``predict`` computes, rebuilt from the public pieces batch by batch, with a loop for the disagreement."""
+    kept = {"predictions": {}, "top": {}, "top_probabilities": {}}
+    inconsistent = {}
+    for batch in batches:
+        views = batch["views"][0]  # [B, V, 3, H, W]
+        tta_parts, single_parts = [], []
+        for loaded in models:
+            logits = loaded.model(views.flatten(0, 1))
+            per_view = {rank: value.view(*views.shape[:2], -1).transpose(0, 1) for rank, value in logits.items()}
+            tta_parts.append({rank: average_views(value, average) for rank, value in per_view.items()})
+            single_parts.append({rank: torch.log_softmax(value[-1], dim=1) for rank, value in per_view.items()})
+        for name, parts in (("tta", tta_parts), ("single_view", single_parts)):
+            scores = ensemble(parts, None, average)
+            heads = {rank: value.argmax(1) for rank, value in scores.items()}
+            decoded = (consistent_predictions(scores, taxonomy), consistent_scores(scores, taxonomy))
+            for variant, (predicted, variant_scores) in ((f"{name}_heads", (heads, scores)), (f"{name}_consistent", decoded)):
+                for rank in taxonomy.ranks:
+                    top = torch.softmax(variant_scores[rank], dim=1).topk(3, dim=1)
+                    for table, value in ((kept["predictions"], predicted[rank]), (kept["top"], top.indices),
+                                         (kept["top_probabilities"], top.values)):
+                        table.setdefault(variant, {}).setdefault(rank, []).append(value)
+            inconsistent[f"{name}_heads"] = inconsistent.get(f"{name}_heads", 0) + loop_disagreement(heads, taxonomy)
+    images = sum(len(batch["index"]) for batch in batches)
+    return {**{key: {v: {r: torch.cat(parts).numpy() for r, parts in ranks.items()} for v, ranks in table.items()}
+                 for key, table in kept.items()},
+            "disagreement": {name: count / images for name, count in inconsistent.items()}}
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_predict_equals_the_plain_per_batch_recipe(members):
+    records = [{"id": i, "species": f"s{i}", "genus": f"G{i % 7}", "family": f"F{i % 7 % 3}"} for i in range(40)]
+    taxonomy = Taxonomy.from_categories(records)
+    models = [synthetic_model(taxonomy, seed) for seed in range(members)]
+    generator = torch.Generator().manual_seed(1)
+    batches = [{"views": [torch.rand(6, 3, 3, 4, 4, generator=generator)], "targets": torch.zeros(6, 3, dtype=torch.long),
+                "index": torch.arange(6 * b, 6 * b + 6), "skipped": 0} for b in range(4)]
+    outputs = predict(models, batches, taxonomy, settings(views=("flip", "flip", "plain")), torch.device("cpu"))
+    with torch.no_grad():
+        expected = reference_outputs(models, batches, taxonomy, "logits")
+    assert set(expected["predictions"]) == {"tta_heads", "tta_consistent", "single_view_heads", "single_view_consistent"}
+    assert set(expected["predictions"]) <= set(outputs["predictions"])
+    for variant, ranks in expected["predictions"].items():
+        for rank in ranks:
+            assert np.array_equal(outputs["predictions"][variant][rank], expected["predictions"][variant][rank])
+            assert np.array_equal(outputs["top"][variant][rank][:, :3], expected["top"][variant][rank])
+            np.testing.assert_allclose(outputs["top_probabilities"][variant][rank][:, :3],
+                                       expected["top_probabilities"][variant][rank], rtol=1e-5, atol=1e-7)
+    assert outputs["disagreement"] == pytest.approx(expected["disagreement"])
+    assert outputs["disagreement"]["tta_heads"] > 0  # the loop had something to count

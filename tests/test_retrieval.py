@@ -16,7 +16,7 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.readers import read_split
 from herbarium.data.transforms import eval_transform
 from herbarium.demo import make_demo_data
-from herbarium.evaluation.runner import evaluate, load_run
+from herbarium.evaluation.runner import build_gallery, evaluate, load_run
 from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.models.config import ModelConfig
 from herbarium.retrieval import (
@@ -24,8 +24,10 @@ from herbarium.retrieval import (
     class_centroids,
     centroid_similarity,
     embed,
+    gallery_placement,
     knn_similarity,
     mix_log_probs,
+    nearest,
     retrieval_log_probs,
 )
 
@@ -140,3 +142,53 @@ def test_bad_retrieval_settings_fail_clearly():
         EvaluationSettings(retrieval_mode="cosine")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         EvaluationSettings(retrieval_weight=1.5)
+
+
+# ------------------------------------------------------------------ galleries at scale
+def test_gallery_placement_prefers_float32_on_the_device_then_float16_then_the_host():
+    gib = 2**30
+    cuda = torch.device("cuda")
+    # 1M x 1024 embeddings: 4.3 GB in float32, 2.1 GB in float16; a quarter of the free memory may hold them
+    roomy = gallery_placement(2**20, 1024, cuda, free={"cuda": 40 * gib, "cpu": 40 * gib})
+    assert (roomy.device, roomy.dtype) == (cuda, torch.float32)
+    half = gallery_placement(2**20, 1024, cuda, free={"cuda": 10 * gib, "cpu": 40 * gib})
+    assert (half.device, half.dtype) == (cuda, torch.float16)
+    host = gallery_placement(2**20, 1024, cuda, free={"cuda": 4 * gib, "cpu": 40 * gib})
+    assert (host.device, host.dtype) == (torch.device("cpu"), torch.float16)
+    assert "2.15 GB in float16" in host.reason and "25% of the 42.9 GB free on cpu" in host.reason
+    cramped = gallery_placement(2**20, 1024, torch.device("cpu"), free={"cpu": 4 * gib})
+    assert (cramped.device, cramped.dtype) == (torch.device("cpu"), torch.float16) and "nowhere has room" in cramped.reason
+
+
+def test_block_by_block_search_equals_the_whole_similarity_matrix(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    gallery = F.normalize(torch.randn(1000, 16, generator=generator), dim=1)
+    queries = F.normalize(torch.randn(7, 16, generator=generator), dim=1)
+    labels = torch.randint(-1, 5, (1000,), generator=generator)
+    whole = (queries @ gallery.t()).topk(6, dim=1)
+    whole_centroids = class_centroids(gallery, labels, 5)
+    monkeypatch.setattr("herbarium.retrieval.SEARCH_BLOCK_ELEMENTS", 16 * 37)  # blocks of 37 rows, the last one short
+    similarity, index = nearest(queries, gallery, 6)
+    assert torch.equal(index, whole.indices) and torch.allclose(similarity, whole.values)
+    blocked = class_centroids(gallery, labels, 5)
+    assert torch.allclose(blocked[0], whole_centroids[0], atol=1e-6) and torch.equal(blocked[1], whole_centroids[1])
+    half_similarity, half_index = nearest(queries, gallery.half(), 6)  # a float16 gallery: the same neighbours
+    assert torch.equal(half_index, whole.indices) and torch.allclose(half_similarity, whole.values, atol=2e-3)
+
+
+def test_a_gallery_that_would_not_fit_is_built_in_float16(untrained_run, monkeypatch, capsys):
+    data, run = untrained_run
+    loaded = load_run(run, torch.device("cpu"))
+    split = read_split(data, "train", taxonomy=loaded.taxonomy)
+    settings = EvaluationSettings(workers=0, device="cpu", batch_size=8)
+    roomy = build_gallery(loaded, split, loaded.taxonomy, settings, torch.device("cpu"), ("species",))
+    assert roomy.embeddings.dtype == torch.float32 and len(roomy.embeddings) == len(split)
+    size = len(split) * loaded.model.num_features * 4
+    monkeypatch.setattr("herbarium.retrieval._free_bytes", lambda device: 3 * size)  # float32 over 25%, float16 under
+    small = build_gallery(loaded, split, loaded.taxonomy, settings, torch.device("cpu"), ("species",))
+    assert small.embeddings.dtype == torch.float16
+    assert torch.allclose(small.embeddings.float(), roomy.embeddings, atol=1e-3)
+    assert torch.equal(small.labels["species"], roomy.labels["species"])
+    assert torch.allclose(small.centroids["species"][0], roomy.centroids["species"][0], atol=1e-3)
+    printed = capsys.readouterr().out
+    assert "kept on cpu in float32" in printed and "kept on cpu in float16" in printed and "25% of the" in printed

@@ -87,6 +87,41 @@ def test_parents(tree):
         tree.parents("order")
 
 
+def loop_ancestor_map(taxonomy: Taxonomy, rank: str, ancestor: str) -> list[int]:
+    """The Python loop over every category that ``ancestor_map`` replaced: the reference it must equal."""
+    r, a = taxonomy.rank_index(rank), taxonomy.rank_index(ancestor)
+    mapping = [-1] * taxonomy.num_classes(rank)
+    for path in taxonomy.paths:
+        mapping[path[r]] = path[a]
+    return mapping
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_vectorised_maps_equal_the_loop_over_categories(seed):
+    generator = torch.Generator().manual_seed(seed)
+    orders = torch.randint(1, 4, (1,), generator=generator).item()
+    family_order = torch.randint(0, orders, (12,), generator=generator).tolist()
+    genus_family = torch.randint(0, 12, (60,), generator=generator).tolist()
+    species_genus = torch.randint(0, 60, (400,), generator=generator).tolist()
+    records = [{"id": 1000 - i, "species": f"s{i}", "genus": f"G{g}", "family": f"F{genus_family[g]}",
+                "order": f"O{family_order[genus_family[g]]}"} for i, g in enumerate(species_genus)]
+    taxonomy = Taxonomy.from_categories(records, RANKS4)
+    assert torch.equal(taxonomy.path_table(), torch.tensor(taxonomy.paths))
+    for r, rank in enumerate(RANKS4):
+        for ancestor in RANKS4[: r + 1]:
+            assert taxonomy.ancestor_map(rank, ancestor).tolist() == loop_ancestor_map(taxonomy, rank, ancestor)
+        if r:
+            assert taxonomy.parents(rank).tolist() == loop_ancestor_map(taxonomy, rank, RANKS4[r - 1])
+
+
+def test_maps_are_built_once_and_handed_out_as_copies(tree):
+    first = tree.ancestor_map("species", "family")
+    first[:] = -7
+    tree.path_table()[:] = -7
+    assert tree.ancestor_map("species", "family").tolist() == [1, 2, 1, 2, 0]
+    assert torch.equal(tree.path_table(), torch.tensor(PATHS))
+
+
 def test_ancestor_map(tree):
     assert tree.ancestor_map("species", "order").tolist() == [0, 1, 0, 1, 0]
     assert tree.ancestor_map("species", "family").tolist() == [1, 2, 1, 2, 0]

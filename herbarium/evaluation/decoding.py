@@ -99,21 +99,27 @@ class PathDecoder:
             self._tables[device] = self.taxonomy.path_table().to(device)
         return self._tables[device]
 
-    def path_score_blocks(self, log_probs: Mapping[str, Tensor]) -> Iterator[tuple[slice, Tensor]]:
-        """Yield ``(image slice, FloatTensor [b, num_categories])`` path scores, block by block."""
+    def path_score_blocks(self, log_probs: Mapping[str, Tensor], normalised: bool = False) -> Iterator[tuple[slice, Tensor]]:
+        """Yield ``(image slice, FloatTensor [b, num_categories])`` path scores, block by block.
+
+        ``log_probs`` may be raw logits (log_softmax is idempotent); ``normalised``
+        says they are float32 log-probabilities already, which saves a pass over them.
+        """
         ranks = available_ranks(log_probs, self.taxonomy)
         batch_size = self._check_shapes(log_probs, ranks)
         device = log_probs[ranks[0]].device
         table = self.path_table(device)  # [N, R]
-        # log_softmax is idempotent, so log-probabilities and raw logits both work.
-        normalised = {rank: torch.log_softmax(log_probs[rank].float(), dim=-1) for rank in ranks}
+        if normalised:
+            normalised_scores = {rank: log_probs[rank] for rank in ranks}
+        else:
+            normalised_scores = {rank: torch.log_softmax(log_probs[rank].float(), dim=-1) for rank in ranks}
         num_paths = table.shape[0]
         block = max(1, self.max_elements // num_paths)
         for start in range(0, max(batch_size, 1), block):  # an empty batch still yields one (empty) block
             rows = slice(start, min(start + block, batch_size))
             scores = torch.zeros(rows.stop - rows.start, num_paths, device=device)  # [b, N]
             for rank in ranks:
-                rank_log_probs = normalised[rank][rows]  # [b, C_rank]
+                rank_log_probs = normalised_scores[rank][rows]  # [b, C_rank]
                 if rank != self.taxonomy.finest:  # finest class i is path i: no gather needed
                     rank_log_probs = rank_log_probs.index_select(1, table[:, self.taxonomy.rank_index(rank)])
                 scores.add_(rank_log_probs, alpha=self.rank_weights[rank])
@@ -133,11 +139,14 @@ class PathDecoder:
         """
         return self.decode(log_probs)[1]
 
-    def decode(self, log_probs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """``(predictions(log_probs), rank_scores(log_probs))`` from one pass over the path scores."""
+    def decode(self, log_probs: Mapping[str, Tensor], normalised: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(predictions(log_probs), rank_scores(log_probs))`` from one pass over the path scores.
+
+        ``normalised``: as in :meth:`path_score_blocks`.
+        """
         blocks: dict[str, list[Tensor]] = {rank: [] for rank in self.taxonomy.ranks}
         best_paths = []
-        for _, scores in self.path_score_blocks(log_probs):
+        for _, scores in self.path_score_blocks(log_probs, normalised):
             table = self.path_table(scores.device)
             for i, rank in enumerate(self.taxonomy.ranks[:-1]):
                 blocks[rank].append(_max_per_class(scores, table[:, i], self.taxonomy.num_classes(rank)))

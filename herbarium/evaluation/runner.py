@@ -40,7 +40,9 @@ from herbarium.evaluation.submission import top_k_probabilities, write_predictio
 from herbarium.evaluation.tta import (
     InputProfile, MultiViewDataset, collate_views, plain_view_index, view_decode_side, view_transform,
 )
-from herbarium.retrieval import Gallery, embed, mix_log_probs, normalised_view_mean, retrieval_log_probs
+from herbarium.retrieval import (
+    Gallery, embed, gallery_placement, mix_log_probs, normalised_view_mean, retrieval_log_probs,
+)
 from herbarium.run_dir import locate_checkpoint, model_from_checkpoint
 from herbarium.runtime import autocast, autocast_dtype, default_workers, resolve_device
 from herbarium.taxonomy import Taxonomy
@@ -194,28 +196,60 @@ def variant_margin(outputs: dict[str, Any], taxonomy: Taxonomy, ours: str, their
 
 
 class PredictionStore:
-    """Per variant and rank: predicted class [N], top-k classes and their probabilities [N, k].
+    """Per variant and rank: predicted class [N], top-k classes and their probabilities [N, k]; and each image's index and targets.
 
     Probabilities are the softmax of the variant's scores (for consistent
     decoding, of the best path score through each class).
+
+    Rows are written into preallocated host chunks of ``chunk_rows`` images
+    (pinned, and copied without waiting, from a CUDA device), not kept as
+    small per-batch tensors: thousands of those, each born between two
+    batches' large score matrices, fragment the C heap so that a CPU
+    evaluation's resident memory grew by tens of MB per batch. Call
+    :meth:`next_batch` after each batch's writes.
     """
 
-    def __init__(self) -> None:
-        self.predictions: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self.top: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self.top_probabilities: dict[str, dict[str, list[torch.Tensor]]] = {}
+    def __init__(self, pinned: bool = False, chunk_rows: int = 16_384) -> None:
+        self.pinned = pinned
+        self.chunk_rows = chunk_rows
+        self.rows = 0  # images written before the current batch
+        self.chunks: dict[tuple[str, ...], list[torch.Tensor]] = {}  # (table, variant, rank) -> [chunk_rows, ...] chunks
 
-    def add(self, variant: str, predictions: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> None:
+    def add(self, variant: str, predictions: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+            log_probs: bool = False) -> None:
+        """One batch of a variant: predictions ``{rank: [B]}`` and scores ``{rank: [B, C]}`` (``log_probs``: normalised)."""
         for rank, predicted in predictions.items():
-            self.predictions.setdefault(variant, {}).setdefault(rank, []).append(predicted.cpu())
+            self.write(("predictions", variant, rank), predicted)
         for rank, rank_scores in scores.items():
-            probabilities, indices = top_k_probabilities(rank_scores, min(TOP_K, rank_scores.shape[1]))
-            self.top.setdefault(variant, {}).setdefault(rank, []).append(indices.cpu())
-            self.top_probabilities.setdefault(variant, {}).setdefault(rank, []).append(probabilities.cpu())
+            probabilities, indices = top_k_probabilities(rank_scores, min(TOP_K, rank_scores.shape[1]), log_probs)
+            self.write(("top", variant, rank), indices)
+            self.write(("top_probabilities", variant, rank), probabilities)
+
+    def write(self, key: tuple[str, ...], values: torch.Tensor) -> None:
+        """Rows [B, ...] of the current batch under ``key``."""
+        chunks = self.chunks.setdefault(key, [])
+        done = 0
+        while done < len(values):
+            row = self.rows + done
+            chunk, within = divmod(row, self.chunk_rows)
+            while len(chunks) <= chunk:
+                chunks.append(torch.empty((self.chunk_rows, *values.shape[1:]), dtype=values.dtype, pin_memory=self.pinned))
+            count = min(len(values) - done, self.chunk_rows - within)
+            chunks[chunk][within : within + count].copy_(values[done : done + count], non_blocking=self.pinned)
+            done += count
+
+    def next_batch(self, images: int) -> None:
+        self.rows += images
+
+    def column(self, *key: str) -> np.ndarray:
+        """Every row written under ``key``, as one array (call after the device has finished)."""
+        return torch.cat(self.chunks.pop(key))[: self.rows].numpy()
 
     def finish(self) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-        cat = lambda table: {v: {r: torch.cat(parts).numpy() for r, parts in ranks.items()} for v, ranks in table.items()}
-        return {"predictions": cat(self.predictions), "top": cat(self.top), "top_probabilities": cat(self.top_probabilities)}
+        tables: dict[str, dict[str, dict[str, np.ndarray]]] = {"predictions": {}, "top": {}, "top_probabilities": {}}
+        for table, variant, rank in [key for key in self.chunks if key[0] in tables]:
+            tables[table].setdefault(variant, {})[rank] = self.column(table, variant, rank)
+        return tables
 
 
 def model_outputs(loaded: LoadedModel, views: torch.Tensor, average: str, plain: int | None, device: torch.device,
@@ -284,9 +318,13 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
     profiles = list(dict.fromkeys(m.profile for m in models))
     plain = plain_view_index(settings.views)
     decoder = PathDecoder(taxonomy, settings.rank_weights or None)
-    store, indices, targets, skipped = PredictionStore(), [], [], 0
-    combine = ((lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)) if class_weights
-               else (lambda parts: ensemble(parts, settings.model_weights, settings.average)))
+    store, skipped = PredictionStore(pinned=device.type == "cuda"), 0
+    if len(models) == 1:  # the ensemble of one model's log-probs is those log-probs, whatever the weights
+        combine = lambda parts: parts[0]
+    elif class_weights:
+        combine = lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)
+    else:
+        combine = lambda parts: ensemble(parts, settings.model_weights, settings.average)
     inconsistent: dict[str, torch.Tensor] = {}  # variant -> images whose heads disagree, counted on the device
     started, images_done = time.perf_counter(), 0
     with torch.inference_mode():
@@ -309,21 +347,23 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
                 variants["retrieval"] = mix_log_probs(variants["tta"], retrieval, settings.retrieval_weight)
             for name, scores in variants.items():
                 heads = independent_predictions(scores)
-                store.add(f"{name}_heads", heads, scores)
-                path_predictions, path_scores = decoder.decode(scores)
+                store.add(f"{name}_heads", heads, scores, log_probs=True)  # ensemble, view mean and mix give log-probs
+                path_predictions, path_scores = decoder.decode(scores, normalised=True)
                 store.add(f"{name}_consistent", path_predictions, path_scores)
+                # hybrid scores mix log-probs (finest) and path sums (coarser): each rank gets its full softmax
                 store.add(f"{name}_hybrid", *hybrid_decoding(heads, scores, path_predictions, path_scores, taxonomy.finest))
                 inconsistent[f"{name}_heads"] = inconsistent.get(f"{name}_heads", 0) + decoder.inconsistent_mask(heads).sum()
-            indices.append(batch["index"])
-            targets.append(batch["targets"])
+            store.write(("index",), batch["index"])
+            store.write(("targets",), batch["targets"])
+            store.next_batch(len(batch["index"]))
             images_done += len(batch["index"])
     if device.type == "cuda":
         torch.cuda.synchronize()
-    if not indices:
+    if not images_done:
         raise BadImageError(f"no image of the split could be read ({skipped} skipped as unreadable)")
     seconds = time.perf_counter() - started
     return {
-        "index": torch.cat(indices).numpy(), "targets": torch.cat(targets).numpy(), **store.finish(), "skipped": skipped,
+        "index": store.column("index"), "targets": store.column("targets"), **store.finish(), "skipped": skipped,
         "disagreement": {name: int(count) / max(images_done, 1) for name, count in inconsistent.items()},
         "images_per_s": images_done / seconds if seconds > 0 else None, "seconds": seconds,
     }
@@ -346,24 +386,34 @@ def retrieval_ranks(models: Sequence[LoadedModel], taxonomy: Taxonomy, levels: S
 
 def build_gallery(loaded: LoadedModel, split: DatasetSplit, taxonomy: Taxonomy, settings: EvaluationSettings,
                   device: torch.device, ranks: Sequence[str]) -> Gallery:
-    """Unit embeddings of a labelled split (plain and flipped views averaged) and its labels at ``ranks`` (those the model has)."""
+    """Unit embeddings of a labelled split (plain and flipped views averaged) and its labels at ``ranks`` (those the model has).
+
+    The embeddings are written into one table allocated up front, on the
+    device or the host and in float32 or float16 as :func:`gallery_placement`
+    decides (the choice and its reason are printed); the labels stay on ``device``.
+    """
     if not any(sample.category_id is not None for sample in split.samples):
         raise ValueError(f"retrieval gallery split {split.name!r} has no labels")
     dtype = autocast_dtype(settings.precision, device)
+    placement = gallery_placement(len(split), loaded.model.num_features, device)
+    tqdm.write(f"retrieval gallery of {split.name}: kept on {placement.device} in "
+               f"{str(placement.dtype).removeprefix('torch.')}: {placement.reason}")
+    embeddings = torch.empty(len(split), loaded.model.num_features, dtype=placement.dtype, device=placement.device)
+    targets = torch.empty(len(split), len(taxonomy.ranks), dtype=torch.long, device=device)
     loader = build_view_loader(split, taxonomy, [loaded], replace(settings, views=("plain", "flip")), device)
-    embeddings, targets = [], []
+    rows = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="gallery", unit="batch", leave=False, dynamic_ncols=True):
             if "views" not in batch:
                 continue
             views = batch["views"][0].to(device, non_blocking=True)  # [B, 2, 3, H, W]: plain and flipped
             with autocast(device, dtype):
-                embeddings.append(embed(loaded.model, views))
-            targets.append(batch["targets"].to(device))
-    targets_table = torch.cat(targets)  # [N, len(taxonomy.ranks)]
+                embeddings[rows : rows + len(views)] = embed(loaded.model, views)
+            targets[rows : rows + len(views)] = batch["targets"]
+            rows += len(views)
     ranks = [rank for rank in ranks if rank in loaded.model.ranks]
-    labels = {rank: targets_table[:, taxonomy.ranks.index(rank)] for rank in ranks}
-    return Gallery(torch.cat(embeddings), labels, {rank: loaded.model.classes_by_rank[rank] for rank in ranks})
+    labels = {rank: targets[:rows, taxonomy.ranks.index(rank)] for rank in ranks}
+    return Gallery(embeddings[:rows], labels, {rank: loaded.model.classes_by_rank[rank] for rank in ranks})
 
 
 def validation_split(loaded: LoadedModel, data: str | Path, split: str, taxonomy: Taxonomy) -> DatasetSplit | None:

@@ -86,13 +86,17 @@ def write_submission(
     return write_atomic(path, _csv_text(["Id", "Predicted"], rows))
 
 
-def top_k_probabilities(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Softmax top-k of [N, C] scores, block by block: (probabilities [N, k], indices [N, k])."""
+def top_k_probabilities(scores: Tensor, k: int, log_probs: bool = False) -> tuple[Tensor, Tensor]:
+    """Softmax top-k of [N, C] scores, block by block: (probabilities [N, k], indices [N, k]).
+
+    ``log_probs``: the scores are log-probabilities already, so the top k
+    are exponentiated alone instead of softmaxing every class.
+    """
     values, indices = [], []
     for start in range(0, scores.shape[0], SCORE_BLOCK_ROWS):
-        block = torch.softmax(scores[start : start + SCORE_BLOCK_ROWS].float(), dim=1)
-        top = block.topk(k, dim=1)
-        values.append(top.values)
+        block = scores[start : start + SCORE_BLOCK_ROWS].float()
+        top = block.topk(k, dim=1) if log_probs else torch.softmax(block, dim=1).topk(k, dim=1)
+        values.append(top.values.exp() if log_probs else top.values)
         indices.append(top.indices)
     if not values:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
