@@ -148,6 +148,8 @@ class TrainConfig:
     # Options changed when the run was resumed, oldest first:
     # {"option": "--epochs", "from": 10, "to": 20, "epoch": E, "step": S} (the run's position when the change took effect).
     changes: list[dict[str, Any]] = field(default_factory=list)
+    # The command line, versions and machine the run started with (herbarium.provenance); a record, not a setting.
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return to_json(dataclasses.asdict(self))
