@@ -24,6 +24,11 @@ _LAZY = {"load": "herbarium.api", "Run": "herbarium.api", "Prediction": "herbari
 __all__ = ["DEFAULT_RANKS", "Prediction", "Run", "Taxonomy", "TaxonomyError", "__version__", "load"]
 
 
+def __dir__() -> list[str]:
+    """The module's names and the lazily imported ones, so ``dir(herbarium)`` and tab completion show ``load``."""
+    return sorted({*globals(), *_LAZY})
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -193,3 +194,59 @@ def test_export_onnx_without_the_package_says_what_to_install(trained, tmp_path,
         cli.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")])
     assert "pip install 'herbarium[onnx]'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written
+
+
+# ------------------------------------------------- the API on arrays and tensors
+def test_predict_takes_numpy_and_tensors_pixels_and_model_input(trained):
+    data, run_dir = trained
+    run = herbarium.load(run_dir, device="cpu")
+    files = image_files(data)[:3]
+    pils = [Image.open(f).convert("RGB") for f in files]
+    expected = run.predict(pils, topk=3)
+    by_array = run.predict([np.asarray(image) for image in pils], topk=3)
+    by_uint8_tensor = run.predict([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in pils], topk=3)
+    normalised = torch.stack([run.transform(image) for image in pils])  # [3, 3, 32, 32] float: fed as it is
+    by_model_input = run.predict(normalised, topk=3, batch_size=2)
+    for got in (by_array, by_uint8_tensor, by_model_input):
+        assert [(p.index, p.path, p.consistent) for p in got] == [(p.index, None, p.consistent) for p in expected]
+        for mine, theirs in zip(got, expected):
+            for rank in run.ranks:
+                assert [n for n, _ in mine.top[rank]] == [n for n, _ in theirs.top[rank]]
+                assert [q for _, q in mine.top[rank]] == pytest.approx([q for _, q in theirs.top[rank]], abs=1e-5)
+    # one array, and a mixed list in input order
+    assert len(run.predict(np.asarray(pils[0]))) == 1
+    mixed = run.predict([files[0], normalised[1], np.asarray(pils[2])], topk=3)
+    assert [p.consistent for p in mixed] == [p.consistent for p in expected]
+    assert [p.path for p in mixed] == [str(files[0]), None, None]
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (np.zeros((8, 8, 3), dtype=np.float32), "numpy array of shape \\[8, 8, 3\\] and dtype float32"),
+    (torch.zeros(3, 20, 20), "float32 tensor of shape \\[3, 20, 20\\]: .*float tensors \\[3, 32, 32\\]"),
+    (torch.zeros(1, 32, 32, dtype=torch.uint8), "tensor of shape \\[1, 32, 32\\]"),
+])
+def test_predict_names_the_rule_for_a_wrong_array(trained, image, message):
+    run = herbarium.load(trained[1], device="cpu")
+    with pytest.raises(ValueError, match=message):
+        run.predict(image)
+
+
+def test_model_input_refuses_tta_views_and_decoding_is_public(trained):
+    run = herbarium.load(trained[1], device="cpu")
+    with pytest.raises(ValueError, match="needs images to augment"):
+        run.predict(torch.zeros(3, 32, 32), views="flip")
+    scores = run.log_probs(torch.zeros(2, 1, 3, 32, 32))
+    decoded = run.decode(scores)
+    assert set(decoded) == set(run.taxonomy.ranks) and decoded["species"].shape == (2,)
+    species = run.predict(torch.zeros(3, 32, 32))[0].consistent["species"]
+    assert run.taxonomy.names["species"][int(decoded["species"][0])] == species
+
+
+def test_load_is_listed_by_dir():
+    assert {"load", "Run", "Prediction"} <= set(dir(herbarium))
+
+
+def test_run_to_returns_the_run_on_the_device(trained):
+    run = herbarium.load(trained[1], device="cpu")
+    assert run.to("cpu") is run and run.device == torch.device("cpu")
+    assert next(run.model.parameters()).device == torch.device("cpu")
