@@ -127,7 +127,7 @@ def herbarium_train_args(budget: Budget, run_dir: Path, recipe: str, extra_args:
     args = [str(budget.data), "--train-split", budget.train_split, "--trunk", budget.trunk, "--size", str(budget.size),
             "--epochs", str(budget.epochs), "--seed", str(budget.seed), "--device", budget.device, "--out", str(run_dir)]
     args += ["--val-split", budget.val_split] if budget.val_split else []
-    args += ["--pretrained"] if budget.pretrained else []
+    args += ["--pretrained" if budget.pretrained else "--no-pretrained"]
     args += ["--workers", str(budget.workers)] if budget.workers is not None else []
     args += ["--recipe", recipe] if recipe != "default" else []
     if not extra_args:

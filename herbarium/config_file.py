@@ -95,9 +95,9 @@ def _names_to_dests(parser: argparse.ArgumentParser, field_paths: Mapping[str, t
         if action.dest in ("help", "config") or action.dest is argparse.SUPPRESS:
             continue
         names[action.dest] = action.dest
-        if isinstance(action, argparse._StoreFalseAction):
-            continue  # --no-channels-last: the key is the setting (channels_last: false), not the switch
         for flag in action.option_strings:
+            if flag.startswith("--no-"):
+                continue  # --no-pretrained: the key is the setting (pretrained: false), not the switch
             names[flag.lstrip("-").replace("-", "_")] = action.dest
     for dest, field_path in field_paths.items():
         names[".".join(field_path)] = dest
@@ -118,7 +118,7 @@ def _as_option_value(value: Any, action: argparse.Action, path: str | Path, key:
         value = tuple(value)
     if action.choices is not None and value is not None and value not in action.choices:
         raise UsageError(f"--config {path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and not isinstance(value, bool):
+    if action.nargs == 0 and not isinstance(value, bool):
         raise UsageError(f"--config {path}: {key}: expected true or false, got {value!r}")
     return value
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,7 +444,7 @@ class Trainer:
             tqdm.write(line)
         warning = run_summary.scratch_warning(self.cfg, run_summary.parameters(self.model.trunk), len(self.train_split))
         if warning:
-            warnings.warn(warning, stacklevel=2)
+            tqdm.write(f"warning: {warning}")
 
     def print_skips(self) -> None:
         """At the end of a run: what was skipped (unreadable images, steps with a non-finite loss), if anything."""

@@ -62,7 +62,7 @@ def test_a_missing_file_is_a_usage_error(tmp_path):
 def test_a_runs_config_json_replays_the_run_and_records_its_environment(tmp_path, capsys):
     data = tmp_path / "data"
     write_herbarium2020(data)
-    argv = [str(data), "--trunk", "resnet10t", "--size", "32", "--batch-size", "4", "--epochs", "1",
+    argv = [str(data), "--no-pretrained", "--trunk", "resnet10t", "--size", "32", "--batch-size", "4", "--epochs", "1",
             "--workers", "0", "--device", "cpu", "--levels", "species,genus", "--rank-weights", "species=1.5",
             "--sampler", "sqrt", "--optim", "adam@2e-3:0", "--quiet", "--out", str(tmp_path / "x")]
     assert main(argv) == 0

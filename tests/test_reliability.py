@@ -31,7 +31,7 @@ from herbarium.train_cli import RESUME_CHANGEABLE, SHORTCUTS, build_parser, conf
 REPO = Path(__file__).resolve().parents[1]
 
 # The tiny run of every test here: 8 species, 32 px, resnet10t, batches of 8, no loader workers.
-TRAIN = ["--val-split", "test", "--size", "32", "--batch-size", "8", "--workers", "0", "--trunk", "resnet10t",
+TRAIN = ["--val-split", "test", "--size", "32", "--batch-size", "8", "--workers", "0", "--trunk", "resnet10t", "--no-pretrained",
          "--dropout", "0.2", "--optim", "adam@2e-3:0", "--schedule", "cosine", "--seed", "3", "--device", "cpu",
          "--log-every", "1"]
 
