@@ -42,6 +42,7 @@ from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_schedule
 from herbarium.run_dir import RunDir
 from herbarium.runtime import autocast, autocast_dtype, resolve_device
+from herbarium.terminal import show_progress
 
 
 class NonFiniteLossError(HerbariumError, FloatingPointError):
@@ -503,7 +504,7 @@ class Trainer:
         term_sums = {rank: torch.zeros((), device=self.device) for rank in self.levels}
         batches, images_seen, started = 0, 0, time.perf_counter()
         progress = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                        disable=self.quiet or not self.context.is_main, leave=False, dynamic_ncols=True)
+                        disable=not show_progress(self.quiet) or not self.context.is_main, leave=False, dynamic_ncols=True)
         self._postfix, shown = {}, None
         skipped_images = torch.zeros((), device=self.device)  # this process's, since the epoch (re)started
         skipped_before = self.state.skipped_train_images  # all processes', before a resume

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
 from herbarium.config import TrainConfig
 from herbarium.data.transforms import DEFAULT_CROP_PCT, resize_size
@@ -173,7 +174,7 @@ def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog("herbarium export"), description="Export a run's model with its taxonomy and "
+    parser = ArgumentParser(prog=prog("herbarium export"), description="Export a run's model with its taxonomy and "
                                      "normalisation: weights-only safetensors, traced TorchScript, or ONNX.")
     parser.add_argument("run", help="run directory (checkpoints/best.pt, else last.pt) or a checkpoint file")
     parser.add_argument("--format", default="safetensors",

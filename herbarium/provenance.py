@@ -31,8 +31,8 @@ def environment(program: str, argv: Sequence[str]) -> dict[str, Any]:
     return {
         "command": shlex.join([program, *argv]),
         "herbarium": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion object: a checkpoint holds plain values only
+        "timm": str(timm.__version__),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "devices": devices(),

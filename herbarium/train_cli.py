@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
 from herbarium.config import SECTIONS, DataConfig, LossConfig, O2UConfig, OptimConfig, TrainConfig
 from herbarium.config_file import option_defaults
@@ -83,7 +84,7 @@ def _add_run_control(group: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog("train.py"), description="Train one trunk with a head per taxonomic rank.")
+    parser = ArgumentParser(prog=prog("train.py"), description="Train one trunk with a head per taxonomic rank.")
     return add_train_arguments(parser)
 
 
