@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from herbarium import run_summary
+from herbarium import run_summary, summary_csv
 from herbarium.build import build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from herbarium.config import NAN_POLICIES, TrainConfig
@@ -41,7 +41,7 @@ from herbarium.evaluation.metrics import macro_f1
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_schedule
 from herbarium.run_dir import RunDir
-from herbarium.runtime import autocast, autocast_dtype, resolve_device
+from herbarium.runtime import autocast, autocast_dtype, make_deterministic, resolve_device
 from herbarium.terminal import show_progress
 
 
@@ -233,6 +233,7 @@ class RunState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss (--nan-policy skip), whole run
     skipped_in_a_row: int = 0  # of which since the last step taken
     skipped_train_images: int = 0  # unreadable training images skipped in `epoch` so far
+    epochs_without_gain: int = 0  # epochs since the best validation score (--early-stop)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -256,6 +257,8 @@ class Trainer:
         self.levels = tuple(cfg.loss.levels)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
+        if cfg.deterministic:
+            make_deterministic()
 
         self.train_split, self.val_split = read_train_val(cfg)
         self.taxonomy = self.train_split.taxonomy
@@ -263,6 +266,9 @@ class Trainer:
             self.taxonomy.check_rank(rank)
         self.finest_level = max(self.levels, key=self.taxonomy.rank_index)  # best.pt is chosen on its macro-F1
         self.validating = self.val_split is not None  # no --val-split and --holdout 0: no validation, no best.pt
+        if not self.validating and cfg.early_stop:
+            raise UsageError("--early-stop stops on the validation macro-F1 and needs a validation split: "
+                             "pass --val-split SPLIT or --holdout 0.1")
         if not self.validating and cfg.optim.plateau_patience:
             raise UsageError("--plateau-patience switches phases on the validation macro-F1 and needs a validation split: "
                              "pass --val-split SPLIT or --holdout 0.1")
@@ -408,7 +414,7 @@ class Trainer:
         started = time.perf_counter()
         try:
             pause = self.cfg.stop_after_epoch
-            while self.state.epoch < self.cfg.epochs and (pause is None or self.state.epoch < pause):
+            while self.state.epoch < self.cfg.epochs and (pause is None or self.state.epoch < pause) and not self.stops_early():
                 record = self.run_epoch()
             self._log_hparams()
         except RuntimeError as error:
@@ -458,6 +464,16 @@ class Trainer:
             tqdm.write(f"skipped {self.nan_guard.skipped} optimizer steps whose loss was NaN or infinite (--nan-policy skip); "
                        "see skipped_nonfinite_steps in log.jsonl")
 
+    def stops_early(self) -> bool:
+        """``--early-stop N``: N epochs in a row without a better validation score end the run (said once)."""
+        patience = self.cfg.early_stop
+        if not patience or self.state.epochs_without_gain < patience:
+            return False
+        if self.context.is_main:
+            tqdm.write(f"early stop after epoch {self.state.epoch}: no better {self.finest_level} macro-F1 for {patience} "
+                       f"epoch(s) (--early-stop {patience}); best.pt holds the best epoch")
+        return True
+
     def run_epoch(self) -> dict[str, Any]:
         epoch = self.state.epoch
         self.optimizer.start_epoch(epoch)
@@ -472,6 +488,7 @@ class Trainer:
             improved = score > self.state.best_metric
             if improved:
                 self.state.best_metric = score
+            self.state.epochs_without_gain = 0 if improved else self.state.epochs_without_gain + 1
         skipped_train = self.skipped_train_images = self.state.skipped_train_images
         self.state.epoch, self.state.batches_done, self.state.skipped_train_images = epoch + 1, 0, 0
         cycle = self._cycle_ended() if (self.o2u is not None or self.cfg.snapshots) else None
@@ -702,6 +719,7 @@ class Trainer:
         self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], step)
         with open(self.run.log_file, "a") as log:
             log.write(json.dumps(record) + "\n")
+        summary_csv.append(self.run.summary_file, record)
         scores = "  ".join(f"{rank} F1 {run_summary.format_score(v['macro_f1'])} top1 {run_summary.format_score(v['top1'])}" for rank, v in record["val"].items()) \
             or "none (no validation split)"
         tqdm.write(f"epoch {epoch}/{self.cfg.epochs}  loss {record['loss']:.4f}  {record['optimizer']} lr {record['lr']:.2e}  "

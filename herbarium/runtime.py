@@ -36,6 +36,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def make_deterministic() -> None:
+    """Deterministic kernels only, for bit-identical GPU runs; before any CUDA work, since cuBLAS reads its setting
+    once."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs (CUDA docs)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def default_workers() -> int:
     """The cores this process may run on (its affinity where the OS tells it), for DataLoader workers."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

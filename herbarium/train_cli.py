@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 # how it treats bad input), not what it trains. Anything else given with a different value is refused.
 RESUME_CHANGEABLE = (
     "epochs", "checkpoint_every", "log_every", "workers", "device", "decode", "compile",
-    "nan_policy", "nan_skip_limit", "dist_timeout", "skip_bad_images", "data",
+    "nan_policy", "nan_skip_limit", "dist_timeout", "skip_bad_images", "data", "early_stop",
 )
 RUN_CONTROL = ("resume", "resume_if_exists", "overwrite", "out")  # say which run, not how it trains
 PER_INVOCATION = ("stop_after_epoch",)  # an instruction to this process only: taken from the command line, never kept
