@@ -250,3 +250,58 @@ def test_run_to_returns_the_run_on_the_device(trained):
     run = herbarium.load(trained[1], device="cpu")
     assert run.to("cpu") is run and run.device == torch.device("cpu")
     assert next(run.model.parameters()).device == torch.device("cpu")
+
+
+# ----------------------------------------------------- exports without herbarium
+def test_the_safetensors_export_is_a_timm_model_folder_with_the_same_features(trained, reference, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    from herbarium.export import export
+
+    _, run_dir = trained
+    loaded, images, logits = reference
+    written = export(run_dir, ["safetensors"], tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == "resnet10t" and config["num_features"] == 512
+    assert config["pretrained_cfg"]["mean"] == list(loaded.profile.mean)
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["label_names_by_rank"]["species"] == loaded.taxonomy.names["species"]
+    trunk = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    with torch.no_grad():
+        features = trunk(images)
+        torch.testing.assert_close(features, loaded.model.trunk(images))
+    heads = load_file(str(tmp_path / "heads.safetensors"))  # the README's recipe for the logits without herbarium
+    species = features @ heads["heads.species.fc.weight"].T + heads["heads.species.fc.bias"]
+    torch.testing.assert_close(species, logits["species"], rtol=1e-4, atol=1e-5)
+    assert list(timm.data.resolve_data_config({}, model=trunk)["mean"]) == list(loaded.profile.mean)
+    for path in written.values():
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_torch_export_program_reloads_with_the_same_logits(trained, reference, tmp_path, capsys):
+    _, run_dir = trained
+    _, images, logits = reference
+    assert cli.main(["export", str(run_dir), "--format", "export", "--out", str(tmp_path)]) == 0
+    assert "model.pt2" in capsys.readouterr().out
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    with torch.no_grad():
+        outputs, one = program(images), program(images[:1])  # another batch size than the example's
+    for rank in ("species", "genus"):
+        torch.testing.assert_close(outputs[rank], logits[rank], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(one[rank], logits[rank][:1], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "model.pt2").stat().st_mode & 0o777 == 0o644
+
+
+def test_onnx_carries_the_class_names_and_normalisation(trained, reference, tmp_path):
+    pytest.importorskip("onnx")
+    runtime = pytest.importorskip("onnxruntime")
+    from herbarium.export import export
+
+    _, run_dir = trained
+    loaded, _, _ = reference
+    written = export(run_dir, ["onnx"], tmp_path)
+    metadata = runtime.InferenceSession(str(written["onnx"])).get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["ranks"]) == ["species", "genus"]
+    assert json.loads(metadata["class_names"])["genus"] == loaded.taxonomy.names["genus"]
+    assert json.loads(metadata["mean"]) == list(loaded.profile.mean) and metadata["size"] == "32"
