@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from herbarium import run_summary, summary_csv
+from herbarium import run_summary, summary_csv, tensorboard_hparams
 from herbarium.build import build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from herbarium.config import NAN_POLICIES, TrainConfig
@@ -409,6 +409,7 @@ class Trainer:
         self.writer = SummaryWriter(self.run.tensorboard) if self.context.is_main else None
         if self.writer and not self.resuming:
             self.writer.add_text("config", "```json\n" + json.dumps(self.cfg.to_dict(), indent=2) + "\n```", 0)
+            self.writer.add_custom_scalars({"loss": {"train and validation": ["Multiline", ["loss/train", "loss/val"]]}})
         self.announce()
         record: dict[str, Any] = {}
         started = time.perf_counter()
@@ -671,20 +672,27 @@ class Trainer:
         self.writer.add_scalar("train/images_per_s", rate, step)
 
     def _log_hparams(self) -> None:
-        """TensorBoard's HPARAMS tab: the flattened config against the best validation scores so far."""
+        """TensorBoard's HPARAMS tab: the settings, leading ones first, against the training loss and best scores."""
         if self.writer is None:
             return
-        best = run_summary.best_record(run_summary.read_log(self.run), self.finest_level)
-        if best is None:
-            return
-        flat = {}
-        for section, values in self.cfg.to_dict().items():
-            for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
-                name = f"{section}.{key}" if key else section
-                flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-        metrics = {f"hparam/best_{rank}_{name}": value for rank, values in best["val"].items()
-                   for name, value in values.items() if name in ("macro_f1", "top1")}
-        self.writer.add_hparams(flat, {**metrics, "hparam/best_epoch": best["epoch"]}, run_name=".")
+        records = run_summary.read_log(self.run)
+        scores = tensorboard_hparams.metrics(records, run_summary.best_record(records, self.finest_level))
+        if scores:
+            self.writer.add_hparams(tensorboard_hparams.hparams(self.cfg), scores, run_name=".")
+
+    def _log_losses(self, record: dict[str, Any], step: int) -> None:
+        """``loss/train`` and ``loss/val`` (and per rank) at each epoch's end, side by side in one section, overlaid
+        in one chart under CUSTOM SCALARS. ``loss/val`` is the rank-weighted validation cross-entropy, as the
+        training loss weighs its ranks."""
+        self.writer.add_scalar("loss/train", record["loss"], step)
+        for rank, value in record["loss_terms"].items():
+            self.writer.add_scalar(f"loss/train_{rank}", value, step)
+        val = {rank: scores["loss"] for rank, scores in record["val"].items()
+               if rank in self.levels and scores.get("loss") is not None}
+        if val:
+            self.writer.add_scalar("loss/val", sum(self.cfg.loss.weight_of(rank) * value for rank, value in val.items()), step)
+        for rank, value in val.items():
+            self.writer.add_scalar(f"loss/val_{rank}", value, step)
 
     def _log_augmented_images(self, images: torch.Tensor, count: int = 32) -> None:
         """TensorBoard: the run's first training images as the model sees them (augmented), once."""
@@ -713,6 +721,7 @@ class Trainer:
                 if value is not None:
                     self.writer.add_scalar(f"val/{rank}_{name}", value, step)
         self.writer.add_scalar("epoch/train_loss", record["loss"], step)  # the epoch's mean, beside the per-step values
+        self._log_losses(record, step)
         for rank, value in record["loss_terms"].items():
             self.writer.add_scalar(f"epoch/train_loss_{rank}", value, step)
         self.writer.add_scalar("epoch/epoch", epoch, step)
