@@ -180,6 +180,10 @@ def test_export_onnx_reloads_with_the_same_logits(trained, reference, tmp_path):
     written = export(run_dir, ["onnx"], tmp_path)
     session = runtime.InferenceSession(str(written["onnx"]))
     assert [output.name for output in session.get_outputs()] == ["species", "genus"]
+    metadata = session.get_modelmeta().custom_metadata_map  # class names and normalisation travel with the graph
+    assert json.loads(metadata["ranks"]) == ["species", "genus"]
+    assert json.loads(metadata["class_names"])["genus"] == loaded.taxonomy.names["genus"]
+    assert json.loads(metadata["mean"]) == list(loaded.profile.mean) and metadata["size"] == "32"
     outputs = session.run(None, {"images": images.numpy()})
     for rank, value in zip(("species", "genus"), outputs):
         torch.testing.assert_close(torch.from_numpy(value), logits[rank], rtol=1e-4, atol=1e-4)
@@ -291,17 +295,3 @@ def test_torch_export_program_reloads_with_the_same_logits(trained, reference, t
         torch.testing.assert_close(outputs[rank], logits[rank], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(one[rank], logits[rank][:1], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "model.pt2").stat().st_mode & 0o777 == 0o644
-
-
-def test_onnx_carries_the_class_names_and_normalisation(trained, reference, tmp_path):
-    pytest.importorskip("onnx")
-    runtime = pytest.importorskip("onnxruntime")
-    from herbarium.export import export
-
-    _, run_dir = trained
-    loaded, _, _ = reference
-    written = export(run_dir, ["onnx"], tmp_path)
-    metadata = runtime.InferenceSession(str(written["onnx"])).get_modelmeta().custom_metadata_map
-    assert json.loads(metadata["ranks"]) == ["species", "genus"]
-    assert json.loads(metadata["class_names"])["genus"] == loaded.taxonomy.names["genus"]
-    assert json.loads(metadata["mean"]) == list(loaded.profile.mean) and metadata["size"] == "32"
