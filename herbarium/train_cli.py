@@ -280,6 +280,9 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if args.resume:
         if args.overwrite or args.resume_if_exists:
             raise UsageError("--resume continues a run; drop --overwrite / --resume-if-exists")
+        if args.config:
+            raise UsageError(f"--config {args.config}: --resume continues with the run's own config; drop --config "
+                             "(or give the options to change on the command line)")
         run, checkpoint = locate_resume(args.resume)
         given = given_options(parser, argv)
         if "out" in given and Path(args.out).resolve() != run.path.resolve():

@@ -76,3 +76,13 @@ def test_a_runs_config_json_replays_the_run_and_records_its_environment(tmp_path
     first = _config(*argv)
     assert replayed.out == str(tmp_path / "y")
     assert {**replayed.to_dict(), "out": first.out} == first.to_dict()
+
+
+def test_config_is_refused_with_resume(tmp_path):
+    from herbarium.train_cli import run_config
+
+    parser = build_parser()
+    argv = ["--resume", str(tmp_path), "--config", str(tmp_path / "x.yaml")]
+    (tmp_path / "x.yaml").write_text("epochs: 3\n")
+    with pytest.raises(UsageError, match="--resume continues with the run's own config; drop --config"):
+        run_config(parser, parse_train_args(parser, argv), argv)

@@ -133,7 +133,7 @@ def test_resume_applies_changeable_options_records_them_and_refuses_the_others(d
 def test_every_train_option_has_a_resume_policy():
     parser = build_parser()
     for action in parser._actions:
-        if action.dest in ("help", "resume", "resume_if_exists", "overwrite", "quiet"):
+        if action.dest in ("help", "version", "resume", "resume_if_exists", "overwrite", "quiet", "config"):
             continue
         if action.dest in SHORTCUTS:  # --lr, --warmup-epochs, --min-lr, --data rewrite the fields they name
             assert all(config_field(dest) for dest in SHORTCUTS[action.dest])
