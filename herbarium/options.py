@@ -257,6 +257,9 @@ class Switch(argparse.Action):
                  option_string: str | None = None) -> None:
         setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
 
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
 
 def values_from_namespace(config_cls: type, args: argparse.Namespace, prefix: str = "", **values: Any) -> Any:
     """``config_cls`` built from parsed ``args``: each option field from its dest.
