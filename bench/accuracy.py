@@ -134,7 +134,7 @@ def herbarium_train_args(budget: Budget, run_dir: Path, recipe: str, extra_args:
             "--epochs", str(budget.epochs), "--batch-size", str(budget.batch_size), "--seed", str(budget.seed),
             "--device", budget.device, "--out", str(run_dir)]
     args += ["--val-split", budget.val_split] if budget.val_split else []
-    args += ["--pretrained"] if budget.pretrained else []
+    args += ["--pretrained" if budget.pretrained else "--no-pretrained"]
     args += ["--workers", str(budget.workers)] if budget.workers is not None else []
     args += ["--recipe", recipe] if recipe != "default" else []
     if not extra_args:

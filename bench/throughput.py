@@ -235,7 +235,7 @@ class TrainParts:
 
 def build_train_parts(trunk: str, taxonomy: Taxonomy, split: DatasetSplit, device: torch.device, compile_model: bool) -> TrainParts:
     """The Trainer's model, loss and optimizer with the library's defaults."""
-    model = build_model(ModelConfig(trunk=trunk), {rank: taxonomy.num_classes(rank) for rank in LEVELS}).to(device)
+    model = build_model(ModelConfig(pretrained=False, trunk=trunk), {rank: taxonomy.num_classes(rank) for rank in LEVELS}).to(device)
     model = model.to(memory_format=torch.channels_last)
     loss = LossConfig(levels=LEVELS)
     category_ids = split.category_ids()

@@ -14,14 +14,19 @@ Using a trained run from Python::
 import importlib
 from typing import Any
 
-from herbarium.taxonomy import DEFAULT_RANKS, Taxonomy, TaxonomyError
-
 __version__ = "0.1.0"
 
-# Imported on first use: they bring in torch, timm and the evaluation code.
-_LAZY = {"load": "herbarium.api", "Run": "herbarium.api", "Prediction": "herbarium.api"}
+# Imported on first use: they bring in torch (seconds), timm and the evaluation code, which `--version` and
+# `--help` do not need.
+_LAZY = {"load": "herbarium.api", "Run": "herbarium.api", "Prediction": "herbarium.api",
+         "DEFAULT_RANKS": "herbarium.taxonomy", "Taxonomy": "herbarium.taxonomy", "TaxonomyError": "herbarium.taxonomy"}
 
 __all__ = ["DEFAULT_RANKS", "Prediction", "Run", "Taxonomy", "TaxonomyError", "__version__", "load"]
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazily imported ones, so ``dir(herbarium)`` and tab completion show ``load``."""
+    return sorted({*globals(), *_LAZY})
 
 
 def __getattr__(name: str) -> Any:

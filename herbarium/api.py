@@ -6,6 +6,8 @@
 
     run = herbarium.load("runs/se50")            # a run folder (best.pt, else last.pt) or a checkpoint file
     run.model, run.taxonomy, run.transform       # the nn.Module, the label tree, PIL image -> normalised tensor
+    run.predict(torch_uint8_images_nchw)         # also PIL images, numpy HWC uint8, normalised float tensors
+    run.to("cuda")                               # move it
     for p in run.predict(["sheet1.jpg", "sheet2.jpg"], topk=5):
         print(p.path, p.consistent["species"], p.consistent_probability)
         print(p.top["genus"][:3])                # [(name, probability), ...] best first, from the genus head
@@ -33,13 +35,13 @@ from herbarium.evaluation.decoding import PathDecoder
 from herbarium.evaluation.runner import LoadedModel, load_run, model_outputs
 from herbarium.evaluation.submission import top_k_probabilities
 from herbarium.evaluation.tta import (
-    InputProfile, MultiViewDataset, collate_views, parse_views, view_decode_side, view_transform,
+    PLAIN, InputProfile, MultiViewDataset, collate_views, parse_views, view_decode_side, view_transform,
 )
 from herbarium.export import is_export_folder, load_safetensors
+from herbarium.image_inputs import ImageInput, Item, as_inputs, split_inputs
 from herbarium.runtime import autocast_dtype, resolve_device
 from herbarium.taxonomy import Taxonomy
 
-ImageInput = str | Path | Image.Image
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Prediction:
     """What the run predicts for one image.
 
     Attributes:
-        path: the image's file (None for an in-memory PIL image).
+        path: the image's file (None for an in-memory image, array or tensor).
         index: the image's position in the input.
         top: per rank with a head, coarse to fine: the ``topk`` best
             ``(name, probability)`` pairs of that head, best first.
@@ -120,7 +122,7 @@ class Run:
         self.precision = precision
         self.ranks: tuple[str, ...] = tuple(rank for rank in self.taxonomy.ranks if rank in self.model.ranks)
         self.transform: Callable[[Image.Image], torch.Tensor] = view_transform("plain", self.profile)
-        self._decoder = PathDecoder(self.taxonomy)
+        self.decoder = PathDecoder(self.taxonomy)  # consistent decoding along the taxonomy (see decode)
 
     @property
     def size(self) -> int:
@@ -155,51 +157,82 @@ class Run:
         scores, _, _ = model_outputs(self.loaded, views, average, None, self.device, dtype)
         return scores
 
-    def predict(self, images: ImageInput | Iterable[ImageInput], topk: int = 5, views: str | Sequence[str] = "plain",
-                batch_size: int = 32, workers: int = 0, average: str = "logits", seed: int = 0,
-                skip_bad_images: bool = False, progress: Callable[[Iterable], Iterable] | None = None) -> list[Prediction]:
+    def predict(self, images: Any, topk: int = 5, views: str | Sequence[str] = "plain", batch_size: int = 32,
+                workers: int = 0, average: str = "logits", seed: int = 0, skip_bad_images: bool = False,
+                progress: Callable[[Iterable], Iterable] | None = None) -> list[Prediction]:
         """Predict every image: per-rank top-``topk`` names and probabilities, and the consistent path.
 
         Args:
-            images: file paths and/or PIL images (or a single one).
+            images: one image or several: file paths, PIL images, numpy
+                ``uint8`` arrays ``[H, W, 3]`` (or ``[N, H, W, 3]``) and
+                ``uint8`` tensors ``[3, H, W]`` (or ``[N, 3, H, W]``) are pixels,
+                transformed as the run's evaluation does; floating-point
+                tensors ``[3, S, S]`` (or ``[N, 3, S, S]``) are model input,
+                already resized to ``run.size`` and normalised with
+                ``run.mean``/``run.std`` (what ``run.transform`` returns), fed
+                as they are (see :mod:`herbarium.image_inputs`).
             topk: names kept per rank (at most the rank's class count).
             views: TTA views as ``tta_eval.py --views`` takes them: ``"plain"``
                 (default), ``"flip"``, ``"4"`` (3 training augmentations +
-                plain), ``"multiscale"``, ...
+                plain), ``"multiscale"``, ...; only ``"plain"`` for model input.
             workers: decoding processes (0: in this process).
             skip_bad_images: leave out unreadable files instead of raising
                 :class:`~herbarium.data.images.BadImageError`.
             progress: wraps the batch iterator (e.g. ``tqdm``).
 
-        Returns one :class:`Prediction` per readable image, in input order.
+        Returns one :class:`Prediction` per readable image, in input order
+        (an ``[N, ...]`` array or tensor counts as N images).
         """
-        if isinstance(images, (str, Path, Image.Image)):
-            images = [images]
-        images = list(images)
+        items = as_inputs(images, self.size)
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
+        to_decode, ready = split_inputs(items)
+        if ready and parse_views(views) != (PLAIN,):
+            raise ValueError(f"views={views!r} needs images to augment; normalised float tensors are fed as they are "
+                             "(views='plain'): pass uint8 pixels, PIL images or paths for TTA")
         results: list[Prediction] = []
-        batches: Iterable[dict[str, Any]] = self.batches(images, views, batch_size, workers, seed, skip_bad_images)
+        batches: Iterable[dict[str, Any]] = self.batches([items[i] for i in to_decode], views, batch_size, workers, seed,
+                                                         skip_bad_images)
         for batch in (progress(batches) if progress else batches):
             if "views" not in batch:
                 continue
             scores = self.log_probs(batch["views"][0], average)
-            results += self._predictions(scores, batch["index"].tolist(), images, topk)
-        return results
+            results += self._predictions(scores, [to_decode[i] for i in batch["index"].tolist()], items, topk)
+        for start in range(0, len(ready), batch_size):
+            chunk = ready[start:start + batch_size]
+            inputs = torch.stack([items[i] for i in chunk])[:, None]  # [B, 1, 3, S, S]: one view each
+            results += self._predictions(self.log_probs(inputs, average), chunk, items, topk)
+        return sorted(results, key=lambda prediction: prediction.index)
 
-    def _predictions(self, scores: dict[str, torch.Tensor], indices: list[int], images: Sequence[ImageInput],
+    def to(self, device: str | torch.device) -> "Run":
+        """Move the model to ``device`` (``"cpu"``, ``"cuda:1"``, ``"auto"``) for what follows; returns the run."""
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
+    def decode(self, log_probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Consistent decoding: ``{rank: log-probabilities [B, C]}`` -> ``{rank: class index [B]}`` of each image's best
+        valid taxonomy path (every rank of the taxonomy), scored as ``tta_eval.py``'s ``consistent`` variants.
+
+        ``run.decode(run.log_probs(views))``; ``run.decoder`` gives the scores of every path too.
+        """
+        return self.decoder.predictions(log_probs)
+
+    def _predictions(self, scores: dict[str, torch.Tensor], indices: list[int], images: Sequence[Item],
                      topk: int) -> list[Prediction]:
         taxonomy = self.taxonomy
         top = {rank: top_k_probabilities(scores[rank], min(topk, scores[rank].shape[1])) for rank in self.ranks}
-        path = self._decoder.predictions(scores)
-        path_probability = torch.softmax(self._decoder.rank_scores(scores)[taxonomy.finest], dim=1)
+        path = self.decode(scores)
+        path_probability = torch.softmax(self.decoder.rank_scores(scores)[taxonomy.finest], dim=1)
         finest = path[taxonomy.finest]
         chosen = path_probability.gather(1, finest[:, None])[:, 0]
         out = []
         for row, index in enumerate(indices):
             image = images[index]
             out.append(Prediction(
-                path=None if isinstance(image, Image.Image) else str(image),
+                path=str(image) if isinstance(image, (str, Path)) else None,
                 index=index,
                 top={rank: [(taxonomy.names[rank][int(c)], float(p)) for p, c in zip(top[rank][0][row].tolist(), top[rank][1][row].tolist())]
                      for rank in self.ranks},

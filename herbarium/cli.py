@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from herbarium import __version__
+from herbarium.arguments import did_you_mean, exit_if_version
 
 # subcommand -> (module with main(argv), one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,8 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"herbarium: unknown command {command!r}; choose one of {list(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        hint = did_you_mean(command, COMMANDS).replace("; did you mean ", "; did you mean 'herbarium ").replace("?", "'?")
+        print(f"error: herbarium: unknown command {command!r}{hint}; choose one of {list(COMMANDS)}", file=sys.stderr)
         return 2
+    exit_if_version(f"herbarium {command}", rest)  # before importing the command, which loads torch
     global _running
     module = importlib.import_module(COMMANDS[command][0])
     _running = f"herbarium {command}"

@@ -148,6 +148,13 @@ class TrainConfig:
         None, "seconds a process of a multi-GPU run waits for the others before failing; a process that dies is "
               "noticed at once", default_text="torch's 30 min")
     stop_after_epoch: int | None = option(None, "end the process after this epoch, resumable later", default_text="off")
+    early_stop: int | None = option(
+        None, "stop when the finest rank's validation macro-F1 has not improved for this many epochs (patience); "
+              "best.pt keeps the best epoch. Needs validation", default_text="off")
+    deterministic: bool = option(
+        False, "deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN without autotuning): "
+               "repeatable GPU runs, somewhat slower; an op with no deterministic version stops the run naming it. "
+               "Seeded CPU runs are repeatable without it")
     snapshots: bool = option(False, "save checkpoints/snapshot_<k>.pt at the end of SGDR cycle k")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -157,6 +164,8 @@ class TrainConfig:
     # Options changed when the run was resumed, oldest first:
     # {"option": "--epochs", "from": 10, "to": 20, "epoch": E, "step": S} (the run's position when the change took effect).
     changes: list[dict[str, Any]] = field(default_factory=list)
+    # The command line, versions and machine the run started with (herbarium.provenance); a record, not a setting.
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return to_json(dataclasses.asdict(self))

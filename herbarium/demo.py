@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from herbarium.arguments import ArgumentParser
 from herbarium.errors import command
 
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "cross", "star", "ring")
@@ -439,7 +440,7 @@ def make_demo_data(
 
 # ----------------------------------------------------------------------- CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Write a small synthetic dataset in the Kaggle Herbarium 2020 layout "
         "(family = shape, genus = colour, species = texture).",
         add_help=add_help,

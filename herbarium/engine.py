@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from herbarium import run_summary
+from herbarium import run_summary, summary_csv, tensorboard_hparams
 from herbarium.build import build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from herbarium.config import NAN_POLICIES, TrainConfig
@@ -48,7 +47,8 @@ from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_schedule
 from herbarium.optim.param_groups import parameter_groups
 from herbarium.run_dir import RunDir
-from herbarium.runtime import autocast, autocast_dtype, resolve_device
+from herbarium.runtime import autocast, autocast_dtype, make_deterministic, resolve_device
+from herbarium.terminal import show_progress
 
 
 class NonFiniteLossError(HerbariumError, FloatingPointError):
@@ -247,6 +247,7 @@ class RunState:
     skipped_train_images: int = 0  # unreadable training images skipped in `epoch` so far
     world_size: int | None = None  # processes that wrote the checkpoint (None: an older checkpoint)
     samples_done: int = 0  # images of `epoch` already trained, all processes: the position any world size resumes from
+    epochs_without_gain: int = 0  # epochs since the best validation score (--early-stop)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -273,6 +274,8 @@ class Trainer:
         self.levels = tuple(cfg.loss.levels)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
+        if cfg.deterministic:
+            make_deterministic()
 
         self.train_split, self.val_split = read_train_val(cfg)
         self.taxonomy = self.train_split.taxonomy
@@ -280,6 +283,9 @@ class Trainer:
             self.taxonomy.check_rank(rank)
         self.finest_level = max(self.levels, key=self.taxonomy.rank_index)  # best.pt is chosen on its macro-F1
         self.validating = self.val_split is not None  # no --val-split and --holdout 0: no validation, no best.pt
+        if not self.validating and cfg.early_stop:
+            raise UsageError("--early-stop stops on the validation macro-F1 and needs a validation split: "
+                             "pass --val-split SPLIT or --holdout 0.1")
         if not self.validating and cfg.optim.plateau_patience:
             raise UsageError("--plateau-patience switches phases on the validation macro-F1 and needs a validation split: "
                              "pass --val-split SPLIT or --holdout 0.1")
@@ -459,12 +465,13 @@ class Trainer:
         self.writer = SummaryWriter(self.run.tensorboard) if self.context.is_main else None
         if self.writer and not self.resuming:
             self.writer.add_text("config", "```json\n" + json.dumps(self.cfg.to_dict(), indent=2) + "\n```", 0)
+            self.writer.add_custom_scalars({"loss": {"train and validation": ["Multiline", ["loss/train", "loss/val"]]}})
         self.announce()
         record: dict[str, Any] = {}
         started = time.perf_counter()
         try:
             pause = self.cfg.stop_after_epoch
-            while self.state.epoch < self.cfg.epochs and (pause is None or self.state.epoch < pause):
+            while self.state.epoch < self.cfg.epochs and (pause is None or self.state.epoch < pause) and not self.stops_early():
                 record = self.run_epoch()
             self._log_hparams()
         except RuntimeError as error:
@@ -501,7 +508,7 @@ class Trainer:
             tqdm.write(line)
         warning = run_summary.scratch_warning(self.cfg, run_summary.parameters(self.model.trunk), len(self.train_split))
         if warning:
-            warnings.warn(warning, stacklevel=2)
+            tqdm.write(f"warning: {warning}")
 
     def print_skips(self) -> None:
         """At the end of a run: what was skipped (unreadable images, steps with a non-finite loss), if anything."""
@@ -513,6 +520,16 @@ class Trainer:
         if self.nan_guard.skipped:
             tqdm.write(f"skipped {self.nan_guard.skipped} optimizer steps whose loss was NaN or infinite (--nan-policy skip); "
                        "see skipped_nonfinite_steps in log.jsonl")
+
+    def stops_early(self) -> bool:
+        """``--early-stop N``: N epochs in a row without a better validation score end the run (said once)."""
+        patience = self.cfg.early_stop
+        if not patience or self.state.epochs_without_gain < patience:
+            return False
+        if self.context.is_main:
+            tqdm.write(f"early stop after epoch {self.state.epoch}: no better {self.finest_level} macro-F1 for {patience} "
+                       f"epoch(s) (--early-stop {patience}); best.pt holds the best epoch")
+        return True
 
     def run_epoch(self) -> dict[str, Any]:
         epoch = self.state.epoch
@@ -528,6 +545,7 @@ class Trainer:
             improved = score > self.state.best_metric
             if improved:
                 self.state.best_metric = score
+            self.state.epochs_without_gain = 0 if improved else self.state.epochs_without_gain + 1
         skipped_train = self.skipped_train_images = self.state.skipped_train_images
         self.state.epoch, self.state.batches_done, self.state.skipped_train_images = epoch + 1, 0, 0
         cycle = self._cycle_ended() if (self.o2u is not None or self.cfg.snapshots) else None
@@ -560,7 +578,7 @@ class Trainer:
         term_sums = {rank: torch.zeros((), device=self.device) for rank in self.levels}
         batches, images_seen, started = 0, 0, time.perf_counter()
         progress = tqdm(self.loaders.train, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                        disable=self.quiet or not self.context.is_main, leave=False, dynamic_ncols=True)
+                        disable=not show_progress(self.quiet) or not self.context.is_main, leave=False, dynamic_ncols=True)
         self._postfix, shown = {}, None
         skipped_images = torch.zeros((), device=self.device)  # this process's, since the epoch (re)started
         skipped_before = self.state.skipped_train_images  # all processes', before a resume
@@ -712,20 +730,27 @@ class Trainer:
         self.writer.add_scalar("train/images_per_s", rate, step)
 
     def _log_hparams(self) -> None:
-        """TensorBoard's HPARAMS tab: the flattened config against the best validation scores so far."""
+        """TensorBoard's HPARAMS tab: the settings, leading ones first, against the training loss and best scores."""
         if self.writer is None:
             return
-        best = run_summary.best_record(run_summary.read_log(self.run), self.finest_level)
-        if best is None:
-            return
-        flat = {}
-        for section, values in self.cfg.to_dict().items():
-            for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
-                name = f"{section}.{key}" if key else section
-                flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-        metrics = {f"hparam/best_{rank}_{name}": value for rank, values in best["val"].items()
-                   for name, value in values.items() if name in ("macro_f1", "top1")}
-        self.writer.add_hparams(flat, {**metrics, "hparam/best_epoch": best["epoch"]}, run_name=".")
+        records = run_summary.read_log(self.run)
+        scores = tensorboard_hparams.metrics(records, run_summary.best_record(records, self.finest_level))
+        if scores:
+            self.writer.add_hparams(tensorboard_hparams.hparams(self.cfg), scores, run_name=".")
+
+    def _log_losses(self, record: dict[str, Any], step: int) -> None:
+        """``loss/train`` and ``loss/val`` (and per rank) at each epoch's end, side by side in one section, overlaid
+        in one chart under CUSTOM SCALARS. ``loss/val`` is the rank-weighted validation cross-entropy, as the
+        training loss weighs its ranks."""
+        self.writer.add_scalar("loss/train", record["loss"], step)
+        for rank, value in record["loss_terms"].items():
+            self.writer.add_scalar(f"loss/train_{rank}", value, step)
+        val = {rank: scores["loss"] for rank, scores in record["val"].items()
+               if rank in self.levels and scores.get("loss") is not None}
+        if val:
+            self.writer.add_scalar("loss/val", sum(self.cfg.loss.weight_of(rank) * value for rank, value in val.items()), step)
+        for rank, value in val.items():
+            self.writer.add_scalar(f"loss/val_{rank}", value, step)
 
     def _log_augmented_images(self, images: torch.Tensor, count: int = 32) -> None:
         """TensorBoard: the run's first training images as the model sees them (augmented), once."""
@@ -754,12 +779,14 @@ class Trainer:
                 if value is not None:
                     self.writer.add_scalar(f"val/{rank}_{name}", value, step)
         self.writer.add_scalar("epoch/train_loss", record["loss"], step)  # the epoch's mean, beside the per-step values
+        self._log_losses(record, step)
         for rank, value in record["loss_terms"].items():
             self.writer.add_scalar(f"epoch/train_loss_{rank}", value, step)
         self.writer.add_scalar("epoch/epoch", epoch, step)
         self.writer.add_scalar("epoch/images_per_s", record["images_per_s"], step)
         with open(self.run.log_file, "a") as log:
             log.write(json.dumps(record) + "\n")
+        summary_csv.append(self.run.summary_file, record)
         scores = "  ".join(f"{rank} F1 {run_summary.format_score(v['macro_f1'])} top1 {run_summary.format_score(v['top1'])}" for rank, v in record["val"].items()) \
             or "none (no validation split)"
         tqdm.write(f"epoch {epoch}/{self.cfg.epochs}  loss {record['loss']:.4f}  {record['optimizer']} lr {record['lr']:.2e}  "

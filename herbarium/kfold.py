@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
+from herbarium.arguments import ArgumentParser
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.readers import DatasetSplit, read_split
@@ -171,7 +172,7 @@ def add_kfold_arguments(parser: argparse.ArgumentParser, default_folds: int) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herbarium kfold", description="Train k fold models (RUN/fold_<k>) stratified by species "
+    parser = ArgumentParser(prog="herbarium kfold", description="Train k fold models (RUN/fold_<k>) stratified by species "
                                      "and write out-of-fold predictions (RUN/oof_predictions.csv).")
     return add_kfold_arguments(add_train_arguments(parser), default_folds=5)
 

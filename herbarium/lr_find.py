@@ -39,6 +39,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
+from herbarium.arguments import ArgumentParser
 from herbarium.build import Loaders, build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.config import OptimConfig, TrainConfig
 from herbarium.data.readers import DatasetSplit
@@ -49,6 +50,7 @@ from herbarium.errors import command
 from herbarium.optim import OPTIMIZERS, Phase
 from herbarium.run_dir import RunDir
 from herbarium.runtime import autocast_dtype, resolve_device
+from herbarium.terminal import show_progress
 from herbarium.train_cli import add_train_arguments, config_from_args, parse_train_args
 
 DEFAULT_OUT = "runs/lr_find"
@@ -246,7 +248,7 @@ def find_lr(cfg: TrainConfig, settings: RangeTestSettings) -> tuple[RangeTestRes
     step = training_step(torch.compile(model) if cfg.compile else model, loss_fn, optimizer,
                          endless_batches(loaders, counts), cfg, device, dtype)
     lrs = tqdm(exponential_lrs(settings.start_lr, settings.end_lr, settings.steps), desc="lr-find", unit="step",
-               leave=False, dynamic_ncols=True)
+               leave=False, dynamic_ncols=True, disable=not show_progress())
     result = range_test(step, lrs, settings.ema, settings.diverge)
     result.skipped_bad_images = counts["skipped"]
     return result, phase
@@ -309,7 +311,7 @@ def write_outputs(out: Path, result: RangeTestResult, suggestion: LRSuggestion |
 # --------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     defaults = RangeTestSettings()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="herbarium lr-find", conflict_handler="resolve",
         description="LR range test: train with the run's model, loss, first optimizer phase and input pipeline while the "
                     "learning rate rises exponentially; plot the loss and suggest an LR. Takes the options of train; "

@@ -63,7 +63,8 @@ def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, a
             becomes argparse's message for the option).
         metavar: the value's name in the help.
         negate: for a ``bool`` setting that is on by default, the ``--no-...``
-            flag that turns it off (the only flag of the setting).
+            flag that turns it off (the only flag of the setting, unless ``flag``
+            is given too: then both work, see :class:`Switch`).
         default_text: the default as the help states it, where the value alone
             does not say what it means (``None``: "each optimizer's own").
     """
@@ -235,12 +236,29 @@ def _add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field
     if hint is bool:
         if default and not spec.negate:
             raise TypeError(f"{field.name} is on by default: give it negate='--no-...' to be able to turn it off")
+        if spec.negate and spec.flag:  # both spellings: --pretrained (the default, still accepted) and --no-pretrained
+            return parser.add_argument(spec.flag, spec.negate, *spec.aliases, action=Switch, **settings)
         settings["action"] = "store_false" if spec.negate else "store_true"
     else:
         settings["type"] = reporting(spec.parse) if spec.parse else parser_for(hint)
         settings["choices"] = spec.choices
         settings["metavar"] = spec.metavar
     return parser.add_argument(flag_of(field, prefix), *spec.aliases, **settings)
+
+
+class Switch(argparse.Action):
+    """A setting turned on by ``--name`` and off by ``--no-name``, for a setting that is on by default but was once
+    off, so that commands written with ``--name`` keep working."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
 
 
 def values_from_namespace(config_cls: type, args: argparse.Namespace, prefix: str = "", **values: Any) -> Any:

@@ -14,6 +14,7 @@ import argparse
 import csv
 import glob
 import io
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,14 +22,29 @@ from typing import Sequence
 from tqdm import tqdm
 
 from herbarium.api import load
+from herbarium.arguments import ArgumentParser
 from herbarium.evaluation.submission import write_atomic
 from herbarium.runtime import default_workers
+from herbarium.terminal import show_progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+def folder_images(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted, hidden files and folders left out (``.ipynb_checkpoints`` holds
+    copies of the notebook's images, ``.git`` and ``._name`` macOS forks are no images to predict); hidden folders
+    are not even entered."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(root, name) for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
 def expand_images(inputs: Sequence[str]) -> list[Path]:
-    """Files, folders (recursively, image suffixes only) and glob patterns -> image files, each once, in order.
+    """Files, folders (recursively, image suffixes only, hidden ones skipped) and glob patterns -> image files, each
+    once, in order.
 
     Raises ``FileNotFoundError`` naming an input that is neither an existing
     file or folder nor a pattern that matches a file.
@@ -37,7 +53,7 @@ def expand_images(inputs: Sequence[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            matches = folder_images(path)
             if not matches:
                 raise FileNotFoundError(f"{item}: a folder without image files ({', '.join(IMAGE_SUFFIXES)})")
         elif path.is_file():
@@ -74,7 +90,7 @@ def write_prediction_csv(path: str | Path, predictions, taxonomy_ranks: Sequence
 
 
 def build_parser(prog: str = "herbarium predict") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Predict the classes of image files with a trained run: "
+    parser = ArgumentParser(prog=prog, description="Predict the classes of image files with a trained run: "
                                      "one CSV row per file with the consistent taxonomy path and each head's top-k.")
     parser.add_argument("run", help="run directory (checkpoints/best.pt, else last.pt) or a checkpoint file")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted glob patterns")
@@ -101,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     run = load(args.run, device=args.device, precision=args.precision)
     workers = default_workers() if args.workers is None else args.workers
-    progress = None if args.quiet else (lambda batches: tqdm(batches, desc="predict", unit="batch", leave=False, dynamic_ncols=True,
+    progress = None if not show_progress(args.quiet) else (lambda batches: tqdm(batches, desc="predict", unit="batch", leave=False, dynamic_ncols=True,
                                                              total=-(-len(files) // args.batch_size)))
     predictions = run.predict(files, topk=args.topk, views=args.views, batch_size=args.batch_size, workers=workers,
                               skip_bad_images=args.skip_bad_images, progress=progress)

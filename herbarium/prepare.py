@@ -34,9 +34,11 @@ from typing import Iterator, Sequence
 from PIL import Image
 from tqdm import tqdm
 
+from herbarium.arguments import ArgumentParser
 from herbarium.data.images import IMAGE_ERRORS, BadImageError
 from herbarium.errors import command
 from herbarium.runtime import default_workers
+from herbarium.terminal import show_progress
 
 # Suffixes of the image files to rewrite (lower case); everything else is copied.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -141,7 +143,7 @@ def prepare(data: str | Path, out: str | Path, max_side: int = 512, *, quality: 
     counts = {"resized": 0, "copied": 0, "bad": 0}
     bad: list[str] = []
     pool = multiprocessing.Pool(workers) if workers > 0 else contextlib.nullcontext()
-    with pool, tqdm(total=len(tasks), unit="img", desc="prepare", disable=not progress) as bar:
+    with pool, tqdm(total=len(tasks), unit="img", desc="prepare", disable=not show_progress(not progress)) as bar:
         results = pool.imap_unordered(prepare_image, tasks, chunksize=16) if workers > 0 else map(prepare_image, tasks)
         for result in results:
             counts[result.status] += 1
@@ -176,7 +178,7 @@ def summary(record: dict) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="herbarium prepare", description=__doc__.split("\n\n")[0])
+    parser = parser or ArgumentParser(prog="herbarium prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="dataset folder, any supported layout")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the resized copy to (required)")
     parser.add_argument("--max-side", type=int, default=512, help="longest image side in OUT, in pixels (default: 512)")

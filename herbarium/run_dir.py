@@ -7,6 +7,7 @@
       taxonomy.json        ranks, class names and category ids, in class index order
       normalization.json   the mean/std the run fed its trunk, their source, training counts per rank
       log.jsonl            one record per epoch
+      summary.csv          the same, one flat row per epoch (timm's summary.csv)
       checkpoints/         last.pt, best.pt (with validation), snapshot_<k>.pt, swa.pt
       tb/                  TensorBoard
       o2u_weights.csv      O2U sample weights (--o2u)
@@ -39,6 +40,7 @@ TAXONOMY = "taxonomy.json"
 NORMALIZATION = "normalization.json"
 LEGACY_NORMALIZATION = "stats.json"  # the name older runs gave it (the same as collect-stats' file); read, never written
 LOG = "log.jsonl"
+SUMMARY = "summary.csv"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tb"
 O2U_WEIGHTS = "o2u_weights.csv"
@@ -82,6 +84,11 @@ class RunDir:
     @property
     def log_file(self) -> Path:
         return self.path / LOG
+
+    @property
+    def summary_file(self) -> Path:
+        """``summary.csv``: the per-epoch log as flat columns (see :mod:`herbarium.summary_csv`)."""
+        return self.path / SUMMARY
 
     @property
     def checkpoints(self) -> Path:
@@ -132,7 +139,7 @@ class RunDir:
         """Remove what a previous run in this folder trained (``--overwrite``); evaluations and exports stay."""
         shutil.rmtree(self.checkpoints, ignore_errors=True)
         shutil.rmtree(self.tensorboard, ignore_errors=True)
-        for path in (self.log_file, self.o2u_weights, self.path / LEGACY_NORMALIZATION):
+        for path in (self.log_file, self.summary_file, self.o2u_weights, self.path / LEGACY_NORMALIZATION):
             path.unlink(missing_ok=True)
 
     def write_files(self, cfg: TrainConfig, taxonomy: Taxonomy, normalization: Normalization,

@@ -49,8 +49,8 @@ def scratch_warning(cfg: TrainConfig, trunk_parameters: int, train_images: int) 
     if trunk_parameters < LARGE_TRUNK_PARAMETERS or train_images >= SMALL_DATASET_IMAGES:
         return None
     return (f"training {cfg.model.trunk} ({millions(trunk_parameters)} parameters) from random initialisation on "
-            f"{train_images:,} images: expect it to overfit and learn slowly; --pretrained (timm's ImageNet weights), "
-            f"--weights FILE or a smaller trunk (--trunk resnet18, efficientnet_lite0 --pretrained) usually do much better")
+            f"{train_images:,} images: expect it to overfit and learn slowly; the ImageNet weights (drop --no-pretrained), "
+            f"--weights FILE or a smaller trunk (--trunk resnet18, efficientnet_lite0) usually do much better")
 
 
 def validation_note(cfg: TrainConfig, train_name: str, val_images: int, finest: str) -> str:

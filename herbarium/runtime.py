@@ -41,6 +41,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
 
 
+def make_deterministic() -> None:
+    """Deterministic kernels only, for bit-identical GPU runs; before any CUDA work, since cuBLAS reads its setting
+    once."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs (CUDA docs)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def default_workers() -> int:
     """The cores this process may run on: its affinity (cpusets, ``taskset``), capped by a cgroup CPU quota.
 

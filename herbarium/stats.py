@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from herbarium.arguments import ArgumentParser
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.gpu import DECODES, gpu_moment_batches, loader_workers, select_decode
 from herbarium.data.loader import prefetch_factor
@@ -42,6 +43,7 @@ from herbarium.errors import UsageError, command
 from herbarium.runtime import default_workers
 from herbarium.stats_file import default_stats_path
 from herbarium.taxonomy import DEFAULT_RANKS
+from herbarium.terminal import show_progress
 
 PROGRESS = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} images [{elapsed} elapsed, {remaining} left, {rate_fmt}]"
 
@@ -107,7 +109,8 @@ def compute_stats(split: DatasetSplit, size: int = 224, workers: int | None = No
                             persistent_workers=False, prefetch_factor=prefetch_factor(workers))
     moments, skipped, seen, per_image = ChannelMoments(), 0, 0, []
     start = time.perf_counter()
-    with tqdm(total=len(split), unit="img", desc=f"collect-stats {split.name}", disable=not progress, bar_format=PROGRESS) as bar:
+    with tqdm(total=len(split), unit="img", desc=f"collect-stats {split.name}", disable=not show_progress(not progress),
+              bar_format=PROGRESS) as bar:
         for batch, batch_skipped in loader:
             rows = batch.numpy()  # [B, 3 (count, mean, m2), 3 channels]
             if split is not whole:
@@ -213,7 +216,7 @@ def summary(stats: dict, out: Path) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="collect-stats", description=__doc__.split("\n\n")[0])
+    parser = parser or ArgumentParser(prog="collect-stats", description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="dataset folder (or a split folder holding metadata.json)")
     parser.add_argument("--split", default="train", help="split to measure (default: train)")
     parser.add_argument("--size", type=int, default=224, help="side the images are resized and centre-cropped to (default: 224)")

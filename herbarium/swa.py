@@ -22,6 +22,7 @@ import torch
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
+from herbarium.arguments import ArgumentParser
 from herbarium.checkpoint import load_checkpoint, save_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.augment import build_train_transform
@@ -137,7 +138,7 @@ def recompute_batchnorm(model: torch.nn.Module, loader: DataLoader, device: torc
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herbarium swa", description="Stochastic weight averaging of a run's checkpoints "
+    parser = ArgumentParser(prog="herbarium swa", description="Stochastic weight averaging of a run's checkpoints "
                                      "(default: its SGDR snapshots), BatchNorm statistics recomputed on its training split.")
     parser.add_argument("run", help="run directory")
     parser.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint names (snapshot_2, last) or files (default: every checkpoints/snapshot_<k>.pt)")

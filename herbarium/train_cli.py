@@ -19,20 +19,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
 from herbarium.config import SECTIONS, DataConfig, LossConfig, O2UConfig, OptimConfig, TrainConfig
+from herbarium.config_file import option_defaults
 from herbarium.distributed import restart_count
 from herbarium.engine import train
 from herbarium.errors import UsageError, command
 from herbarium.models import ModelConfig
 from herbarium.optim import DEFAULT_LRS, parse_phases, parse_schedule
 from herbarium.options import add_options, dests, values_from_namespace
+from herbarium.provenance import command_line, environment
 from herbarium.recipes import recipe_defaults
 from herbarium.run_dir import RunDir
 
 # Config fields that get no generated option: the nested sections (each is a group of its own), the record of
 # options changed on resume, and the dataset folder, taken as the positional DATA (or --data) written below.
-NOT_OPTIONS: dict[type, tuple[str, ...]] = {TrainConfig: (*SECTIONS, "changes"), DataConfig: ("data",)}
+NOT_OPTIONS: dict[type, tuple[str, ...]] = {TrainConfig: (*SECTIONS, "changes", "environment"), DataConfig: ("data",)}
 PREFIXES = {"o2u": "o2u_"}  # sections whose options carry a prefix: --o2u-floor sets o2u.floor
 O2U_GROUP = "noisy labels (O2U reweighting; needs --schedule sgdr:...)"
 
@@ -76,18 +79,22 @@ def _add_run_control(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--resume", default=None, help="resume from a run directory or checkpoint; its saved config is used, and of the options given only those that may change on resume apply (see the README) (default: off)")
     group.add_argument("--resume-if-exists", action="store_true", help="continue the run in --out from its checkpoints/last.pt if there is one, else start it: re-running the same command after a crash picks up where it stopped (torchrun restarts do this by themselves) (default: off)")
     group.add_argument("--overwrite", action="store_true", help="replace the run already in --out instead of refusing (default: off)")
+    group.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON file giving option defaults (a run's own config.json replays that run); flags on the command line win (default: none)")
     group.add_argument("--quiet", action="store_true", help="no progress bars, for logs: the start-up summary, one line per epoch and the end-of-run summary stay (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog("train.py"), description="Train one trunk with a head per taxonomic rank.")
+    parser = ArgumentParser(prog=prog("train.py"), description="Train one trunk with a head per taxonomic rank.")
     return add_train_arguments(parser)
 
 
 def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` with the defaults of the ``--recipe`` it names; flags given explicitly still win."""
+    """Parse ``argv`` over the defaults of ``--config FILE`` and of the ``--recipe`` named (on the command line, else in
+    the file): the recipe's defaults, then the file's, then the flags given, each winning over the one before."""
     chosen, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**recipe_defaults(chosen.recipe))
+    from_file = option_defaults(chosen.config, parser, FIELD_PATHS) if chosen.config else {}
+    recipe = chosen.recipe if "recipe" in given_options(parser, argv) else from_file.get("recipe", chosen.recipe)
+    parser.set_defaults(**{**recipe_defaults(recipe), **from_file})
     return parser.parse_args(argv)
 
 
@@ -145,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 # how it treats bad input), not what it trains. Anything else given with a different value is refused.
 RESUME_CHANGEABLE = (
     "epochs", "checkpoint_every", "log_every", "workers", "device", "decode", "compile",
-    "nan_policy", "nan_skip_limit", "dist_timeout", "skip_bad_images", "data",
+    "nan_policy", "nan_skip_limit", "dist_timeout", "skip_bad_images", "data", "early_stop",
 )
 RUN_CONTROL = ("resume", "resume_if_exists", "overwrite", "out")  # say which run, not how it trains
 PER_INVOCATION = ("stop_after_epoch",)  # an instruction to this process only: taken from the command line, never kept
@@ -273,6 +280,9 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if args.resume:
         if args.overwrite or args.resume_if_exists:
             raise UsageError("--resume continues a run; drop --overwrite / --resume-if-exists")
+        if args.config:
+            raise UsageError(f"--config {args.config}: --resume continues with the run's own config; drop --config "
+                             "(or give the options to change on the command line)")
         run, checkpoint = locate_resume(args.resume)
         given = given_options(parser, argv)
         if "out" in given and Path(args.out).resolve() != run.path.resolve():
@@ -318,5 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_train_args(parser, argv)
     cfg, resume = run_config(parser, args, argv)
+    if resume is None:
+        cfg.environment = environment(parser.prog, command_line() if argv is None else argv)
     train(cfg, resume=resume, overwrite=args.overwrite and resume is None, quiet=args.quiet)
     return 0

@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 herbarium make-demo-data demo_data --overwrite
 collect-stats demo_data --size 64
-python train.py demo_data --levels species,genus,family --trunk resnet10t --size 64 \
+python train.py demo_data --levels species,genus,family --trunk resnet10t --no-pretrained --size 64 \
     --epochs 15 --batch-size 32 --optim adam@2e-3:0 --schedule cosine --out runs/demo --overwrite
 python tta_eval.py runs/demo --data demo_data --split test
 herbarium predict runs/demo demo_data/test/images --out runs/demo/predictions_test_images.csv --quiet

@@ -51,7 +51,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     cfg = TrainConfig(
         out=str(root / "run"), epochs=1, seed=0, device="cpu",
         data=DataConfig(data=str(data), size=32, batch_size=16, workers=0, holdout=0.1),
-        model=ModelConfig(trunk="resnet10t", dropout=0.0),
+        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.0),
         loss=LossConfig(levels=("species", "genus")),
         optim=OptimConfig(optim="adam@2e-3:0", schedule="constant"),
     )

@@ -214,7 +214,7 @@ def tiny_train_config(data_dir: Path, out: Path, *, epochs: int = 2, batch_size:
     cfg = TrainConfig(
         out=str(out), epochs=epochs, seed=3, device="cpu", log_every=log_every,
         data=DataConfig(data=str(data_dir), val_split="test", size=32, batch_size=batch_size, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.2),
+        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.2),
         loss=LossConfig(levels=("species", "genus", "family")),
         optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine"),
     )

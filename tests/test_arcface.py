@@ -78,7 +78,7 @@ def test_one_subcenter_equals_plain_arcface_and_k_takes_the_nearest_centre():
 
 def test_arcface_levels_give_those_ranks_arcface_and_targets_reach_them():
     torch.manual_seed(0)
-    cfg = ModelConfig(trunk=TINY, embedding_dim=16, dropout=0.0, arcface_levels=("species",), arcface_margin=0.5, arcface_scale=10.0)
+    cfg = ModelConfig(pretrained=False, trunk=TINY, embedding_dim=16, dropout=0.0, arcface_levels=("species",), arcface_margin=0.5, arcface_scale=10.0)
     model = build_model(cfg, {"genus": 3, "species": 5}).eval()
     assert isinstance(model.heads["species"], ArcFaceHead) and isinstance(model.heads["genus"], LinearHead)
     assert model.heads["species"].margin == 0.5 and model.heads["species"].scale == 10.0
@@ -92,10 +92,10 @@ def test_arcface_levels_give_those_ranks_arcface_and_targets_reach_them():
 
 
 def test_head_arcface_and_bad_settings_fail_clearly():
-    model = build_model(ModelConfig(trunk=TINY, head="arcface", arcface_subcenters=2), {"genus": 3, "species": 5})
+    model = build_model(ModelConfig(pretrained=False, trunk=TINY, head="arcface", arcface_subcenters=2), {"genus": 3, "species": 5})
     assert all(isinstance(head, ArcFaceHead) and head.subcenters == 2 for head in model.heads.values())
     with pytest.raises(ValueError, match="no head"):
-        build_model(ModelConfig(trunk=TINY, arcface_levels=("family",)), {"genus": 3, "species": 5})
+        build_model(ModelConfig(pretrained=False, trunk=TINY, arcface_levels=("family",)), {"genus": 3, "species": 5})
     with pytest.raises(ValueError, match="margin"):
         ModelConfig(arcface_margin=2.0)
     with pytest.raises(ValueError, match="subcenters"):
@@ -107,5 +107,5 @@ def test_head_arcface_and_bad_settings_fail_clearly():
 def test_config_with_arcface_round_trips_through_json():
     import json
 
-    cfg = ModelConfig(trunk=TINY, pool="gem", embedding_dim=32, arcface_levels=("species",), arcface_subcenters=3)
+    cfg = ModelConfig(pretrained=False, trunk=TINY, pool="gem", embedding_dim=32, arcface_levels=("species",), arcface_subcenters=3)
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

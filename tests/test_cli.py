@@ -35,7 +35,8 @@ def test_help_lists_every_command():
 def test_unknown_command_exits_2_with_the_valid_names():
     done = _run("trian")
     assert done.returncode == 2
-    assert f"unknown command 'trian'; choose one of {list(cli.COMMANDS)}" in done.stderr
+    assert done.stderr.strip() == (f"error: herbarium: unknown command 'trian'; did you mean 'herbarium train'?; "
+                                   f"choose one of {list(cli.COMMANDS)}")
     assert done.stdout == ""
 
 

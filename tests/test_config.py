@@ -17,7 +17,7 @@ def _custom() -> TrainConfig:
         out="runs/h2021", epochs=3, seed=7, stop_after_epoch=2,
         data=DataConfig(data="/data/h2021", val_split="val", ranks=("order", "family", "genus", "species"),
                         stats="/data/stats.json", size=320, workers=None, sampler="sqrt", skip_bad_images=True),
-        model=ModelConfig(trunk="resnet50", dropout=0.2, embedding_dim=512, pool="gem"),
+        model=ModelConfig(pretrained=False, trunk="resnet50", dropout=0.2, embedding_dim=512, pool="gem"),
         loss=LossConfig(levels=("species", "genus"), level_weights={"species": 2.0, "genus": 0.5},
                         loss="species=focal,genus=ce", gamma=1.5),
         optim=OptimConfig(optim="adam:0,sgd@0.01:10", clip_grad=5.0, weight_decay=None),

@@ -55,7 +55,7 @@ def tiny_config(data_dir: Path, out: Path, **changes) -> TrainConfig:
     cfg = TrainConfig(
         out=str(out), epochs=2, seed=1, device="cpu",
         data=DataConfig(data=str(data_dir), val_split="test", size=32, batch_size=16, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.0),
+        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.0),
         loss=LossConfig(levels=("species", "genus", "family")),
         optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine"),
     )

@@ -33,7 +33,7 @@ def snapshot_run(tmp_path_factory) -> tuple[Path, Path]:
     cfg = TrainConfig(
         out=str(root / "run"), epochs=2, seed=0, device="cpu", snapshots=True,
         data=DataConfig(data=str(data), val_split="test", size=32, batch_size=16, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.0, embedding_dim=16),
+        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.0, embedding_dim=16),
         loss=LossConfig(levels=("genus", "species")),
         optim=OptimConfig(optim="adam@2e-3:0", schedule="sgdr:1"),
     )

@@ -38,7 +38,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     cfg = TrainConfig(
         out=str(root / "run"), epochs=2, seed=0, device="cpu",
         data=DataConfig(data=str(data), val_split="test", size=32, batch_size=16, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.0),
+        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.0),
         loss=LossConfig(levels=("species", "genus", "family")),
         optim=OptimConfig(optim="adam@2e-3:0", schedule="constant"),
     )

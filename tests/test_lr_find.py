@@ -172,7 +172,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 def _common(demo: Path, out: Path) -> list[str]:
-    return [str(demo), "--trunk", "resnet10t", "--size", "32", "--batch-size", "16", "--workers", "0",
+    return [str(demo), "--trunk", "resnet10t", "--no-pretrained", "--size", "32", "--batch-size", "16", "--workers", "0",
             "--device", "cpu", "--val-split", "test", "--optim", "adam:0", "--out", str(out)]
 
 

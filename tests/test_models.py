@@ -45,7 +45,7 @@ def assert_rank_shapes(outputs: dict[str, torch.Tensor], batch: int) -> None:
 
 
 def test_config_round_trips_through_json():
-    cfg = ModelConfig(trunk=TINY, pool="gem", embedding_dim=32, dropout=0.2)
+    cfg = ModelConfig(pretrained=False, trunk=TINY, pool="gem", embedding_dim=32, dropout=0.2)
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
@@ -56,8 +56,8 @@ def test_config_rejects_invalid_choices_listing_valid_ones():
         ModelConfig(head="cosine")
     with pytest.raises(ValueError, match="valid keys"):
         ModelConfig.from_dict({"trunk": TINY, "num_classes": 3})
-    with pytest.raises(ValueError, match="choose one"):
-        ModelConfig(pretrained=True, weights="trunk.pth")
+    # a weights file takes the place of the pretrained weights (the default), and the config says so
+    assert ModelConfig(weights="trunk.pth").pretrained is False
 
 
 # --- shapes and gradients ------------------------------------------------
@@ -66,7 +66,7 @@ def test_config_rejects_invalid_choices_listing_valid_ones():
 @pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("embedding_dim", [0, 24])
 def test_tiny_model_returns_logits_per_rank(size, embedding_dim):
-    model = build_model(ModelConfig(trunk=TINY, embedding_dim=embedding_dim), CLASSES_BY_RANK).eval()
+    model = build_model(ModelConfig(pretrained=False, trunk=TINY, embedding_dim=embedding_dim), CLASSES_BY_RANK).eval()
     with torch.no_grad():
         outputs = model(torch.randn(2, 3, size, size))
     assert_rank_shapes(outputs, batch=2)
@@ -74,7 +74,7 @@ def test_tiny_model_returns_logits_per_rank(size, embedding_dim):
 
 
 def test_default_seresnext50_shapes():
-    cfg = ModelConfig()
+    cfg = ModelConfig(pretrained=False)
     assert cfg.trunk == "legacy_seresnext50_32x4d"
     model = build_model(cfg, CLASSES_BY_RANK).eval()
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_default_seresnext50_shapes():
 @pytest.mark.parametrize("trunk", [TINY, "mobilenetv3_small_050"])
 def test_gradients_reach_every_parameter(trunk):
     torch.manual_seed(0)
-    cfg = ModelConfig(trunk=trunk, pool="gem", embedding_dim=16, dropout=0.1)
+    cfg = ModelConfig(pretrained=False, trunk=trunk, pool="gem", embedding_dim=16, dropout=0.1)
     model = build_model(cfg, CLASSES_BY_RANK).train()
     outputs = model(torch.randn(2, 3, 32, 32))
     sum(logits.square().mean() for logits in outputs.values()).backward()
@@ -95,14 +95,14 @@ def test_gradients_reach_every_parameter(trunk):
 
 
 def test_any_input_size_works():
-    model = build_model(ModelConfig(trunk=TINY, pool="gem"), CLASSES_BY_RANK).eval()
+    model = build_model(ModelConfig(pretrained=False, trunk=TINY, pool="gem"), CLASSES_BY_RANK).eval()
     with torch.no_grad():
         for size in (32, 56):
             assert_rank_shapes(model(torch.randn(1, 3, size, size)), batch=1)
 
 
 def test_heads_follow_trunk_dtype():
-    cfg = ModelConfig(trunk=TINY, embedding_dim=8)
+    cfg = ModelConfig(pretrained=False, trunk=TINY, embedding_dim=8)
     trunk, num_features = create_trunk(cfg)
     trunk.to(torch.bfloat16)
     model = MultiRankModel(trunk, num_features, CLASSES_BY_RANK, cfg)
@@ -134,12 +134,12 @@ def test_unknown_pool_lists_choices():
 
 def test_unknown_timm_trunk_suggests_near_matches():
     with pytest.raises(ValueError, match="not a timm model.*close matches: .*resnet10t"):
-        create_trunk(ModelConfig(trunk="resnet10"))
+        create_trunk(ModelConfig(pretrained=False, trunk="resnet10"))
 
 
 def test_unknown_pretrainedmodels_trunk():
     with pytest.raises(ValueError, match="not a pretrainedmodels model"):
-        create_trunk(ModelConfig(trunk="pretrainedmodels:se_resnext51"))
+        create_trunk(ModelConfig(pretrained=False, trunk="pretrainedmodels:se_resnext51"))
 
 
 def test_pretrained_pretrainedmodels_trunk_names_the_file_for_weights():
@@ -153,7 +153,7 @@ def test_pretrained_pretrainedmodels_trunk_names_the_file_for_weights():
 
 def test_pretrainedmodels_trunk_and_its_weights_in_timm_legacy_seresnext(tmp_path):
     torch.manual_seed(0)
-    cadene = build_model(ModelConfig(trunk="pretrainedmodels:se_resnext50_32x4d"), CLASSES_BY_RANK).eval()
+    cadene = build_model(ModelConfig(pretrained=False, trunk="pretrainedmodels:se_resnext50_32x4d"), CLASSES_BY_RANK).eval()
     with torch.no_grad():
         assert_rank_shapes(cadene(torch.randn(1, 3, 96, 96)), batch=1)  # not 224: its own 7x7 pool is gone
 
@@ -163,7 +163,7 @@ def test_pretrainedmodels_trunk_and_its_weights_in_timm_legacy_seresnext(tmp_pat
     original = pretrainedmodels.se_resnext50_32x4d(num_classes=1000, pretrained=None).state_dict()
     path = tmp_path / "se_resnext50_32x4d.pth"
     torch.save(original, path)
-    timm_trunk, _ = create_trunk(ModelConfig())
+    timm_trunk, _ = create_trunk(ModelConfig(pretrained=False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing missing or unexpected: no warning
         report = load_trunk_weights(timm_trunk, path)
@@ -179,7 +179,7 @@ def test_pretrainedmodels_trunk_and_its_weights_in_timm_legacy_seresnext(tmp_pat
 
 def randomized_tiny_trunk(seed: int):
     torch.manual_seed(seed)
-    trunk, _ = create_trunk(ModelConfig(trunk=TINY))
+    trunk, _ = create_trunk(ModelConfig(pretrained=False, trunk=TINY))
     with torch.no_grad():
         for buffer in trunk.model.buffers():
             if buffer.is_floating_point():
@@ -218,10 +218,10 @@ def test_pth_round_trip_unwraps_containers_and_prefixes(tmp_path):
 
 
 def test_herbarium_model_state_gives_its_trunk(tmp_path):
-    model = build_model(ModelConfig(trunk=TINY), CLASSES_BY_RANK)
+    model = build_model(ModelConfig(pretrained=False, trunk=TINY), CLASSES_BY_RANK)
     path = tmp_path / "run.pth"
     torch.save({"model": model.state_dict(), "epoch": 1}, path)
-    restored = build_model(ModelConfig(trunk=TINY, weights=str(path)), {"species": 2})
+    restored = build_model(ModelConfig(pretrained=False, trunk=TINY, weights=str(path)), {"species": 2})
     assert_same_state(model.trunk.model, restored.trunk.model)
 
 
@@ -296,6 +296,6 @@ def test_efficientnet_lite0_alias_builds_a_pretrained_trunk():
 
 
 def test_pretrained_normalization_without_starting_weights_is_none():
-    assert pretrained_normalization(ModelConfig(trunk=TINY)) is None
+    assert pretrained_normalization(ModelConfig(pretrained=False, trunk=TINY)) is None
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert pretrained_normalization(ModelConfig(weights="trunk.pth")) == imagenet

@@ -35,7 +35,7 @@ def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
     cfg = TrainConfig(
         out=str(out), epochs=2, seed=0, device="cpu", log_every=0,
         data=DataConfig(data=str(data), val_split="test", size=32, batch_size=16, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.0),
+        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.0),
         loss=LossConfig(levels=("species",), loss="ce", class_weights="none"),
         optim=OptimConfig(optim="adam@2e-3:0", schedule="sgdr:1"),
         o2u=O2UConfig(enabled=True),

@@ -73,7 +73,7 @@ def test_an_empty_command_line_gives_the_dataclass_defaults():
 @pytest.mark.parametrize("parser", [build_parser(), eval_cli.build_parser()], ids=["train", "evaluate"])
 def test_every_option_help_states_its_default(parser):
     for action in parser._actions:
-        if action.option_strings and action.dest != "help" and not action.required:
+        if action.option_strings and action.dest not in ("help", "version") and not action.required:
             assert "(default: " in action.help, action.dest
 
 

@@ -86,7 +86,7 @@ def untrained_run(tmp_path_factory) -> tuple[Path, Path]:
     cfg = TrainConfig(
         out=str(root / "run"), epochs=1, seed=0, device="cpu",
         data=DataConfig(data=str(data), val_split="test", size=32, batch_size=16, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.0, embedding_dim=16, arcface_levels=("species",)),
+        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.0, embedding_dim=16, arcface_levels=("species",)),
         loss=LossConfig(levels=("genus", "species")),
         optim=OptimConfig(optim="adam@1e-3:0", schedule="constant"),
     )

@@ -94,10 +94,10 @@ def test_best_record_is_the_first_best():
 
 
 def test_scratch_warning_for_a_large_trunk_on_few_images():
-    cfg = TrainConfig(model=ModelConfig(trunk="legacy_seresnext50_32x4d"))
+    cfg = TrainConfig(model=ModelConfig(pretrained=False, trunk="legacy_seresnext50_32x4d"))
     warning = run_summary.scratch_warning(cfg, 25_500_000, 2_000)
     assert "legacy_seresnext50_32x4d (25.5M parameters) from random initialisation on 2,000 images" in warning
-    assert "--pretrained" in warning and "--weights FILE" in warning
+    assert "drop --no-pretrained" in warning and "--weights FILE" in warning
     assert run_summary.scratch_warning(cfg, 25_500_000, 500_000) is None
     assert run_summary.scratch_warning(cfg, 4_900_000, 2_000) is None
     pretrained = TrainConfig(model=ModelConfig(trunk="legacy_seresnext50_32x4d", pretrained=True))

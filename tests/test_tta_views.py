@@ -159,7 +159,7 @@ def test_evaluate_with_fivecrop_and_flip(demo, tmp_path):
     cfg = TrainConfig(
         out=str(tmp_path / "run"), epochs=1, seed=0, device="cpu",
         data=DataConfig(data=str(demo), val_split="test", size=SIZE, batch_size=16, workers=0),
-        model=ModelConfig(trunk="resnet10t", dropout=0.0),
+        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.0),
         loss=LossConfig(levels=("species", "genus", "family")),
         optim=OptimConfig(optim="adam@2e-3:0", schedule="constant"),
     )

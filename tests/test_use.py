@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -179,6 +180,10 @@ def test_export_onnx_reloads_with_the_same_logits(trained, reference, tmp_path):
     written = export(run_dir, ["onnx"], tmp_path)
     session = runtime.InferenceSession(str(written["onnx"]))
     assert [output.name for output in session.get_outputs()] == ["species", "genus"]
+    metadata = session.get_modelmeta().custom_metadata_map  # class names and normalisation travel with the graph
+    assert json.loads(metadata["ranks"]) == ["species", "genus"]
+    assert json.loads(metadata["class_names"])["genus"] == loaded.taxonomy.names["genus"]
+    assert json.loads(metadata["mean"]) == list(loaded.profile.mean) and metadata["size"] == "32"
     outputs = session.run(None, {"images": images.numpy()})
     for rank, value in zip(("species", "genus"), outputs):
         torch.testing.assert_close(torch.from_numpy(value), logits[rank], rtol=1e-4, atol=1e-4)
@@ -193,3 +198,100 @@ def test_export_onnx_without_the_package_says_what_to_install(trained, tmp_path,
         cli.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")])
     assert "pip install 'herbarium[onnx]'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written
+
+
+# ------------------------------------------------- the API on arrays and tensors
+def test_predict_takes_numpy_and_tensors_pixels_and_model_input(trained):
+    data, run_dir = trained
+    run = herbarium.load(run_dir, device="cpu")
+    files = image_files(data)[:3]
+    pils = [Image.open(f).convert("RGB") for f in files]
+    expected = run.predict(pils, topk=3)
+    by_array = run.predict([np.asarray(image) for image in pils], topk=3)
+    by_uint8_tensor = run.predict([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in pils], topk=3)
+    normalised = torch.stack([run.transform(image) for image in pils])  # [3, 3, 32, 32] float: fed as it is
+    by_model_input = run.predict(normalised, topk=3, batch_size=2)
+    for got in (by_array, by_uint8_tensor, by_model_input):
+        assert [(p.index, p.path, p.consistent) for p in got] == [(p.index, None, p.consistent) for p in expected]
+        for mine, theirs in zip(got, expected):
+            for rank in run.ranks:
+                assert [n for n, _ in mine.top[rank]] == [n for n, _ in theirs.top[rank]]
+                assert [q for _, q in mine.top[rank]] == pytest.approx([q for _, q in theirs.top[rank]], abs=1e-5)
+    # one array, and a mixed list in input order
+    assert len(run.predict(np.asarray(pils[0]))) == 1
+    mixed = run.predict([files[0], normalised[1], np.asarray(pils[2])], topk=3)
+    assert [p.consistent for p in mixed] == [p.consistent for p in expected]
+    assert [p.path for p in mixed] == [str(files[0]), None, None]
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (np.zeros((8, 8, 3), dtype=np.float32), "numpy array of shape \\[8, 8, 3\\] and dtype float32"),
+    (torch.zeros(3, 20, 20), "float32 tensor of shape \\[3, 20, 20\\]: .*float tensors \\[3, 32, 32\\]"),
+    (torch.zeros(1, 32, 32, dtype=torch.uint8), "tensor of shape \\[1, 32, 32\\]"),
+])
+def test_predict_names_the_rule_for_a_wrong_array(trained, image, message):
+    run = herbarium.load(trained[1], device="cpu")
+    with pytest.raises(ValueError, match=message):
+        run.predict(image)
+
+
+def test_model_input_refuses_tta_views_and_decoding_is_public(trained):
+    run = herbarium.load(trained[1], device="cpu")
+    with pytest.raises(ValueError, match="needs images to augment"):
+        run.predict(torch.zeros(3, 32, 32), views="flip")
+    scores = run.log_probs(torch.zeros(2, 1, 3, 32, 32))
+    decoded = run.decode(scores)
+    assert set(decoded) == set(run.taxonomy.ranks) and decoded["species"].shape == (2,)
+    species = run.predict(torch.zeros(3, 32, 32))[0].consistent["species"]
+    assert run.taxonomy.names["species"][int(decoded["species"][0])] == species
+
+
+def test_load_is_listed_by_dir():
+    assert {"load", "Run", "Prediction"} <= set(dir(herbarium))
+
+
+def test_run_to_returns_the_run_on_the_device(trained):
+    run = herbarium.load(trained[1], device="cpu")
+    assert run.to("cpu") is run and run.device == torch.device("cpu")
+    assert next(run.model.parameters()).device == torch.device("cpu")
+
+
+# ----------------------------------------------------- exports without herbarium
+def test_the_safetensors_export_is_a_timm_model_folder_with_the_same_features(trained, reference, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    from herbarium.export import export
+
+    _, run_dir = trained
+    loaded, images, logits = reference
+    written = export(run_dir, ["safetensors"], tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == "resnet10t" and config["num_features"] == 512
+    assert config["pretrained_cfg"]["mean"] == list(loaded.profile.mean)
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["label_names_by_rank"]["species"] == loaded.taxonomy.names["species"]
+    trunk = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    with torch.no_grad():
+        features = trunk(images)
+        torch.testing.assert_close(features, loaded.model.trunk(images))
+    heads = load_file(str(tmp_path / "heads.safetensors"))  # the README's recipe for the logits without herbarium
+    species = features @ heads["heads.species.fc.weight"].T + heads["heads.species.fc.bias"]
+    torch.testing.assert_close(species, logits["species"], rtol=1e-4, atol=1e-5)
+    assert list(timm.data.resolve_data_config({}, model=trunk)["mean"]) == list(loaded.profile.mean)
+    for path in written.values():
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_torch_export_program_reloads_with_the_same_logits(trained, reference, tmp_path, capsys):
+    _, run_dir = trained
+    _, images, logits = reference
+    assert cli.main(["export", str(run_dir), "--format", "export", "--out", str(tmp_path)]) == 0
+    assert "model.pt2" in capsys.readouterr().out
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    with torch.no_grad():
+        outputs, one = program(images), program(images[:1])  # another batch size than the example's
+    for rank in ("species", "genus"):
+        torch.testing.assert_close(outputs[rank], logits[rank], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(one[rank], logits[rank][:1], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "model.pt2").stat().st_mode & 0o777 == 0o644

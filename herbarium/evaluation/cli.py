@@ -5,22 +5,24 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
 from herbarium.errors import command
 from herbarium.evaluation.runner import evaluate
 from herbarium.evaluation.settings import EvaluationSettings
+from herbarium.evaluation.summary import end_lines
 from herbarium.options import add_options, values_from_namespace
 
 # The settings shown in each group of --help, by field; the test-time augmentation group shows every other one.
 DATA_SETTINGS = ("batch_size", "workers", "skip_bad_images", "decode")
 RETRIEVAL_SETTINGS = ("retrieval_gallery", "retrieval_mode", "retrieval_k", "retrieval_weight", "retrieval_levels",
                       "retrieval_scale")
-OUTPUT_SETTINGS = ("shot_thresholds", "device", "precision")
+OUTPUT_SETTINGS = ("shot_thresholds", "device", "precision", "quiet")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Which runs and data to evaluate (written here), then one option per :class:`EvaluationSettings` field."""
-    parser = argparse.ArgumentParser(prog=prog("tta_eval.py"), description="Test-time-augmentation evaluation of runs or checkpoints, "
+    parser = ArgumentParser(prog=prog("tta_eval.py"), description="Test-time-augmentation evaluation of runs or checkpoints, "
                                      "with hierarchy-aware decoding, a report and a submission file.")
     parser.add_argument("runs", nargs="+", help="run directories (best.pt, else last.pt) or checkpoint files; several make an ensemble")
     data = parser.add_argument_group("data")
@@ -42,25 +44,6 @@ def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
     return values_from_namespace(EvaluationSettings, args)
 
 
-def summary(result: dict) -> str:
-    metrics = result["metrics"]
-    lines = []
-    throughput = metrics["throughput"]
-    lines.append(f"{throughput['images_per_s']:.1f} images/s ({throughput['views']} views, {throughput['models']} model(s)) on {throughput['hardware']}")
-    if "variants" in metrics:
-        for variant, ranks in metrics["variants"].items():
-            scores = "  ".join(f"{rank} F1 {m['macro_f1']:.3f} top1 {m['top1']:.3f}" for rank, m in ranks.items())
-            lines.append(f"{variant:>24}: {scores}")
-    lines.append(f"report: {result['paths']['html']}")
-    lines.append(f"submission: {result['out_dir'] / 'submission.csv'}")
-    if metrics.get("skipped_bad_images"):
-        fallback = metrics.get("fallback", {})
-        lines.append(f"skipped {metrics['skipped_bad_images']} unreadable images (--skip-bad-images); they are in submission.csv "
-                     f"with the most frequent training class ({fallback.get('category_id')}), marked in the fallback column "
-                     "of predictions.csv, and left out of the metrics")
-    return "\n".join(lines)
-
-
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -70,5 +53,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     result = evaluate(args.runs, args.data, args.split, args.labels, args.out, settings)
-    print(summary(result))
+    print("\n".join(end_lines(result)))
     return 0

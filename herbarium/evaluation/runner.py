@@ -37,6 +37,7 @@ from herbarium.evaluation.metrics import evaluate_predictions, paired_bootstrap
 from herbarium.evaluation.report import write_report
 from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
 from herbarium.evaluation.submission import top_k_probabilities, write_predictions, write_submission
+from herbarium.evaluation.summary import startup_lines
 from herbarium.evaluation.tta import (
     InputProfile, MultiViewDataset, collate_views, plain_view_index, view_decode_side, view_transform,
 )
@@ -46,6 +47,7 @@ from herbarium.retrieval import (
 from herbarium.run_dir import locate_checkpoint, model_from_checkpoint
 from herbarium.runtime import autocast, autocast_dtype, default_workers, resolve_device
 from herbarium.taxonomy import Taxonomy
+from herbarium.terminal import show_progress
 
 TOP_K = 5
 
@@ -166,7 +168,8 @@ def choose_primary(models: Sequence[LoadedModel], data: str | Path, taxonomy: Ta
     if split is None or not split.labelled:
         return PrimaryChoice(FALLBACK_PRIMARY, "the run has no labelled validation split to choose on: the default")
     loader = build_view_loader(split, taxonomy, models, settings, device)
-    outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights)
+    outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights,
+                      desc=f"headline variant on {split.name}")
     return primary_from_validation(outputs, taxonomy, f"the run's validation split {split.name} ({len(split)} images)")
 
 
@@ -307,7 +310,7 @@ def build_view_loader(split: DatasetSplit, taxonomy: Taxonomy, models: Sequence[
 
 def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], taxonomy: Taxonomy, settings: EvaluationSettings,
             device: torch.device, galleries: Sequence[Gallery] | None = None,
-            class_weights: Sequence[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+            class_weights: Sequence[dict[str, torch.Tensor]] | None = None, desc: str = "evaluate") -> dict[str, Any]:
     """Run every model over every view; keep each variant's predictions and top-k.
 
     With ``galleries`` (one per model) a ``retrieval`` variant mixes the
@@ -328,7 +331,8 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
     inconsistent: dict[str, torch.Tensor] = {}  # variant -> images whose heads disagree, counted on the device
     started, images_done = time.perf_counter(), 0
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                          disable=not show_progress(settings.quiet)):
             skipped += batch["skipped"]
             if "views" not in batch:
                 continue
@@ -403,7 +407,8 @@ def build_gallery(loaded: LoadedModel, split: DatasetSplit, taxonomy: Taxonomy, 
     loader = build_view_loader(split, taxonomy, [loaded], replace(settings, views=("plain", "flip")), device)
     rows = 0
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="gallery", unit="batch", leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=f"retrieval gallery {split.name}", unit="batch", leave=False, dynamic_ncols=True,
+                          disable=not show_progress(settings.quiet)):
             if "views" not in batch:
                 continue
             views = batch["views"][0].to(device, non_blocking=True)  # [B, 2, 3, H, W]: plain and flipped
@@ -439,7 +444,7 @@ def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, ta
             raise UsageError(f"{loaded.source}: its run was trained without validation (--holdout 0); "
                              "pass --weights-split SPLIT, a labelled split of --data")
         loader = build_view_loader(split, taxonomy, [loaded], plain_settings, device)
-        outputs = predict([loaded], loader, taxonomy, plain_settings, device)
+        outputs = predict([loaded], loader, taxonomy, plain_settings, device, desc=f"class weights on {split.name}")
         predictions = outputs["predictions"]["tta_heads"]
         accuracies.append({rank: per_class_accuracy(outputs["targets"][:, taxonomy.ranks.index(rank)], predicted,
                                                     taxonomy.num_classes(rank))
@@ -484,6 +489,12 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
     taxonomy = check_same_taxonomy(models)
     first = models[0]
     split_data = read_split(data, split, first.config.data.ranks, taxonomy=taxonomy, labels=labels)
+    decode = select_decode(settings.decode, device)
+    out_dir = Path(out) if out else locate_checkpoint(checkpoints[0])[1].eval_dir(split)
+    for line in startup_lines([describe_model(m) for m in models], [str(m.source) for m in models], data, split,
+                              len(split_data), split_data.labelled, settings, hardware(device), decode,
+                              settings.batch_for(device), out_dir):
+        tqdm.write(line)
     galleries = None
     if settings.retrieval_gallery:
         ranks = retrieval_ranks(models, taxonomy, settings.retrieval_levels)
@@ -491,10 +502,8 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
         galleries = [build_gallery(loaded, gallery_split, taxonomy, settings, device, ranks) for loaded in models]
     class_weights, validation_accuracy = (validation_class_weights(models, data, taxonomy, settings, device)
                                           if settings.class_weighted else (None, None))
-    decode = select_decode(settings.decode, device)
     loader = build_view_loader(split_data, taxonomy, models, settings, device, decode)
-    outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights)
-    out_dir = Path(out) if out else locate_checkpoint(checkpoints[0])[1].eval_dir(split)
+    outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights, desc=f"evaluate {split}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     choice = choose_primary(models, data, taxonomy, settings, device, galleries, class_weights)

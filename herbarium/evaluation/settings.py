@@ -73,6 +73,8 @@ class EvaluationSettings:
                "weight per model", flag="--class-weighted-ensemble")
     weights_split: str = option("val", "split the class weights are measured on: 'val' = each run's own validation "
                                        "split, or a split of --data")
+    quiet: bool = option(False, "no progress bars, for logs: the start-up and end summaries stay (bars are also off "
+                                "when stderr is not a terminal)")
     class_weight_power: float = option(2.0, "per-class accuracy is raised to this power before normalising across models")
 
     def __post_init__(self) -> None:

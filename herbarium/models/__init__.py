@@ -20,8 +20,9 @@ from .pretrained import (
     pretrained_source,
     read_state_dict,
 )
+from .hub import PretrainedWeightsError
 from .trunks import (
-    TRUNK_ALIASES, PretrainedModelsTrunk, PretrainedWeightsError, TimmTrunk, Trunk, create_trunk, resolve_trunk_name,
+    TRUNK_ALIASES, PretrainedModelsTrunk, TimmTrunk, Trunk, create_trunk, resolve_trunk_name,
 )
 
 __all__ = [

@@ -25,9 +25,12 @@ class ModelConfig:
                                     "aliases, pretrainedmodels:NAME for the Cadene pretrainedmodels package, or an alias "
                                     "with packaged weights (efficientnet_lite0/1/2)")
     pretrained: bool = option(
-        False, "start from ImageNet weights: packaged for efficientnet_lite0/1/2, else timm's own (its local cache, else "
-               "a download); offline without them, says which file to pass with --weights")
-    weights: str | None = option(None, "local trunk weights: .pth/.pt or .safetensors", aliases=("--trunk-weights",))
+        True, "start from ImageNet weights: packaged for efficientnet_lite0/1/2, else timm's own from its hub cache "
+              "(downloaded there when online; HF_HUB_OFFLINE=1 honoured); offline without them, stops at once saying "
+              "which file to get. --no-pretrained: random weights", flag="--pretrained", negate="--no-pretrained",
+        default_text="pretrained")
+    weights: str | None = option(None, "local trunk weights: .pth/.pt or .safetensors; they take the place of the "
+                                       "pretrained ones", aliases=("--trunk-weights",))
     pool: str = option("avg", "global pooling of the trunk's features", choices=POOLS)
     dropout: float = option(0.2, "dropout before each head (0.5 worked for AliProducts from scratch; a pretrained "
                                  "trunk fine-tuned on few images wants less)")
@@ -60,10 +63,8 @@ class ModelConfig:
             raise ValueError(f"arcface_scale must be > 0, got {self.arcface_scale}")
         if self.arcface_subcenters < 1:
             raise ValueError(f"arcface_subcenters must be >= 1, got {self.arcface_subcenters}")
-        if self.pretrained and self.weights:
-            raise ValueError(
-                "pretrained=True and weights=FILE both ask for trunk weights; choose one"
-            )
+        if self.weights:
+            self.pretrained = False  # a weights file takes the place of the pretrained weights, and the config says so
 
     def head_of(self, rank: str) -> str:
         """The kind of head ``rank`` gets."""

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 from herbarium.checkpoint import pickle_refusal
 
 from .config import ModelConfig
-from .trunks import TRUNK_ALIASES, PretrainedWeightsError, Trunk, import_pretrainedmodels, resolve_trunk_name
+from .hub import PretrainedWeightsError
+from .trunks import TRUNK_ALIASES, Trunk, import_pretrainedmodels, resolve_trunk_name
 
 # Keys under which training scripts commonly nest the state dict.
 CONTAINER_KEYS = ("state_dict", "model", "model_state")
@@ -267,8 +268,8 @@ def pretrained_source(trunk_name: str) -> str:
     settings = import_pretrainedmodels().pretrained_settings.get(name, {})
     url = next((entry.get("url") for entry in settings.values() if entry.get("url")), None)
     raise PretrainedWeightsError(
-        f"--pretrained works for timm trunks; for {trunk_name!r} get the weights file"
-        f"{f' {url}' if url else ''} and pass it with --weights FILE"
+        f"pretrained weights are fetched for timm trunks only; for {trunk_name!r} get the weights file"
+        f"{f' {url}' if url else ''} and pass it with --weights FILE, or train from random weights with --no-pretrained"
     )
 
 

@@ -11,11 +11,12 @@ Two sources of architectures:
   used here and our own pooling follows.
 
 Models are built with random initialisation and weights come from local
-files or installed packages (see ``pretrained.py``), except when the user
-asks for a timm model's own ImageNet weights (``--pretrained``): then timm's
-own mechanism finds them, in its local cache first, downloading only if they
-are not there; when neither works, :class:`PretrainedWeightsError` says
-which file to get and how to pass it with ``--weights``.
+files or installed packages (see ``pretrained.py``), except for a timm
+model's own ImageNet weights (pretrained, the default, for any trunk without
+packaged weights): timm reads them from the hub's cache, or downloads them
+there when the hub can be reached; when neither works,
+:class:`~herbarium.models.hub.PretrainedWeightsError` says at once what to
+do (see :mod:`herbarium.models.hub`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .hub import PretrainedWeightsError, create_pretrained
 from .pooling import build_pool
 
 # Names that mean "this timm architecture, with weights from a pip package".
@@ -149,39 +151,6 @@ def _near_matches(name: str, candidates: list[str]) -> str:
     return f"; close matches: {', '.join(matches)}" if matches else ""
 
 
-class PretrainedWeightsError(ValueError):
-    """Pretrained trunk weights were asked for and cannot be had; the message says what to do."""
-
-
-def timm_weights_source(name: str) -> str:
-    """Where timm takes the default pretrained weights of ``name`` from: a file to fetch, or '' if it has none."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None:
-        return ""
-    if cfg.hf_hub_id:
-        return f"{cfg.hf_hub_filename or 'model.safetensors'} of https://huggingface.co/{cfg.hf_hub_id}"
-    return cfg.url or cfg.file or ""
-
-
-def _create_pretrained_timm_model(name: str, kwargs: dict) -> nn.Module:
-    """timm's own ``pretrained=True``: its local cache (HF_HOME, torch hub), else a download the user asked for."""
-    source = timm_weights_source(name)
-    if not source:
-        raise PretrainedWeightsError(
-            f"--pretrained: timm has no pretrained weights for {name!r}; train from scratch (drop --pretrained) "
-            f"or pass a local state dict with --weights FILE"
-        )
-    try:
-        return timm.create_model(name, pretrained=True, num_classes=0, global_pool="", **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:  # cache miss offline, no network, a corrupt file
-        reason = " ".join(str(err).split())
-        reason = reason if len(reason) <= 160 else reason[:159] + "…"
-        raise PretrainedWeightsError(
-            f"--pretrained: the ImageNet weights of {name!r} are neither in timm's local cache nor downloadable here "
-            f"({type(err).__name__}: {reason}). Get the file {source} and pass it with --weights FILE instead of --pretrained"
-        ) from err
-
-
 def _create_timm_model(name: str, drop_path: float, pretrained: bool = False) -> nn.Module:
     if not timm.is_model(name):
         raise ValueError(
@@ -192,7 +161,7 @@ def _create_timm_model(name: str, drop_path: float, pretrained: bool = False) ->
     kwargs = {"drop_path_rate": drop_path} if drop_path > 0 else {}
     try:
         if pretrained:
-            return _create_pretrained_timm_model(name, kwargs)
+            return create_pretrained(name, num_classes=0, global_pool="", **kwargs)
         return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
     except TypeError as err:
         if kwargs:
@@ -228,7 +197,7 @@ def _create_pretrainedmodels_model(name: str, drop_path: float) -> nn.Module:
 
 def create_trunk(cfg: ModelConfig, timm_pretrained: bool = False) -> tuple[Trunk, int]:
     """Build the trunk named by ``cfg.trunk`` with random initialisation, or with timm's own
-    pretrained weights when ``timm_pretrained`` (see :func:`_create_pretrained_timm_model`).
+    pretrained weights when ``timm_pretrained`` (see :mod:`herbarium.models.hub`).
 
     Returns:
         ``(trunk, num_features)``: ``trunk(images)`` maps [B, 3, H, W] to

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from herbarium.arguments import ArgumentParser
 from herbarium.config import TrainConfig
 from herbarium.data.splits import read_image_ids
 from herbarium.engine import train
@@ -105,7 +106,7 @@ def finetune_config(cfg: TrainConfig, kept_csv: Path, epochs: int, start_from: s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herbarium clean-labels", description="Train on part of the training split, predict the rest, "
+    parser = ArgumentParser(prog="herbarium clean-labels", description="Train on part of the training split, predict the rest, "
                                      "flag labels the prediction disagrees with (flagged.csv) and write a class-balanced clean subset (kept.csv).")
     add_kfold_arguments(add_train_arguments(parser), default_folds=2)
     group = parser.add_argument_group("cleaning")

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from herbarium.arguments import ArgumentParser
 from herbarium.data.readers import read_json
 from herbarium.errors import command
 
@@ -69,7 +70,7 @@ def inject_label_noise(data: str | Path, out: str | Path, fraction: float, seed:
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="herbarium inject-label-noise", description="Copy a dataset (images linked) with a fraction "
+    parser = ArgumentParser(prog="herbarium inject-label-noise", description="Copy a dataset (images linked) with a fraction "
                                      "of one split's labels flipped to another category; the changes go to <split>/flipped_labels.csv.")
     parser.add_argument("data", help="dataset folder (DATA/<split>/metadata.json layout)")
     parser.add_argument("out", help="folder to write; must be empty or absent")
