@@ -17,8 +17,8 @@ few lines.
 Sizes: Herbarium 2020 (FGVC7) 1,030,747 train / 138,292 test images,
 32,093 species, 3,700 genera, 310 families, train metadata in latin-1;
 Herbarium 2021 (FGVC8) 2,257,759 / 243,020 images, 64,500 species in four
-ranks (the order, family and genus counts are ours: the issue fixes only the
-species). Training counts per species are long-tailed (Zipf, at least one
+ranks (the order, family and genus counts are ours: the competitions'
+published figures fix only the species). Training counts per species are long-tailed (Zipf, at least one
 image each).
 """
 
@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ from torch import nn
 from herbarium import retrieval
 from herbarium.data.dataset import ImageDataset
 from herbarium.data.gpu import loader_workers
+from herbarium.data.index_cache import read_split_indexed
 from herbarium.data.readers import DatasetSplit, Sample, read_split
 from herbarium.evaluation import decoding, runner
 from herbarium.evaluation.settings import EvaluationSettings
@@ -149,6 +151,33 @@ def step_read_split(size: Size, data: Path, args: argparse.Namespace) -> dict[st
     """Row 5: what every process does before its first step: read the split, then a loader's target table."""
     started = time.perf_counter()
     split = read_split(data, "train", tuple(size.classes))
+    read = time.perf_counter() - started
+    started = time.perf_counter()
+    ImageDataset(split, split.taxonomy.ranks, transform=lambda image: image)
+    return {"images": len(split), "read_split_s": read, "target_table_s": time.perf_counter() - started}
+
+
+def _cached_index(data: Path):
+    """Keep the start-up index under the benchmark's own folder, not the user's cache (while the step runs)."""
+    return mock.patch.dict(os.environ, {"HERBARIUM_CACHE": str(data / "index_cache")})
+
+
+def step_index_build(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Row 5, after: the first process of a node parses the metadata once and writes the start-up index."""
+    shutil.rmtree(data / "index_cache", ignore_errors=True)
+    started = time.perf_counter()
+    with _cached_index(data):
+        split = read_split_indexed(data, "train", tuple(size.classes))
+    return {"images": len(split), "parse_and_index_s": time.perf_counter() - started}
+
+
+def step_index_load(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Row 5, after: what every other process does: map the cached index, then a loader's target table."""
+    if not (data / "index_cache").is_dir():
+        step_index_build(size, data, args)
+    started = time.perf_counter()
+    with _cached_index(data):
+        split = read_split_indexed(data, "train", tuple(size.classes))
     read = time.perf_counter() - started
     started = time.perf_counter()
     ImageDataset(split, split.taxonomy.ranks, transform=lambda image: image)
@@ -302,11 +331,14 @@ def step_gallery(size: Size, data: Path, args: argparse.Namespace) -> dict[str, 
     return figures
 
 
+METADATA_STEPS = {"read_split", "index_build", "index_load"}  # the steps that read the synthetic metadata
 STEPS: dict[str, Callable[[Size, Path, argparse.Namespace], dict[str, Any]]] = {
     "evaluate": step_evaluate,
     "disagreement": step_disagreement,
     "workers": step_workers,
     "read_split": step_read_split,
+    "index_build": step_index_build,
+    "index_load": step_index_load,
     "stats": step_stats,
     "gallery": step_gallery,
 }
@@ -385,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     for size_name in sizes:
         size = SIZES[size_name].scaled(args.scale) if args.scale != 1 else SIZES[size_name]
         marker = out / size_name / "size.json"
-        if "read_split" in steps and (not marker.is_file() or json.loads(marker.read_text()) != asdict(size)):
+        if METADATA_STEPS & set(steps) and (not marker.is_file() or json.loads(marker.read_text()) != asdict(size)):
             write_metadata(size, out / size_name)
             marker.write_text(json.dumps(asdict(size)))
         results[size_name] = {}

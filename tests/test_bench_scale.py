@@ -39,7 +39,9 @@ def test_every_step_reports_its_figures(tmp_path):
     size = scale.SIZES["h2020"].scaled(args.scale)
     scale.write_metadata(size, tmp_path / "h2020")
     results = {name: scale.run_step(name, "h2020", args) for name in scale.STEPS}
-    assert set(results) == {"evaluate", "disagreement", "workers", "read_split", "stats", "gallery"}
+    assert set(results) == {"evaluate", "disagreement", "workers", "read_split", "index_build", "index_load", "stats",
+                            "gallery"}
+    assert results["index_build"]["images"] == results["index_load"]["images"] == size.train
     assert results["disagreement"]["median_ms_per_batch"] > 0
     assert all(figures["peak_resident_gb"] > 0 and figures["step_s"] >= 0 for figures in results.values())
     assert results["read_split"]["images"] == size.train
