@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 WRAPPER = Path(__file__).resolve().parent / "fault_wrapper.py"
 # 2 epochs of 5 steps of 8 images (the training split holds 47), a checkpoint every 2 steps.
-TRAIN = ["--val-split", "test", "--size", "32", "--trunk", "resnet10t", "--dropout", "0.2", "--optim", "adam@2e-3:0",
+TRAIN = ["--val-split", "test", "--size", "32", "--trunk", "resnet10t", "--no-pretrained", "--dropout", "0.2", "--optim", "adam@2e-3:0",
          "--schedule", "cosine", "--seed", "3", "--device", "cpu", "--log-every", "1", "--epochs", "2",
          "--checkpoint-every", "2", "--quiet"]
 

@@ -19,6 +19,7 @@ from herbarium.data.images import BadImageError, load_rgb
 from herbarium.data.readers import CsvColumns, read_split
 from herbarium.data.splits import stratified_sample
 from herbarium.demo import make_demo_data
+from herbarium import stats
 from herbarium.stats import compute_stats, main, stats_transform
 from herbarium.stats_file import IMAGENET_MEAN, IMAGENET_STD, default_stats_path, read_normalization
 
@@ -260,8 +261,9 @@ def test_sample_measures_the_drawn_images_and_gives_their_standard_error(train_s
     assert "sample" not in whole and whole["num_images"] == 9  # a sample of every image is the exact pass
 
 
-def test_main_sample_prints_the_standard_error_and_the_progress_shows_the_time_left(herbarium2020, capsys):
+def test_main_sample_prints_the_standard_error_and_the_progress_shows_the_time_left(herbarium2020, capsys, monkeypatch):
     data = herbarium2020["train"].root.parent
+    monkeypatch.setattr(stats, "show_progress", lambda quiet=False, stream=None: not quiet)  # as on a terminal
     assert main([str(data), "--size", str(SIZE), "--workers", "0", "--sample", "4", "--seed", "2"]) == 0
     captured = capsys.readouterr()
     assert f"a stratified sample of 4 of the 9 images (seed 2) of split 'train' at {SIZE} px" in captured.out
