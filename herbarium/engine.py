@@ -27,9 +27,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from herbarium import run_summary
+from herbarium import run_guard, run_summary
 from herbarium.build import build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from herbarium.cli import prog
 from herbarium.config import NAN_POLICIES, TrainConfig
 from herbarium.data.gpu import loader_workers
 from herbarium.data.images import BadImageError
@@ -37,11 +38,11 @@ from herbarium.data.splits import read_train_val
 from herbarium.distributed import (
     DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed, is_collective_failure, timeout_text,
 )
-from herbarium.errors import DistributedError, HerbariumError, UsageError
+from herbarium.errors import DistributedError, HerbariumError, Interrupted, UsageError
 from herbarium.evaluation.metrics import macro_f1
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_schedule
-from herbarium.run_dir import RunDir
+from herbarium.run_dir import RunDir, check_checkpoint_classes
 from herbarium.runtime import autocast, autocast_dtype, resolve_device
 
 
@@ -259,6 +260,7 @@ class Trainer:
 
         self.train_split, self.val_split = read_train_val(cfg)
         self.taxonomy = self.train_split.taxonomy
+        self.taxonomy_fingerprint = self.taxonomy.fingerprint()  # in every checkpoint: which classes its heads mean
         for rank in self.levels:
             self.taxonomy.check_rank(rank)
         self.finest_level = max(self.levels, key=self.taxonomy.rank_index)  # best.pt is chosen on its macro-F1
@@ -347,6 +349,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "levels": list(self.levels),
             "classes": {rank: self.taxonomy.num_classes(rank) for rank in self.levels},
+            "taxonomy_fingerprint": self.taxonomy_fingerprint,
             **({"o2u": self.o2u.state_dict()} if self.o2u is not None else {}),
         }
 
@@ -359,6 +362,7 @@ class Trainer:
         if path.is_dir():
             path = RunDir(path).last
         state = load_checkpoint(path, map_location=self.device)
+        check_checkpoint_classes(state, path, self.run, self.taxonomy)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -388,11 +392,7 @@ class Trainer:
         """The run's own files before its first epoch; a new run refuses a folder that holds one unless told to replace it."""
         if not self.context.is_main:
             return
-        if not self.resuming and self.run.has_checkpoints():
-            if not self.overwrite:
-                raise FileExistsError(f"{self.run} already holds a run; pass --resume {self.run} to continue it, "
-                                      "--overwrite to start again, or another --out")
-            self.run.clear_training_outputs()
+        self.lock = run_guard.claim(self.run, resuming=self.resuming, overwrite=self.overwrite)  # held until exit
         counts = {rank: self.taxonomy.counts(self.train_split.category_ids(), rank) for rank in self.taxonomy.ranks}
         self.run.write_files(self.cfg, self.taxonomy, self.normalization, counts)
 
@@ -411,6 +411,8 @@ class Trainer:
             while self.state.epoch < self.cfg.epochs and (pause is None or self.state.epoch < pause):
                 record = self.run_epoch()
             self._log_hparams()
+        except KeyboardInterrupt as interrupt:
+            raise self._interrupted() from interrupt
         except RuntimeError as error:
             if self.context.enabled and is_collective_failure(error):
                 raise DistributedError(
@@ -430,6 +432,13 @@ class Trainer:
                 tqdm.write(line)
         self.print_skips()
         return record
+
+    def _interrupted(self) -> Interrupted:
+        """Ctrl-C: where the run stopped and how to continue it from its last checkpoint."""
+        where = f"interrupted at epoch {self.state.epoch + 1} step {self.state.global_step}"
+        if not self.run.last.is_file():
+            return Interrupted(f"{where}, before the first checkpoint; start again with: {prog('python train.py')} ... --overwrite")
+        return Interrupted(f"{where}; resume with: {prog('python train.py')} --resume {self.run}")
 
     def announce(self) -> None:
         """The start-up summary (see :mod:`herbarium.run_summary`) and the from-scratch warning."""
