@@ -3,6 +3,7 @@ and every expected failure is one line (``error: ...``, status 2; Ctrl-C: one li
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -23,7 +24,9 @@ from PIL import Image
 from fixtures import write_herbarium2022
 from herbarium import atomic, cli, engine, load
 from herbarium.checkpoint import save_checkpoint
-from herbarium.data.gpu import GpuBatchDecoder, device_decodable
+from herbarium.data.confine import OutsideRootError
+from herbarium.data.dataset import ImageDataset
+from herbarium.data.gpu import BytesDataset, GpuBatchDecoder, device_decodable
 from herbarium.data.images import load_rgb
 from herbarium.data.readers import DatasetError, read_split
 from herbarium.demo import make_demo_data
@@ -440,6 +443,42 @@ def test_predict_reads_a_rotated_photo_upright(run, tmp_path):
         assert [p for _, p in in_memory.top[rank]] == pytest.approx([p for _, p in top], abs=1e-5)
 
 
+# ------------------------------------------------------------- 8. symbolic links stay inside the dataset
+def data_with_links_out(data: Path, folder: Path) -> tuple[Path, Path, Path]:
+    """A copy of ``data`` whose first training image is a link to a file outside it, and whose second image's
+    folder is a link to a folder outside it."""
+    shutil.copytree(data, folder / "data")
+    secret = folder / "secret"
+    secret.mkdir()
+    metadata = json.loads((folder / "data" / "train" / "metadata.json").read_text())
+    first = folder / "data" / "train" / metadata["images"][0]["file_name"]
+    shutil.copy(first, secret / "private.jpg")
+    first.unlink()
+    first.symlink_to(secret / "private.jpg")
+    second = folder / "data" / "train" / metadata["images"][-1]["file_name"]
+    shutil.copytree(second.parent, secret / "elsewhere")
+    shutil.rmtree(second.parent)
+    second.parent.symlink_to(secret / "elsewhere", target_is_directory=True)
+    return folder / "data", first, second
+
+
+def test_a_symbolic_link_out_of_the_dataset_is_refused(data, tmp_path, monkeypatch):
+    linked, first, second = data_with_links_out(data, tmp_path)
+    split = read_split(linked, "train")
+    dataset = ImageDataset(split, split.taxonomy.ranks, lambda image: image, skip_bad_images=True)
+    with pytest.raises(OutsideRootError, match=f"at {first}: a symbolic link leads out of the dataset root"):
+        dataset.read_image(0)  # --skip-bad-images does not skip it: it is no unreadable image
+    with pytest.raises(OutsideRootError, match=f"at {second}: a symbolic link leads out"):
+        dataset.read_image(len(split) - 1)
+    with pytest.raises(OutsideRootError, match=str(first)):
+        BytesDataset(split, split.taxonomy.ranks).read_bytes(0)
+    inside = linked / "train" / "inside.jpg"
+    inside.symlink_to(linked / "train" / split.samples[1].file_name)  # a link that stays inside is fine
+    assert split.readable_path(dataclasses.replace(split.samples[1], file_name="inside.jpg")) == inside
+    monkeypatch.setenv("HERBARIUM_ALLOW_SYMLINKS_OUT", "1")
+    assert dataset.read_image(0).size == Image.open(tmp_path / "secret" / "private.jpg").size
+
+
 # ------------------------------------------------------------- 10. a worker's error is the original line
 def test_a_worker_error_is_reported_as_its_original_message():
     wrapped = type("BadImageError", (RuntimeError,), {})(
@@ -526,6 +565,12 @@ def case_stats_bad_image_with_workers(run, data, tmp):
 def case_train_cuda_without_gpu(run, data, tmp):
     argv = ["train", str(data), *TRAIN, "--epochs", "1", "--out", str(tmp / "out"), "--device", "cuda"]
     return argv, "--device cuda", tmp / "out"
+
+
+def case_train_symlink_out_of_the_dataset_with_workers(run, data, tmp):
+    linked, first, _ = data_with_links_out(data, tmp)
+    argv = ["train", str(linked), *TRAIN, "--epochs", "1", "--out", str(tmp / "out"), "--workers", "1"]
+    return argv, str(first), tmp / "out" / "checkpoints" / "last.pt"
 
 
 def case_eval_not_a_run(run, data, tmp):

@@ -146,7 +146,7 @@ class BytesDataset(ImageDataset):
         )
 
     def read_bytes(self, index: int) -> torch.Tensor | None:
-        path = self.split.path(self.split.samples[index])
+        path = self.split.readable_path(self.split.samples[index])
         try:
             data = np.fromfile(path, dtype=np.uint8)
             if data.size == 0:

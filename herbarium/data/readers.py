@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
+from herbarium.data.confine import confined
 from herbarium.errors import HerbariumError
 from herbarium.taxonomy import DEFAULT_RANKS, Taxonomy, TaxonomyError
 
@@ -62,6 +63,10 @@ class DatasetSplit:
 
     def path(self, sample: Sample) -> Path:
         return self.image_root / sample.file_name
+
+    def readable_path(self, sample: Sample) -> Path:
+        """The file to open for ``sample``: refused when a symbolic link takes it out of the root (see confine)."""
+        return confined(self.path(sample), self.image_root, sample.image_id)
 
     def category_ids(self) -> list[Any]:
         return [sample.category_id for sample in self.samples]
