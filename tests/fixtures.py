@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.demo import make_demo_data
 from herbarium.models.config import ModelConfig
 
 # Herbarium 2020 categories: ids with a gap, a name with a latin-1 character.
@@ -204,3 +205,10 @@ def tiny_train_config(data_dir: Path, out: Path, *, epochs: int = 2, batch_size:
         optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine"),
     )
     return dataclasses.replace(cfg, **changes)
+
+
+def tiny_demo_data(out: Path, max_per_class: int = 10) -> Path:
+    """The demo dataset at its smallest: 8 species in 2 families, 32 px, 3 to ``max_per_class`` images each."""
+    make_demo_data(out, seed=0, image_size=32, max_per_class=max_per_class, min_per_class=3, test_per_class=2,
+                   num_families=2, genera_per_family=2, species_per_genus=2)
+    return out

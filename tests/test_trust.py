@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures import write_herbarium2022
+from fixtures import tiny_demo_data, write_herbarium2022
 from herbarium import atomic, cli, engine, load
 from herbarium.checkpoint import save_checkpoint
 from herbarium.data.confine import OutsideRootError
@@ -29,7 +29,6 @@ from herbarium.data.dataset import ImageDataset
 from herbarium.data.gpu import BytesDataset, GpuBatchDecoder, device_decodable
 from herbarium.data.images import load_rgb
 from herbarium.data.readers import DatasetError, read_split
-from herbarium.demo import make_demo_data
 from herbarium.errors import command, message
 from herbarium.evaluation import runner
 from herbarium.evaluation.cli import main as eval_main
@@ -41,15 +40,9 @@ TRAIN = ["--val-split", "test", "--size", "32", "--batch-size", "8", "--workers"
 EVAL = ["--split", "test", "--views", "plain", "--workers", "0", "--device", "cpu", "--batch-size", "16"]
 
 
-def tiny_data(out: Path) -> Path:
-    make_demo_data(out, seed=0, image_size=32, max_per_class=6, min_per_class=3, test_per_class=2,
-                   num_families=2, genera_per_family=2, species_per_genus=2)
-    return out
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return tiny_data(tmp_path_factory.mktemp("trust") / "data")
+    return tiny_demo_data(tmp_path_factory.mktemp("trust") / "data", max_per_class=6)
 
 
 @pytest.fixture(scope="module")
