@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -296,6 +296,7 @@ class Trainer:
             self._resume(resume)
         self.train_model = self._wrap_model()
         self.writer: SummaryWriter | None = None
+        self.lock: IO[str] | None = None  # the run folder's lock, held by the main process (see run_guard)
 
     # ------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
@@ -426,6 +427,8 @@ class Trainer:
             if self.writer:
                 self.writer.close()
             cleanup(self.context)
+            if self.lock is not None:
+                self.lock.close()  # the run is over: another process may take the folder (the OS would on exit)
         if self.context.is_main:
             for line in run_summary.end_lines(self.cfg, self.run, self.finest_level, time.perf_counter() - started,
                                               finished=self.state.epoch >= self.cfg.epochs):
