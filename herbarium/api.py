@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from herbarium.data.images import IMAGE_ERRORS, BadImageError, load_rgb
+from herbarium.data.images import IMAGE_ERRORS, BadImageError, as_viewed, load_rgb
 from herbarium.evaluation.decoding import PathDecoder
 from herbarium.evaluation.runner import LoadedModel, load_run, model_outputs
 from herbarium.evaluation.submission import top_k_probabilities
@@ -85,7 +85,7 @@ class _ImageList:
     def read_image(self, index: int) -> Image.Image | None:
         image = self.images[index]
         if isinstance(image, Image.Image):
-            return image if image.mode == "RGB" else image.convert("RGB")
+            return as_viewed(image)
         try:
             return load_rgb(image, self.decode_min_side)
         except IMAGE_ERRORS as error:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from herbarium.atomic import remove_quietly, write_failure
 from herbarium.errors import HerbariumError
 
 
@@ -34,16 +35,25 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_path(path)
+    kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
     try:
         torch.save(state, tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed save leaves no half-written file behind
+    except BaseException as error:
+        remove_quietly(tmp)  # a failed save leaves no half-written file behind
+        failure = write_failure(path, error, kept)
+        if failure is not None:
+            raise failure from None
         raise
     fsync_directory(path.parent)
+
+
+def temporary_path(path: Path) -> Path:
+    """Where :func:`save_checkpoint` writes ``path`` before renaming it (a kill mid-save may leave it behind)."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def fsync_directory(folder: str | Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from herbarium.atomic import write_atomic
 from herbarium.config_json import from_json, to_json
 from herbarium.data.augment import PRESETS, describe_presets
 from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
@@ -178,7 +179,7 @@ class TrainConfig:
         return from_json(cls, {**top, **parts})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_atomic(path, json.dumps(self.to_dict(), indent=2))  # whole or absent: a resume reads it
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -27,9 +27,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from herbarium import run_summary, summary_csv, tensorboard_hparams
+from herbarium import run_guard, run_summary, summary_csv, tensorboard_hparams
 from herbarium.build import build_loaders, build_run_loss, build_run_model, optimizer_phases, resolve_normalization
 from herbarium.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from herbarium.cli import prog
 from herbarium.config import NAN_POLICIES, TrainConfig
 from herbarium.data.gpu import loader_workers
 from herbarium.data.images import BadImageError
@@ -40,13 +41,13 @@ from herbarium.distributed import (
     DistributedContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed, is_collective_failure, timeout_text,
 )
 from herbarium.elastic import batches_done, continue_on
-from herbarium.errors import DistributedError, HerbariumError, UsageError
+from herbarium.errors import DistributedError, HerbariumError, Interrupted, UsageError
 from herbarium.evaluation.metrics import macro_f1
 from herbarium.losses.factory import SOFT_TARGET_LOSSES
 from herbarium.noisy.o2u import O2UReweighter, per_sample_cross_entropy
 from herbarium.optim import PhasedOptimizer, parse_schedule
 from herbarium.optim.param_groups import parameter_groups
-from herbarium.run_dir import RunDir
+from herbarium.run_dir import RunDir, check_checkpoint_classes
 from herbarium.runtime import autocast, autocast_dtype, make_deterministic, resolve_device
 from herbarium.terminal import show_progress
 
@@ -279,6 +280,7 @@ class Trainer:
 
         self.train_split, self.val_split = read_train_val(cfg)
         self.taxonomy = self.train_split.taxonomy
+        self.taxonomy_fingerprint = self.taxonomy.fingerprint()  # in every checkpoint: which classes its heads mean
         for rank in self.levels:
             self.taxonomy.check_rank(rank)
         self.finest_level = max(self.levels, key=self.taxonomy.rank_index)  # best.pt is chosen on its macro-F1
@@ -319,6 +321,7 @@ class Trainer:
             self._resume(self._checkpoint_path(resume))
         self.train_model = self._wrap_model()
         self.writer: SummaryWriter | None = None
+        self.lock: IO[str] | None = None  # the run folder's lock, held by the main process (see run_guard)
 
     # ------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
@@ -397,6 +400,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "levels": list(self.levels),
             "classes": {rank: self.taxonomy.num_classes(rank) for rank in self.levels},
+            "taxonomy_fingerprint": self.taxonomy_fingerprint,
             **({"o2u": self.o2u.state_dict()} if self.o2u is not None else {}),
             **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
         }
@@ -412,6 +416,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state, self.saved = self.saved, None  # read in __init__; not kept beyond this
+        check_checkpoint_classes(state, path, self.run, self.taxonomy)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -450,11 +455,7 @@ class Trainer:
         """The run's own files before its first epoch; a new run refuses a folder that holds one unless told to replace it."""
         if not self.context.is_main:
             return
-        if not self.resuming and self.run.has_checkpoints():
-            if not self.overwrite:
-                raise FileExistsError(f"{self.run} already holds a run; pass --resume {self.run} to continue it, "
-                                      "--overwrite to start again, or another --out")
-            self.run.clear_training_outputs()
+        self.lock = run_guard.claim(self.run, resuming=self.resuming, overwrite=self.overwrite)  # held until exit
         counts = {rank: class_counts(self.train_split.samples, self.taxonomy, rank) for rank in self.taxonomy.ranks}
         self.run.write_files(self.cfg, self.taxonomy, self.normalization, counts)
 
@@ -474,6 +475,8 @@ class Trainer:
             while self.state.epoch < self.cfg.epochs and (pause is None or self.state.epoch < pause) and not self.stops_early():
                 record = self.run_epoch()
             self._log_hparams()
+        except KeyboardInterrupt as interrupt:
+            raise self._interrupted() from interrupt
         except RuntimeError as error:
             if self.context.enabled and is_collective_failure(error):
                 raise DistributedError(
@@ -487,12 +490,21 @@ class Trainer:
             if self.writer:
                 self.writer.close()
             cleanup(self.context)
+            if self.lock is not None:
+                self.lock.close()  # the run is over: another process may take the folder (the OS would on exit)
         if self.context.is_main:
             for line in run_summary.end_lines(self.cfg, self.run, self.finest_level, time.perf_counter() - started,
                                               finished=self.state.epoch >= self.cfg.epochs):
                 tqdm.write(line)
         self.print_skips()
         return record
+
+    def _interrupted(self) -> Interrupted:
+        """Ctrl-C: where the run stopped and how to continue it from its last checkpoint."""
+        where = f"interrupted at epoch {self.state.epoch + 1} step {self.state.global_step}"
+        if not self.run.last.is_file():
+            return Interrupted(f"{where}, before the first checkpoint; start again with: {prog('python train.py')} ... --overwrite")
+        return Interrupted(f"{where}; resume with: {prog('python train.py')} --resume {self.run}")
 
     def announce(self) -> None:
         """The start-up summary (see :mod:`herbarium.run_summary`) and the from-scratch warning."""

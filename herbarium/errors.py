@@ -28,6 +28,8 @@ from types import TracebackType
 from typing import Callable, Sequence, TypeVar
 
 EXIT_USAGE = 2  # the status of every expected error, as argparse uses for bad options
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a process ended by SIGINT
+WORKER_HEADER = "in DataLoader worker process"  # how torch re-raises a worker's error: its traceback as the message
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -43,6 +45,10 @@ class UsageError(HerbariumError, ValueError):
 
 class ConfigError(HerbariumError, ValueError):
     """A saved config (a run's ``config.json``, a checkpoint's copy) that this version cannot read as it was written."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a message saying what was kept and how to go on (``interrupted at epoch 2 step 37; resume with: ...``)."""
 
 
 class DistributedError(HerbariumError, RuntimeError):
@@ -69,10 +75,18 @@ def is_expected(error: BaseException) -> bool:
 
 def message(error: BaseException) -> str:
     """The one line printed for an expected error."""
-    text = str(error) if str(error) else type(error).__name__
+    text = unwrap_worker_message(error, str(error)) if str(error) else type(error).__name__
     if isinstance(error, PATH_ERRORS) and error.filename is not None and str(error.filename) not in text:
         text = f"{text}: {error.filename}"
     return " ".join(text.split("\n"))
+
+
+def unwrap_worker_message(error: BaseException, text: str) -> str:
+    """The original message of an error raised in a DataLoader worker, without the traceback torch wraps it in."""
+    if WORKER_HEADER not in text.partition("\n")[0]:
+        return text
+    _, found, original = text.rpartition(f"{type(error).__name__}: ")
+    return original.strip() if found else text
 
 
 F = TypeVar("F", bound=Callable[..., int | None])
@@ -83,12 +97,18 @@ def command(main: F) -> F:
 
     Every command line entry point goes through this (``herbarium COMMAND``,
     ``train.py``, ``tta_eval.py``, ``collect-stats``), so the rule lives here only.
+    Ctrl-C prints one line (an :class:`Interrupted`'s own, else ``interrupted``)
+    and exits with status 130.
     """
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
         try:
             return main(argv) or 0
+        except KeyboardInterrupt as error:
+            sys.stdout.flush()
+            print(str(error) if isinstance(error, Interrupted) else "interrupted", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
         except Exception as error:  # noqa: BLE001 - sorted into expected (one line) and bugs (re-raised)
             if not is_expected(error):
                 raise

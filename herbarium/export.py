@@ -45,6 +45,7 @@ from herbarium import timm_folder
 from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
 from herbarium.config import TrainConfig
+from herbarium.errors import HerbariumError, command
 from herbarium.data.transforms import DEFAULT_CROP_PCT, resize_size
 from herbarium.evaluation.runner import LoadedModel, load_run
 from herbarium.run_dir import NORMALIZATION, locate_checkpoint, model_from_checkpoint
@@ -57,7 +58,7 @@ FILE_MODE = 0o644  # an export is for others to read, whatever the umask or temp
 ONNX_HINT = "ONNX export needs the onnx package: pip install 'herbarium[onnx]' (or pip install onnx onnxruntime)"
 
 
-class ExportError(RuntimeError):
+class ExportError(HerbariumError, RuntimeError):
     """An export cannot be made (e.g. a missing optional package)."""
 
 
@@ -237,14 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     formats = tuple(part.strip() for part in args.format.split(",") if part.strip())
-    try:
-        written = export(args.run, formats, args.out)
-    except (ValueError, ExportError) as error:
-        parser.error(str(error))
+    written = export(args.run, formats, args.out)  # a bad format, run or file: one line (see herbarium.errors)
     width = max(map(len, written))
     for name, path in written.items():
         print(f"{name:<{width}}  {path}  ({path.stat().st_size / 1e6:.1f} MB)")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from herbarium.api import load
 from herbarium.arguments import ArgumentParser
 from herbarium.evaluation.submission import write_atomic
+from herbarium.errors import command
 from herbarium.runtime import default_workers
 from herbarium.terminal import show_progress
 
@@ -106,15 +107,13 @@ def build_parser(prog: str = "herbarium predict") -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
-    try:
-        files = expand_images(args.images)
-    except FileNotFoundError as error:
-        parser.error(str(error))
+    files = expand_images(args.images)  # an input that names no file: one line (see herbarium.errors)
     run = load(args.run, device=args.device, precision=args.precision)
     workers = default_workers() if args.workers is None else args.workers
     progress = None if not show_progress(args.quiet) else (lambda batches: tqdm(batches, desc="predict", unit="batch", leave=False, dynamic_ncols=True,

@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from herbarium.arguments import ArgumentParser
-from herbarium.data.images import IMAGE_ERRORS, BadImageError
+from herbarium.data.images import IMAGE_ERRORS, BadImageError, upright
 from herbarium.errors import command
 from herbarium.runtime import default_workers
 from herbarium.terminal import show_progress
@@ -82,7 +82,7 @@ def prepare_image(task: PrepareTask) -> PrepareResult:
             image_format = image.format
             if image_format == "JPEG":
                 image.draft(image.mode, size)  # decode at 1/2, 1/4, 1/8 scale where that stays above `size`
-            resized = image.resize(size, Image.Resampling.LANCZOS)
+            resized = upright(image.resize(size, Image.Resampling.LANCZOS))  # the saved copy keeps no EXIF orientation
     except IMAGE_ERRORS as error:
         return PrepareResult(task.target, "bad", str(error))
     task.target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
 ::
 
     RUN/
+      run.json             the marker written first: a run made this folder (only such a folder is ever cleared)
+      .lock                held (flock) by the process training in the folder
       config.json          the resolved TrainConfig (what the run is)
       taxonomy.json        ranks, class names and category ids, in class index order
       normalization.json   the mean/std the run fed its trunk, their source, training counts per rank
@@ -30,11 +32,15 @@ from typing import Any
 
 from torch import nn
 
+from herbarium.atomic import write_atomic
+from herbarium.checkpoint import CheckpointError
 from herbarium.config import TrainConfig
 from herbarium.models import build_model
 from herbarium.stats_file import Normalization
 from herbarium.taxonomy import Taxonomy
 
+MARKER = "run.json"
+LOCK = ".lock"
 CONFIG = "config.json"
 TAXONOMY = "taxonomy.json"
 NORMALIZATION = "normalization.json"
@@ -45,6 +51,9 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tb"
 O2U_WEIGHTS = "o2u_weights.csv"
 RUN_FILES = (CONFIG, TAXONOMY, NORMALIZATION)  # what evaluation needs beside a checkpoint
+TRAINING_OUTPUTS = (CONFIG, TAXONOMY, NORMALIZATION, LOG, CHECKPOINTS, TENSORBOARD, O2U_WEIGHTS)  # what training writes
+CHECKPOINT_FILES = ("last.pt", "best.pt", "swa.pt", "snapshot_*.pt", ".*.pt.tmp")  # what training writes in checkpoints/
+TENSORBOARD_FILES = "events.out.tfevents.*"
 EVALUATION_ORDER = ("best", "last")  # the checkpoint a run folder stands for when evaluated
 
 
@@ -66,6 +75,14 @@ class RunDir:
         return str(self.path)
 
     # ----------------------------------------------------------- where
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK
+
     @property
     def config_file(self) -> Path:
         return self.path / CONFIG
@@ -134,12 +151,31 @@ class RunDir:
     def has_checkpoints(self) -> bool:
         return self.checkpoints.is_dir()
 
+    def made_by_a_run(self) -> bool:
+        """Whether a run wrote this folder's marker: only then may a new run replace what is in it."""
+        return self.marker.is_file()
+
+    def training_outputs(self) -> list[str]:
+        """The names present here that training writes (config.json, log.jsonl, checkpoints/, ...)."""
+        return [name for name in TRAINING_OUTPUTS if (self.path / name).exists()]
+
     # ----------------------------------------------------------- write
     def clear_training_outputs(self) -> None:
-        """Remove what a previous run in this folder trained (``--overwrite``); evaluations and exports stay."""
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
-        shutil.rmtree(self.tensorboard, ignore_errors=True)
-        for path in (self.log_file, self.summary_file, self.o2u_weights, self.path / LEGACY_NORMALIZATION):
+        """Remove what a previous run in this folder trained (``--overwrite``); evaluations, exports and any other file stay.
+
+        Only the files training writes go (checkpoints by name, TensorBoard
+        event files); a folder is removed once nothing else is left in it.
+        """
+        for pattern in CHECKPOINT_FILES:
+            for path in self.checkpoints.glob(pattern):
+                path.unlink()
+        for path in sorted(self.tensorboard.rglob(TENSORBOARD_FILES)):
+            path.unlink()
+        folders = sorted((p for p in self.tensorboard.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        for folder in [*folders, self.tensorboard, self.checkpoints]:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        for path in (self.log_file, self.summary_file, self.o2u_weights):
             path.unlink(missing_ok=True)
 
     def write_files(self, cfg: TrainConfig, taxonomy: Taxonomy, normalization: Normalization,
@@ -147,10 +183,10 @@ class RunDir:
         """config.json, taxonomy.json and normalization.json: what the run is, before its first epoch."""
         self.path.mkdir(parents=True, exist_ok=True)
         cfg.save(self.config_file)
-        self.taxonomy_file.write_text(json.dumps(taxonomy.to_dict()))
+        write_atomic(self.taxonomy_file, json.dumps(taxonomy.to_dict()))
         record = {"mean": list(normalization.mean), "std": list(normalization.std), "source": normalization.source,
                   "train_counts": train_counts}
-        (self.path / NORMALIZATION).write_text(json.dumps(record, indent=2))
+        write_atomic(self.path / NORMALIZATION, json.dumps(record, indent=2))
 
     def copy_files_to(self, other: "RunDir") -> None:
         """Copy the run files ``other`` lacks, so that a checkpoint written there evaluates like one written here."""
@@ -189,6 +225,19 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, RunDir]:
 def evaluated_weights(state: dict[str, Any]) -> dict[str, Any]:
     """The weights a checkpoint is evaluated with: the moving average of a run with ``--ema-decay``, else the model's."""
     return state.get("ema", state["model"])
+
+
+def check_checkpoint_classes(state: dict[str, Any], checkpoint: Path, run: RunDir, taxonomy: Taxonomy) -> None:
+    """Refuse a checkpoint whose heads were trained on other classes than ``run``'s taxonomy (it was copied from another run).
+
+    Checkpoints written before they carried the fingerprint are taken as they are.
+    """
+    saved = state.get("taxonomy_fingerprint")
+    if saved is None or saved == taxonomy.fingerprint():
+        return
+    trained_in = state.get("config", {}).get("out") or "another run"
+    raise CheckpointError(f"{checkpoint}: trained on other classes (by the run in {trained_in}) than those of the run in "
+                          f"{run} it was found in ({run.taxonomy_file} differs); use it with the run folder that trained it")
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from herbarium.errors import UsageError
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -21,7 +23,15 @@ def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else the CPU; any other name as torch reads it (``cpu``, ``cuda:1``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; give cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise UsageError(f"--device {name}: this machine has {found} (torch {torch.__version__}); "
+                         "use --device cpu, or auto to take a GPU when there is one")
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

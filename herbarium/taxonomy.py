@@ -14,6 +14,8 @@ value (category id at the finest rank), so they do not depend on record order.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -194,6 +196,15 @@ class Taxonomy:
             "names": {rank: list(values) for rank, values in self.names.items()},
             "paths": [list(path) for path in self.paths],
         }
+
+    def fingerprint(self) -> str:
+        """A short hash of the classes (ids, names per rank, paths) in index order: equal iff the heads mean the same classes.
+
+        A checkpoint carries it, so that weights are never read with the
+        class names of another run that happens to have as many classes.
+        """
+        text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Taxonomy":

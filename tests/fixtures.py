@@ -221,11 +221,16 @@ def tiny_train_config(data_dir: Path, out: Path, *, epochs: int = 2, batch_size:
     return dataclasses.replace(cfg, **changes)
 
 
+def tiny_demo_data(out: Path, max_per_class: int = 10, test_per_class: int = 2) -> Path:
+    """The demo dataset at its smallest: 8 species in 2 families, 32 px, 3 to ``max_per_class`` images each."""
+    make_demo_data(out, seed=0, image_size=32, max_per_class=max_per_class, min_per_class=3,
+                   test_per_class=test_per_class, num_families=2, genera_per_family=2, species_per_genus=2)
+    return out
+
+
 def torchrun_demo_data(out: Path) -> Path:
     """The demo data of the torchrun tests: 8 species, 47 training images of 32 px, one test image per species."""
-    make_demo_data(out, seed=0, image_size=32, max_per_class=10, min_per_class=3, test_per_class=1,
-                   num_families=2, genera_per_family=2, species_per_genus=2)
-    return out
+    return tiny_demo_data(out, test_per_class=1)
 
 
 def machine_with(monkeypatch, cores: int, local_processes: str | None) -> None:

@@ -123,9 +123,9 @@ def test_predict_command_on_a_folder(trained, tmp_path, capsys):
 
 def test_predict_command_refuses_a_missing_input(trained, tmp_path, capsys):
     _, run_dir = trained
-    with pytest.raises(SystemExit):
-        cli.main(["predict", str(run_dir), str(tmp_path / "missing.jpg")])
-    assert "missing.jpg: no such file or folder" in capsys.readouterr().err
+    assert cli.main(["predict", str(run_dir), str(tmp_path / "missing.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.jpg: no such file or folder" in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------ export
@@ -194,9 +194,9 @@ def test_export_onnx_without_the_package_says_what_to_install(trained, tmp_path,
 
     _, run_dir = trained
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
-    with pytest.raises(SystemExit):
-        cli.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")])
-    assert "pip install 'herbarium[onnx]'" in capsys.readouterr().err
+    assert cli.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pip install 'herbarium[onnx]'" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()  # nothing written
 
 

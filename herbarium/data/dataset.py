@@ -57,7 +57,7 @@ class ImageDataset(Dataset):
 
     def read_image(self, index: int):
         sample = self.split.samples[index]
-        path = self.split.path(sample)
+        path = self.split.readable_path(sample)
         try:
             return load_rgb(path, self.decode_min_side)
         except IMAGE_ERRORS as error:

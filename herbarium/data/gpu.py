@@ -152,7 +152,7 @@ class BytesDataset(ImageDataset):
         )
 
     def read_bytes(self, index: int) -> torch.Tensor | None:
-        path = self.split.path(self.split.samples[index])
+        path = self.split.readable_path(self.split.samples[index])
         try:
             data = np.fromfile(path, dtype=np.uint8)
             if data.size == 0:
@@ -221,8 +221,31 @@ def device_decodable(data: torch.Tensor) -> bool:
             return precision == 8 and components in (1, 3)
         if marker in _OTHER_FRAMES or marker == 0xDA:  # unsupported frame, or a scan before any frame
             return False
+        if marker == 0xE1 and exif_orientation(stream[position + 4:position + 2 + (stream[position + 2] << 8 | stream[position + 3])]) > 1:
+            return False  # nvJPEG ignores the EXIF orientation; PIL applies it (see herbarium.data.images)
         position += 2 + (stream[position + 2] << 8 | stream[position + 3])
     return False
+
+
+def exif_orientation(segment: memoryview) -> int:
+    """The Orientation tag of an APP1 ``Exif`` segment's first IFD (1: upright; also when there is none)."""
+    data = bytes(segment)
+    if not data.startswith(b"Exif\x00\x00") or len(data) < 16:
+        return 1
+    tiff = data[6:]
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for entry in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+        start = ifd + 2 + 12 * entry
+        if start + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[start:start + 2], order) == 0x0112:
+            return int.from_bytes(tiff[start + 8:start + 10], order)
+    return 1
 
 
 def draft_size(width: int, height: int, min_side: int | None) -> tuple[int, int]:

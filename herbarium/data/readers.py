@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from herbarium.data.confine import confined
 from herbarium.errors import HerbariumError
 from herbarium.taxonomy import DEFAULT_RANKS, Taxonomy, TaxonomyError
 
@@ -63,6 +64,10 @@ class DatasetSplit:
 
     def path(self, sample: Sample) -> Path:
         return self.image_root / sample.file_name
+
+    def readable_path(self, sample: Sample) -> Path:
+        """The file to open for ``sample``: refused when a symbolic link takes it out of the root (see confine)."""
+        return confined(self.path(sample), self.image_root, sample.image_id)
 
     def category_ids(self) -> list[Any]:
         return [sample.category_id for sample in self.samples]
@@ -190,6 +195,7 @@ def read_labels_csv(path: Path) -> dict[str, Any]:
     missing = {"image_id", "category_id"} - set(frame.columns)
     if missing:
         raise DatasetError(f"{path}: labels CSV needs columns image_id,category_id; missing {sorted(missing)}")
+    check_unique(frame["image_id"], "image ids", path)
     return {row.image_id: _as_id(row.category_id) for row in frame.itertuples(index=False)}
 
 
@@ -200,6 +206,20 @@ def _as_id(value: Any) -> Any:
         return int(text)
     except ValueError:
         return text
+
+
+def check_unique(ids: Sequence[Any], what: str, source: Path) -> None:
+    """Refuse ids that repeat (an image listed twice, two annotations for one image), naming them.
+
+    A repeated id would silently give one image the other's label, or let
+    the last annotation win; pandas finds them in one pass over millions.
+    """
+    series = pd.Series(ids, dtype=object)
+    repeated = series[series.duplicated()].drop_duplicates()
+    if len(repeated):
+        shown = ", ".join(repr(value) for value in repeated.head(5))
+        raise DatasetError(f"{source}: {what} that appear more than once: {shown} ({len(repeated)} repeated in all); "
+                           "each may appear once")
 
 
 def _apply_labels(samples: list[Sample], labels: Mapping[str, Any], source: Path) -> list[Sample]:
@@ -228,6 +248,8 @@ def _read_coco(metadata_path: Path, ranks: Sequence[str], taxonomy: Taxonomy | N
         to_records = _categories_2021 if layout == "herbarium2021" else _categories_2020
         taxonomy = Taxonomy.from_categories(to_records(categories), ranks)
     label_of = {}
+    check_unique([a.get("image_id") if isinstance(a, dict) else None for a in meta.get("annotations") or []],
+                 "annotations of images", metadata_path)
     for annotation in meta.get("annotations") or []:
         label_of[_require(annotation, "image_id", "annotation", metadata_path)] = _require(annotation, "category_id", "annotation", metadata_path)
     image_ids = [_require(image, "id", "image", metadata_path) for image in meta["images"]]
@@ -247,6 +269,7 @@ def _read_2022(metadata_path: Path, ranks: Sequence[str], taxonomy: Taxonomy | N
     if categories and taxonomy is None:
         taxonomy = Taxonomy.from_categories(_categories_2022(categories), ranks)
     label_of = {_require(a, "image_id", "annotation", metadata_path): _require(a, "category_id", "annotation", metadata_path) for a in annotations}
+    check_unique([a["image_id"] for a in annotations], "annotations of images", metadata_path)
     image_ids = [_require(image, "image_id", "image", metadata_path) for image in images]
     file_names = safe_relative_paths([_require(image, "file_name", "image", metadata_path) for image in images],
                                      image_ids, metadata_path)
@@ -374,6 +397,7 @@ def read_split(
     notes: list[str] = []
     if not samples:
         raise DatasetError(f"{located.metadata}: the {split!r} split has no images")
+    check_unique([sample.image_id for sample in samples], "image ids", located.metadata)
 
     taxonomy = taxonomy or own_taxonomy or _sibling_taxonomy(data, split, ranks, csv_columns, located.metadata)
     labels_path = Path(labels) if labels else None

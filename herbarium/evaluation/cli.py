@@ -7,7 +7,7 @@ from typing import Sequence
 
 from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
-from herbarium.errors import command
+from herbarium.errors import Interrupted, command
 from herbarium.evaluation.runner import evaluate
 from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.evaluation.summary import end_lines
@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ValueError as error:
         parser.error(str(error))
-    result = evaluate(args.runs, args.data, args.split, args.labels, args.out, settings)
+    try:
+        result = evaluate(args.runs, args.data, args.split, args.labels, args.out, settings)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; nothing was written (the output folder is as it was)") from None
     print("\n".join(end_lines(result)))
     return 0

@@ -41,8 +41,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-from PIL import Image
 
+from herbarium.data.images import IMAGE_ERRORS, load_rgb
 from herbarium.evaluation.metrics import SHOT_GROUPS
 from herbarium.evaluation.submission import write_atomic
 
@@ -305,12 +305,10 @@ def plot_confidence(summary: Mapping[str, Any]) -> bytes | None:
 
 def _thumbnail(path: str) -> np.ndarray | None:
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            return np.asarray(image)
-    except (OSError, ValueError, SyntaxError):
+        image = load_rgb(path, THUMBNAIL_SIDE)  # as the model saw it: upright, 16-bit scaled
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        return np.asarray(image)
+    except IMAGE_ERRORS:
         return None
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from herbarium.atomic import staged_folder
 from herbarium.checkpoint import load_checkpoint
 from herbarium.config import TrainConfig
 from herbarium.data.dataset import ImageDataset
@@ -44,7 +45,7 @@ from herbarium.evaluation.tta import (
 from herbarium.retrieval import (
     Gallery, embed, gallery_placement, mix_log_probs, normalised_view_mean, retrieval_log_probs,
 )
-from herbarium.run_dir import locate_checkpoint, model_from_checkpoint
+from herbarium.run_dir import check_checkpoint_classes, locate_checkpoint, model_from_checkpoint
 from herbarium.runtime import autocast, autocast_dtype, default_workers, resolve_device
 from herbarium.taxonomy import Taxonomy
 from herbarium.terminal import show_progress
@@ -69,13 +70,15 @@ def load_run(path: str | Path, device: torch.device) -> LoadedModel:
     """A run's (or checkpoint's) model, rebuilt from its saved config with its weights loaded safely, in eval mode."""
     checkpoint_path, run = locate_checkpoint(path)
     state = load_checkpoint(checkpoint_path, map_location="cpu")
+    taxonomy = run.read_taxonomy()
+    check_checkpoint_classes(state, checkpoint_path, run, taxonomy)
     model, config = model_from_checkpoint(state)
     model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     normalization = run.read_normalization()
     profile = InputProfile(config.data.size, tuple(normalization["mean"]), tuple(normalization["std"]), config.data.augment)
-    return LoadedModel(model, config, run.read_taxonomy(), profile, normalization.get("train_counts", {}), checkpoint_path,
+    return LoadedModel(model, config, taxonomy, profile, normalization.get("train_counts", {}), checkpoint_path,
                        state.get("run", {}).get("epoch"))
 
 
@@ -481,9 +484,26 @@ def score_variants(outputs: dict[str, Any], taxonomy: Taxonomy, train_counts: di
     return variants
 
 
+# What an evaluation writes in its folder: replaced together, so that a folder holds one evaluation or none.
+EVALUATION_OUTPUTS = ("submission.csv", "predictions.csv", "metrics.json", "report.md", "report.html", "plots")
+
+
 def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "test", labels: str | Path | None = None,
              out: str | Path | None = None, settings: EvaluationSettings = EvaluationSettings()) -> dict[str, Any]:
-    """Evaluate one model or an ensemble on a split; write metrics, report, predictions and submission."""
+    """Evaluate one model or an ensemble on a split; write metrics, report, predictions and submission.
+
+    Everything is written into a hidden folder beside ``out`` and moved into
+    place at the end (see :func:`~herbarium.atomic.staged_folder`).
+    """
+    final = Path(out) if out else locate_checkpoint(checkpoints[0])[1].eval_dir(split)
+    with staged_folder(final, EVALUATION_OUTPUTS) as staging:
+        result = _evaluate_into(staging, checkpoints, data, split, labels, settings)
+    result["paths"] = {key: final / path.relative_to(staging) for key, path in result["paths"].items()}
+    return {**result, "out_dir": final}
+
+
+def _evaluate_into(out_dir: Path, checkpoints: Sequence[str | Path], data: str | Path, split: str,
+                   labels: str | Path | None, settings: EvaluationSettings) -> dict[str, Any]:
     device = resolve_device(settings.device)
     models = [load_run(path, device) for path in checkpoints]
     taxonomy = check_same_taxonomy(models)
@@ -504,7 +524,6 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
                                           if settings.class_weighted else (None, None))
     loader = build_view_loader(split_data, taxonomy, models, settings, device, decode)
     outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights, desc=f"evaluate {split}")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     choice = choose_primary(models, data, taxonomy, settings, device, galleries, class_weights)
     if choice.variant not in outputs["predictions"]:

@@ -9,11 +9,8 @@ complete.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -22,27 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from herbarium.atomic import write_atomic
 from herbarium.evaluation.metrics import ArrayLike, as_numpy
 from herbarium.taxonomy import Taxonomy
 
 SCORE_BLOCK_ROWS = 4096  # rows of [N, C] scores turned into probabilities at once
-
-
-def write_atomic(path: Path | str, data: str | bytes) -> Path:
-    """Write ``data`` (text as UTF-8) to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data if isinstance(data, bytes) else data.encode("utf-8"))
-        os.chmod(temp_name, 0o644)  # mkstemp makes it private; outputs are for everyone to read
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    return path
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -3,7 +3,9 @@
 ``herbarium inject-label-noise DATA OUT --fraction 0.2`` writes ``OUT``, a
 copy of ``DATA`` in which a random ``fraction`` of the training
 annotations name another category, drawn uniformly among the others
-("symmetric" noise). Images are symbolic links, so the copy is small.
+("symmetric" noise). Images are hard links, so the copy is small and lies
+inside OUT (symbolic links out of a dataset are refused when read, see
+:mod:`herbarium.data.confine`); across file systems they are copied.
 ``OUT/<split>/flipped_labels.csv`` lists what was changed (image_id,
 category_id = the true one, noisy_category_id) and serves as the answer key
 (``clean-labels --known-noise``). Works on the COCO-style layouts
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -57,15 +61,30 @@ def inject_label_noise(data: str | Path, out: str | Path, fraction: float, seed:
     out.mkdir(parents=True, exist_ok=True)
     for entry in data.iterdir():
         if entry.name != split:
-            (out / entry.name).symlink_to(entry.resolve())
+            _link_tree(entry, out / entry.name)
     (out / split).mkdir()
     for entry in (data / split).iterdir():
         if entry.name not in ("metadata.json", FLIPPED_FILE):
-            (out / split / entry.name).symlink_to(entry.resolve())
+            _link_tree(entry, out / split / entry.name)
     (out / split / "metadata.json").write_text(json.dumps(metadata))
     flipped = pd.DataFrame(rows, columns=["image_id", "category_id", "noisy_category_id"])
     flipped.to_csv(out / split / FLIPPED_FILE, index=False)
     return flipped
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """``source`` (a file or a folder) at ``target`` as hard links; copied where a hard link cannot be made."""
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(source, target)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
 
 
 @command
