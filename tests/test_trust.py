@@ -35,7 +35,7 @@ from herbarium.evaluation.cli import main as eval_main
 from herbarium.train_cli import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["--val-split", "test", "--size", "32", "--batch-size", "8", "--workers", "0", "--trunk", "resnet10t",
+TRAIN = ["--val-split", "test", "--size", "32", "--batch-size", "8", "--workers", "0", "--trunk", "resnet10t", "--no-pretrained",
          "--optim", "adam@2e-3:0", "--schedule", "cosine", "--seed", "3", "--device", "cpu", "--quiet"]
 EVAL = ["--split", "test", "--views", "plain", "--workers", "0", "--device", "cpu", "--batch-size", "16"]
 

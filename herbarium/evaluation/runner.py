@@ -497,23 +497,23 @@ def evaluate(checkpoints: Sequence[str | Path], data: str | Path, split: str = "
     """
     final = Path(out) if out else locate_checkpoint(checkpoints[0])[1].eval_dir(split)
     with staged_folder(final, EVALUATION_OUTPUTS) as staging:
-        result = _evaluate_into(staging, checkpoints, data, split, labels, settings)
+        result = _evaluate_into(staging, final, checkpoints, data, split, labels, settings)
     result["paths"] = {key: final / path.relative_to(staging) for key, path in result["paths"].items()}
     return {**result, "out_dir": final}
 
 
-def _evaluate_into(out_dir: Path, checkpoints: Sequence[str | Path], data: str | Path, split: str,
+def _evaluate_into(out_dir: Path, final_dir: Path, checkpoints: Sequence[str | Path], data: str | Path, split: str,
                    labels: str | Path | None, settings: EvaluationSettings) -> dict[str, Any]:
+    """The evaluation, written into ``out_dir`` (the staging folder); ``final_dir`` is where it will be seen."""
     device = resolve_device(settings.device)
     models = [load_run(path, device) for path in checkpoints]
     taxonomy = check_same_taxonomy(models)
     first = models[0]
     split_data = read_split(data, split, first.config.data.ranks, taxonomy=taxonomy, labels=labels)
     decode = select_decode(settings.decode, device)
-    out_dir = Path(out) if out else locate_checkpoint(checkpoints[0])[1].eval_dir(split)
     for line in startup_lines([describe_model(m) for m in models], [str(m.source) for m in models], data, split,
                               len(split_data), split_data.labelled, settings, hardware(device), decode,
-                              settings.batch_for(device), out_dir):
+                              settings.batch_for(device), final_dir):
         tqdm.write(line)
     galleries = None
     if settings.retrieval_gallery:
