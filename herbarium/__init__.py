@@ -14,7 +14,9 @@ Using a trained run from Python::
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # pyproject.toml reads it from here
+# The name pip knows the package by; "herbarium" on PyPI is an unrelated project. The import name stays herbarium.
+DISTRIBUTION = "herbarium-taxa"
 
 # Imported on first use: they bring in torch (seconds), timm and the evaluation code, which `--version` and
 # `--help` do not need.

@@ -17,7 +17,8 @@ all (0644):
   successor): ``torch.export.load(path).module()(images)``.
 * ``model.onnx``: one output per rank with a head (named as the ranks),
   a dynamic batch axis, the class names and normalisation as metadata;
-  needs the optional ``onnx`` package (``pip install 'herbarium[onnx]'``),
+  needs the optional ``onnx`` package (``pip install 'herbarium-taxa[onnx]'``, or
+  ``pip install -e '.[onnx]'`` in a clone),
   and an ONNX runtime to run it.
 * ``taxonomy.json``: ranks, class names and category ids in class index order.
 * ``preprocessing.json``: input size, resize side, centre crop, mean/std
@@ -41,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from herbarium import timm_folder
+from herbarium import DISTRIBUTION, timm_folder
 from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
 from herbarium.config import TrainConfig
@@ -55,7 +56,8 @@ FORMATS = ("safetensors", "torchscript", "onnx", "export")
 FILES = {"safetensors": "model.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx",
          "export": "model.pt2"}
 FILE_MODE = 0o644  # an export is for others to read, whatever the umask or temporary-file mode
-ONNX_HINT = "ONNX export needs the onnx package: pip install 'herbarium[onnx]' (or pip install onnx onnxruntime)"
+ONNX_INSTALL = f"pip install '{DISTRIBUTION}[onnx]' (in a clone: pip install -e '.[onnx]')"
+ONNX_HINT = f"ONNX export needs the onnx package: {ONNX_INSTALL}, or pip install onnx onnxruntime"
 
 
 class ExportError(HerbariumError, RuntimeError):
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"one or more of {', '.join(FORMATS)}, comma-separated (default: safetensors): safetensors "
                              "a timm model folder (timm.create_model('local-dir:OUT')) with the heads beside it, "
                              "torchscript a traced model, onnx with class names as metadata (needs the optional onnx "
-                             "package: pip install 'herbarium[onnx]'), export a torch.export program (.pt2)")
+                             f"package: {ONNX_INSTALL}), export a torch.export program (.pt2)")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/export)")
     return parser
 

@@ -85,6 +85,9 @@ def test_four_views_report_submission_and_consistency(trained, tmp_path):
         assert variants[f"{name}_hybrid"]["species"] == variants[f"{name}_heads"]["species"]
         assert variants[f"{name}_hybrid"]["genus"] == variants[f"{name}_consistent"]["genus"]
     species_f1 = variants["tta_consistent"]["species"]["macro_f1"]
+    headline = metrics["headline"]  # the headline figure with its bootstrap interval, on every labelled image
+    assert headline["variant"] == "tta_consistent" and headline["macro_f1"] == pytest.approx(species_f1)
+    assert headline["low"] <= species_f1 <= headline["high"] and headline["images"] == len(read_split(data, "test"))
     assert f"{species_f1:.3f}" in (tmp_path / "report.md").read_text()
     assert f"{species_f1:.3f}" in (tmp_path / "report.html").read_text()
     rows = list(csv.reader((tmp_path / "submission.csv").open()))

@@ -15,7 +15,7 @@ import pytest
 import herbarium
 
 PACKAGE = Path(herbarium.__file__).parent
-# Imported inside the function that needs them: optional extras (pip install 'herbarium[onnx]', ...).
+# Imported inside the function that needs them: optional extras (pip install 'herbarium-taxa[onnx]', ...).
 OPTIONAL = {"onnx", "onnxruntime", "pretrainedmodels"}
 
 

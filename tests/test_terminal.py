@@ -157,17 +157,3 @@ def test_report_names_the_run_files_truth_and_confident_mistakes(tiny_run, tmp_p
     if mistakes:
         assert "## Most confident mistakes" in report and (tmp_path / "plots" / "mistakes.png").is_file()
         assert "data:image/png;base64" in (tmp_path / "report.html").read_text()
-
-
-def test_headline_warning_names_the_better_variants():
-    from herbarium.evaluation.report import build_sections, headline_warning
-
-    variants = {name: {"genus": {"macro_f1": 0.5}, "species": {"macro_f1": f1}}
-                for name, f1 in (("tta_consistent", 0.40), ("tta_heads", 0.45), ("single_view_heads", 0.41), ("x", 0.4001))}
-    warning = headline_warning(variants, "tta_consistent")
-    assert warning.startswith("Warning: the headline variant tta_consistent (species macro-F1 0.400) is worse on this split "
-                              "than tta_heads (0.450), single_view_heads (0.410);")
-    assert headline_warning(variants, "tta_heads") is None
-    document = {"variants": {name: {rank: {"macro_f1": m["macro_f1"], "images": 3} for rank, m in ranks.items()}
-                             for name, ranks in variants.items()}, "primary": "tta_consistent"}
-    assert build_sections(document)[0].paragraphs[0] == warning

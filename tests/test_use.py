@@ -196,7 +196,7 @@ def test_export_onnx_without_the_package_says_what_to_install(trained, tmp_path,
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
     assert cli.main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "pip install 'herbarium[onnx]'" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "pip install 'herbarium-taxa[onnx]'" in err and "pip install -e '.[onnx]'" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()  # nothing written
 
 

@@ -1,7 +1,8 @@
 """The evaluation report: metrics.json, report.md, a self-contained report.html and plots.
 
-The report is what people read instead of logs, so it opens with the answer
-(the primary variant's accuracy per rank), then what TTA and consistent
+The report is what people read instead of logs, so it opens with a table of
+contents and the answer (the headline macro-F1 with its 95% interval, the
+primary variant's accuracy per rank), then what TTA and consistent
 decoding bought, then where the model fails (worst classes with their
 training counts, the most confused pairs, how far up the tree mistakes go)
 and how fast it ran.
@@ -10,6 +11,8 @@ and how fast it ran.
 
     {"variants": {name: {rank: rank_metrics(...)}},   # ranks coarse to fine; absent/empty if unlabelled
      "primary": name,                                 # the variant to headline
+     "headline": {"variant", "rank", "macro_f1", "low", "high", "images", ...,   # optional: its 95% interval, and
+                  "best_other": {"variant", "delta", "low", "high", ...}},       # a higher variant's paired margin
      "baseline": name,                                # optional; gains are against it
      "taxonomy_disagreement": {name: fraction, ...},  # optional
      "throughput": {"images_per_s", "hardware", "views", "batch_size", ...},
@@ -32,6 +35,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -46,14 +50,16 @@ from herbarium.data.images import IMAGE_ERRORS, load_rgb
 from herbarium.evaluation.metrics import SHOT_GROUPS
 from herbarium.evaluation.submission import write_atomic
 
-KNOWN_KEYS = ("variants", "primary", "primary_choice", "baseline", "taxonomy_disagreement", "throughput", "mistakes",
+KNOWN_KEYS = ("variants", "primary", "primary_choice", "headline", "baseline", "taxonomy_disagreement", "throughput", "mistakes",
               "unlabelled_predictions")
 DEFAULT_BASELINE = "single_view_heads"
 WORST_CLASSES = 20
 CONFUSED_PAIRS = 15
 MISSING = "—"
 THUMBNAIL_SIDE = 160  # pixels of the longer side of a mistake's thumbnail
-MISTAKE_COLUMNS = 4
+MISTAKE_COLUMNS = 3  # 3 x 2.2 in at 100 dpi: under 700 px, so a narrow window shows the captions unscaled
+CAPTION_CHARACTERS = 26  # a thumbnail caption's line length at its font size
+WIDE_PLOTS = ("confusion",)  # plots whose labels are unreadable scaled down: shown at their size, scrolled sideways
 LIST_ITEMS_SHOWN = 10
 NO_LABELS = "No labels for this split: predictions and throughput only."
 
@@ -252,20 +258,40 @@ def confused_pairs_section(rank: str, metrics: Mapping[str, Any]) -> Section:
     return Section(f"Most confused {rank} pairs", tables=[Table(headers, rows)], plots=["confusion"])
 
 
-def headline_warning(variants: Mapping[str, Any], primary: str) -> str | None:
-    """A warning when another variant beats the headline one on the finest rank's macro-F1, else None."""
-    finest = list(variants[primary])[-1]
-    score = variants[primary][finest].get("macro_f1")
-    if score is None:
+def headline_statement(headline: Mapping[str, Any]) -> str:
+    """The headline figure with its 95% bootstrap interval, so a reader knows how far the split pins it down."""
+    return (f"Headline: {headline['rank']} macro-F1 {headline['macro_f1']:.4f}, 95% interval "
+            f"[{headline['low']:.4f}, {headline['high']:.4f}] (bootstrap over the {headline['images']:,} labelled images).")
+
+
+def headline_warning(headline: Mapping[str, Any]) -> str | None:
+    """A warning when another variant is clearly better on this split (whole paired 95% interval above zero), else None.
+
+    The headline is chosen on validation, before this split's answers are
+    seen; switching to the variant that wins here would tune on the test.
+    A clear win here says validation and test disagree, which is what the
+    reader should look into.
+    """
+    other = headline.get("best_other")
+    if not other or other["low"] <= 0:
         return None
-    better = sorted(((m[finest]["macro_f1"], name) for name, m in variants.items()
-                     if name != primary and finest in m and m[finest].get("macro_f1") is not None
-                     and round(m[finest]["macro_f1"], 3) > round(score, 3)), reverse=True)
-    if not better:
+    return (f"Warning: on this split {other['variant']} is clearly better than the headline variant "
+            f"{headline['variant']} ({headline['rank']} macro-F1 {_margin_text(other)}). The headline was chosen on "
+            "the validation split; choosing again on this split's answers would overfit them. Check that the "
+            "validation split is large enough and drawn like this one, then evaluate again.")
+
+
+def headline_note(headline: Mapping[str, Any]) -> str | None:
+    """A note when another variant scores higher here by less than this split can tell from chance, else None."""
+    other = headline.get("best_other")
+    if not other or other["low"] > 0:
         return None
-    listed = ", ".join(f"{name} ({value:.3f})" for value, name in better)
-    return (f"Warning: the headline variant {primary} ({finest} macro-F1 {score:.3f}) is worse on this split than "
-            f"{listed}; see Variants, and choose the variant with tta_eval.py --primary.")
+    return (f"{other['variant']} scores higher on this split ({headline['rank']} macro-F1 {_margin_text(other)}), "
+            "a difference this split cannot tell from chance: no reason to change the headline.")
+
+
+def _margin_text(margin: Mapping[str, Any]) -> str:
+    return f"{margin['delta']:+.3f}, paired 95% interval [{margin['low']:+.3f}, {margin['high']:+.3f}]"
 
 
 def mistakes_section(mistakes: list[Mapping[str, Any]]) -> Section:
@@ -319,15 +345,20 @@ def plot_mistakes(mistakes: list[Mapping[str, Any]]) -> bytes | None:
         return None
     columns = min(MISTAKE_COLUMNS, len(shown))
     rows = math.ceil(len(shown) / columns)
-    figure = _new_figure(2.6 * columns, 2.9 * rows)
+    figure = _new_figure(2.2 * columns, 3.2 * rows)
     for i, (mistake, thumb) in enumerate(shown):
         axes = figure.add_subplot(rows, columns, i + 1)
         axes.imshow(thumb)
         axes.set_axis_off()
         true = mistake["true"].split(" / ")[-1]
         predicted = mistake["predicted"].split(" / ")[-1]
-        axes.set_title(f"true: {true}\npred: {predicted}\np = {mistake['probability']:.2f}", fontsize=7)
+        caption = [*_wrapped(f"true: {true}"), *_wrapped(f"pred: {predicted}"), f"p = {mistake['probability']:.2f}"]
+        axes.set_title("\n".join(caption), fontsize=8)
     return _png(figure)
+
+
+def _wrapped(text: str) -> list[str]:
+    return textwrap.wrap(text, CAPTION_CHARACTERS, break_on_hyphens=False) or [text]
 
 
 def _shared_ancestor(distance: int | None, levels: Mapping[str, str]) -> str:
@@ -376,10 +407,11 @@ def build_sections(document: Mapping[str, Any]) -> list[Section]:
         sections = [Section("Summary", [NO_LABELS, *written]), run_section(document.get("context") or {})]
     if document.get("taxonomy_disagreement"):
         sections.append(disagreement_section(document["taxonomy_disagreement"]))
+    headline = document.get("headline")
+    if variants and headline:
+        sections[0].paragraphs[:0] = [text for text in (headline_warning(headline), headline_statement(headline)) if text]
+        sections[0].notes += [note for note in (headline_note(headline),) if note]
     if variants:
-        warning = headline_warning(variants, primary)
-        if warning:
-            sections[0].paragraphs.insert(0, warning)
         sections += failure_sections(variants[primary])
     if document.get("mistakes"):
         sections.append(mistakes_section(document["mistakes"]))
@@ -564,8 +596,14 @@ def md_escape(text: str) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("\n", " ")
 
 
+def anchor(title: str) -> str:
+    """A heading's anchor as GitHub and common Markdown renderers make it: lower case, punctuation dropped, dashes."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
 def render_markdown(title: str, sections: list[Section], plots: Mapping[str, tuple[str, bytes]]) -> str:
-    lines = [f"# {md_escape(title)}", ""]
+    lines = [f"# {md_escape(title)}", "", "Contents:", ""]
+    lines += [f"- [{md_escape(section.title)}](#{anchor(section.title)})" for section in sections] + [""]
     for section in sections:
         lines += [f"## {md_escape(section.title)}", ""]
         for paragraph in section.paragraphs:
@@ -603,20 +641,31 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2r
 h1 { font-size: 1.6rem; border-bottom: 1px solid #d0d7de; padding-bottom: .3rem; }
 h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #eaeef2; padding-bottom: .2rem; }
 table { border-collapse: collapse; margin: .6rem 0 1rem; font-size: .9rem; }
-th, td { border: 1px solid #d0d7de; padding: .25rem .6rem; text-align: left; }
+div.table { max-width: 100%; overflow-x: auto; }
+th, td { border: 1px solid #d0d7de; padding: .25rem .6rem; text-align: left; overflow-wrap: anywhere; }
 th { background: #f6f8fa; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr:nth-child(even) td { background: #fbfcfd; }
 figure { margin: .5rem 0 1.5rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eaeef2; }
-figcaption, p.note { font-size: .85rem; color: #59636e; }
+figure.wide { overflow-x: auto; }
+figure.wide img { max-width: none; }
+figcaption, p.note { font-size: .9rem; color: #59636e; max-width: 48rem; }
+p { max-width: 48rem; overflow-wrap: anywhere; }
+nav.contents ul { margin: .3rem 0 1rem; padding-left: 1.2rem; columns: 2 16rem; }
+@media (max-width: 760px) {
+  body { margin: 1rem auto; padding: 0 .5rem; font-size: 1rem; }
+  table { font-size: .85rem; }
+  th, td { padding: .2rem .35rem; }
+  nav.contents ul { columns: 1; }
+}
 """
 
 
 def render_html(title: str, sections: list[Section], plots: Mapping[str, tuple[str, bytes]]) -> str:
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    body = [f"<h1>{html.escape(title)}</h1>", _html_contents(sections)]
     for section in sections:
-        body.append(f"<section>\n<h2>{html.escape(section.title)}</h2>")
+        body.append(f'<section>\n<h2 id="{anchor(section.title)}">{html.escape(section.title)}</h2>')
         body += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.paragraphs]
         body += [_html_table(table) for table in section.tables]
         body += [f'<p class="note">{html.escape(note)}</p>' for note in section.notes]
@@ -624,8 +673,9 @@ def render_html(title: str, sections: list[Section], plots: Mapping[str, tuple[s
             if key in plots:
                 caption, png = plots[key]
                 data = base64.b64encode(png).decode("ascii")
+                wide = ' class="wide"' if key in WIDE_PLOTS else ""
                 body.append(
-                    f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                    f'<figure{wide}><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>"
                 )
         body.append("</section>")
@@ -635,6 +685,11 @@ def render_html(title: str, sections: list[Section], plots: Mapping[str, tuple[s
         + "\n".join(body)
         + "\n</body>\n</html>\n"
     )
+
+
+def _html_contents(sections: list[Section]) -> str:
+    links = "".join(f'<li><a href="#{anchor(s.title)}">{html.escape(s.title)}</a></li>' for s in sections)
+    return f'<nav class="contents"><strong>Contents</strong>\n<ul>{links}</ul></nav>'
 
 
 def _html_table(table: Table) -> str:
@@ -647,7 +702,8 @@ def _html_table(table: Table) -> str:
         "<tr>" + "".join(f"<td{c}>{html.escape(cell)}</td>" for c, cell in zip(css, row)) + "</tr>"
         for row in table.rows
     ]
-    return "<table>\n<thead><tr>" + head + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
+    return ('<div class="table"><table>\n<thead><tr>' + head + "</tr></thead>\n<tbody>\n" + "\n".join(rows)
+            + "\n</tbody>\n</table></div>")
 
 
 # ------------------------------------------------------------------ entry

@@ -34,7 +34,7 @@ from herbarium.evaluation.combine import (
     average_views, class_weighted_ensemble, class_weights_from_accuracy, ensemble, per_class_accuracy,
 )
 from herbarium.evaluation.decoding import PathDecoder, hybrid_decoding, independent_predictions
-from herbarium.evaluation.metrics import evaluate_predictions, paired_bootstrap
+from herbarium.evaluation.metrics import evaluate_predictions, macro_f1_interval, paired_bootstrap
 from herbarium.evaluation.report import write_report
 from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
 from herbarium.evaluation.submission import top_k_probabilities, write_predictions, write_submission
@@ -194,11 +194,32 @@ def primary_from_validation(outputs: dict[str, Any], taxonomy: Taxonomy, where: 
 
 def variant_margin(outputs: dict[str, Any], taxonomy: Taxonomy, ours: str, theirs: str) -> dict[str, float]:
     """Finest-rank macro-F1 of variant ``ours`` minus ``theirs`` on the labelled images, with its bootstrap interval."""
-    finest = taxonomy.finest
-    truth = outputs["targets"][:, taxonomy.rank_index(finest)]
+    truth, predictions = finest_labelled(outputs, taxonomy)
+    return paired_bootstrap(truth, predictions[ours], predictions[theirs])
+
+
+def finest_labelled(outputs: dict[str, Any], taxonomy: Taxonomy) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The labelled images' finest-rank targets, and each variant's finest-rank predictions for them."""
+    truth = outputs["targets"][:, taxonomy.rank_index(taxonomy.finest)]
     labelled = (outputs["targets"] >= 0).all(axis=1)
-    predictions = outputs["predictions"]
-    return paired_bootstrap(truth[labelled], predictions[ours][finest][labelled], predictions[theirs][finest][labelled])
+    return truth[labelled], {name: ranks[taxonomy.finest][labelled] for name, ranks in outputs["predictions"].items()}
+
+
+def headline_figures(outputs: dict[str, Any], taxonomy: Taxonomy, primary: str,
+                     scores: dict[str, float | None]) -> dict[str, Any]:
+    """The headline's finest-rank macro-F1 with its 95% bootstrap interval; and, when another variant scores
+    higher on this split, its paired margin, so the report can say whether the split tells them apart.
+
+    ``scores`` holds every variant's finest-rank macro-F1 (from :func:`score_variants`).
+    """
+    truth, predictions = finest_labelled(outputs, taxonomy)
+    headline = {"variant": primary, "rank": taxonomy.finest, **macro_f1_interval(truth, predictions[primary])}
+    better = {name: score for name, score in scores.items()
+              if name != primary and score is not None and score > headline["macro_f1"]}
+    if better:
+        best = max(better, key=better.get)
+        headline["best_other"] = {"variant": best, **paired_bootstrap(truth, predictions[best], predictions[primary])}
+    return headline
 
 
 class PredictionStore:
@@ -553,6 +574,8 @@ def _evaluate_into(out_dir: Path, final_dir: Path, checkpoints: Sequence[str | P
         metrics["primary"] = primary
         metrics["baseline"] = "single_view_heads" if "single_view_heads" in metrics["variants"] else "tta_heads"
         metrics["mistakes"] = most_confident_mistakes(outputs, primary, taxonomy, files, image_ids)
+        metrics["headline"] = headline_figures(outputs, taxonomy, primary, {
+            name: ranks[finest]["macro_f1"] for name, ranks in metrics["variants"].items()})
     else:
         metrics["unlabelled_predictions"] = unlabelled_summary(outputs, primary, taxonomy)
     context = {
