@@ -28,7 +28,7 @@ from herbarium.engine import train
 from herbarium.errors import UsageError, command
 from herbarium.models import ModelConfig
 from herbarium.optim import DEFAULT_LRS, parse_phases, parse_schedule
-from herbarium.options import add_options, dests, values_from_namespace
+from herbarium.options import add_options, dests, number, values_from_namespace, within
 from herbarium.provenance import command_line, environment
 from herbarium.recipes import recipe_defaults
 from herbarium.run_dir import RunDir
@@ -69,9 +69,9 @@ def _add_schedule_shortcuts(group: argparse._ArgumentGroup) -> None:
     """timm-style --lr, --warmup-epochs and --min-lr: they rewrite --optim / --schedule (see timm_style_schedule)."""
     timm_style = ("timm-style shortcuts onto --optim/--schedule: --lr sets every phase's LR, --warmup-epochs and "
                   "--min-lr the cosine/sgdr schedule's warmup and floor")
-    group.add_argument("--lr", type=float, default=None, help=f"base LR of every optimizer phase without its own @LR (default: each optimizer's own). {timm_style}")
-    group.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup epochs of a cosine or sgdr --schedule, as :warmup=N (default: the schedule's)")
-    group.add_argument("--min-lr", type=float, default=None, help="lowest LR of a cosine or sgdr --schedule, as :min=MIN_LR/LR; the phases must share one LR (default: 0)")
+    group.add_argument("--lr", type=within(number, above=0), default=None, help=f"base LR of every optimizer phase without its own @LR (default: each optimizer's own). {timm_style}")
+    group.add_argument("--warmup-epochs", type=within(number, minimum=0), default=None, help="linear warmup epochs of a cosine or sgdr --schedule, as :warmup=N (default: the schedule's)")
+    group.add_argument("--min-lr", type=within(number, minimum=0), default=None, help="lowest LR of a cosine or sgdr --schedule, as :min=MIN_LR/LR; the phases must share one LR (default: 0)")
 
 
 def _add_run_control(group: argparse._ArgumentGroup) -> None:
@@ -113,8 +113,6 @@ def timm_style_schedule(args: argparse.Namespace) -> tuple[str, str]:
     optim, schedule = args.optim, args.schedule
     lr, warmup, min_lr = getattr(args, "lr", None), getattr(args, "warmup_epochs", None), getattr(args, "min_lr", None)
     if lr is not None:
-        if lr <= 0:
-            raise SystemExit(f"train: --lr must be > 0, got {lr}")
         entries = [entry.strip().rpartition(":") for entry in optim.split(",")]  # (name[@lr], ":", start)
         optim = ",".join(f"{head if '@' in head else f'{head}@{lr:g}'}:{start}" for head, _, start in entries)
         parse_phases(optim)  # a bad spec fails here with its own message
