@@ -425,6 +425,9 @@ class Trainer:
             if "ema" in state:
                 self.ema.module.load_state_dict(state["ema"])
         self.state = RunState(**state["run"])
+        if self.state.epoch > self.cfg.epochs:  # else it would end at once, "done: epoch 4/2"
+            raise UsageError(f"--epochs {self.cfg.epochs}: the run in {self.run} has already trained {self.state.epoch} "
+                             f"epochs; give --epochs {self.state.epoch + 1} or more to continue it")
         saved_world = self.state.world_size or self.context.world_size
         if saved_world != self.context.world_size:
             self.state.batches_done = batches_done(self.state.samples_done, self.cfg.data.batch_size, self.context.world_size)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
@@ -231,15 +231,18 @@ def _same(dest: str, saved: Any, wanted: Any) -> bool:
         return True
     if dest == "data" and saved and wanted:
         return Path(saved).resolve() == Path(wanted).resolve()
+    if dest == "optim":  # adamw:0 and adamw@0.001:0 (--lr 0.001, its default) are one setting
+        return parse_phases(saved) == parse_phases(wanted)
     return False
 
 
 def reconcile(saved: TrainConfig, wanted: TrainConfig, dests: Sequence[str], parser: argparse.ArgumentParser,
-              run_dir: Path, why: str) -> TrainConfig:
+              run_dir: Path, why: str, given: Collection[str] = ()) -> TrainConfig:
     """``saved`` with the options ``dests`` of ``wanted`` that differ applied (changeable ones) or refused (the others).
 
     Each applied change is appended to ``saved.changes``; the trainer stamps
-    it with the epoch and step it takes effect at.
+    it with the epoch and step it takes effect at. A refusal names the
+    shortcut among ``given`` (``--lr``) that set the option, if one did.
     """
     for dest in PER_INVOCATION:
         path = config_field(dest)
@@ -253,8 +256,9 @@ def reconcile(saved: TrainConfig, wanted: TrainConfig, dests: Sequence[str], par
             continue
         flag = option_flag(parser, dest)
         if dest not in RESUME_CHANGEABLE:
+            via = ", ".join(option_flag(parser, short) for short in sorted(given) if dest in SHORTCUTS.get(short, ()))
             raise UsageError(
-                f"{flag}: the run in {run_dir} was trained with {old!r}, this command gives {new!r}; {why} keeps the run's "
+                f"{f'{flag} (set by {via})' if via else flag}: the run in {run_dir} was trained with {old!r}, this command gives {new!r}; {why} keeps the run's "
                 f"own settings and may change only {', '.join(option_flag(parser, d) for d in RESUME_CHANGEABLE)}. "
                 "Train into another --out to change it"
             )
@@ -286,8 +290,10 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if "out" in given and Path(args.out).resolve() != run.path.resolve():
             raise UsageError(f"--out {args.out}: a resumed run stays in its folder {run}; drop --out")
         saved = run.read_config()
-        wanted = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or saved.data.data}))
-        cfg = reconcile(saved, wanted, sorted(config_dests(given)), parser, run.path, "--resume")
+        moved = args.data or args.data_option  # --data: the data folder may have moved since
+        own = {dest: getattr(saved.optim, dest) for dest in ("optim", "schedule") if dest not in given}  # --lr & co. rewrite these
+        wanted = config_from_args(argparse.Namespace(**{**vars(args), **own, "data": moved or saved.data.data}))
+        cfg = reconcile(saved, wanted, sorted(config_dests(given)), parser, run.path, "--resume", given)
         cfg.out = str(run)  # the folder may have moved since
         return cfg, checkpoint
     if args.overwrite and args.resume_if_exists:

@@ -313,6 +313,34 @@ def test_resume_refuses_a_checkpoint_of_other_classes(run, data, tmp_path, capsy
     assert "other classes" in line and str(run) in line and str(other) in line
 
 
+def test_resume_takes_moved_data_and_refuses_fewer_epochs_than_trained(run, data, tmp_path, capsys):
+    resumed, moved = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(run, resumed)
+    shutil.copytree(data, moved)
+    assert train_main(["--resume", str(resumed), "--data", str(moved), "--epochs", "2"]) == 0
+    assert json.loads((resumed / "config.json").read_text())["data"]["data"] == str(moved)
+    capsys.readouterr()
+    assert train_main(["--resume", str(resumed), "--epochs", "1"]) == 2  # not "done: epoch 2/1"
+    line = one_error_line(capsys.readouterr().err)
+    assert "--epochs 1" in line and "already trained 2 epochs" in line
+
+
+def test_resume_accepts_the_runs_own_lr_and_refuses_another_naming_lr(run, data, tmp_path, capsys):
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)  # trained with --optim adam@2e-3:0
+    assert train_main(["--resume", str(resumed), "--optim", "adam@0.002:0"]) == 0  # the same phases, spelt otherwise
+    default_lr = tmp_path / "default_lr"
+    shutil.copytree(run, default_lr)
+    config = json.loads((default_lr / "config.json").read_text())
+    config["optim"]["optim"] = "adam:0"  # a run trained with adam's own LR
+    (default_lr / "config.json").write_text(json.dumps(config))
+    assert train_main(["--resume", str(default_lr), "--lr", "3e-4"]) == 0  # adam's own LR: no change
+    capsys.readouterr()
+    assert train_main(["--resume", str(default_lr), "--lr", "0.5"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: --optim (set by --lr):"), line
+
+
 # ------------------------------------------------------------- 6. repeated ids, at read time
 def edit_metadata(data: Path, split: str, change) -> Path:
     path = data / split / "metadata.json"
