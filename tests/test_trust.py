@@ -341,6 +341,23 @@ def test_resume_accepts_the_runs_own_lr_and_refuses_another_naming_lr(run, data,
     assert line.startswith("error: --optim (set by --lr):"), line
 
 
+def test_an_epoch_resumed_mid_way_says_its_loss_is_over_the_batches_after_and_stale_saves_are_cleared(
+        run, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    crash_at_forward(monkeypatch, 4)
+    assert train_main([str(data), *TRAIN, "--epochs", "1", "--out", str(out), "--checkpoint-every", "1"]) == 130
+    monkeypatch.undo()
+    stale = out / "checkpoints" / ".last.pt.tmp"
+    stale.write_bytes(b"")  # as a kill during a save leaves it
+    capsys.readouterr()
+    assert train_main(["--resume", str(out)]) == 0
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert record["loss_from_batch"] == 4, record  # three batches were trained before the interruption
+    assert "(from batch 4, resumed)" in capsys.readouterr().out
+    assert "loss_from_batch" not in json.loads((run / "log.jsonl").read_text().splitlines()[-1])  # a whole epoch
+    assert not stale.exists()
+
+
 # ------------------------------------------------------------- 6. repeated ids, at read time
 def edit_metadata(data: Path, split: str, change) -> Path:
     path = data / split / "metadata.json"
