@@ -24,6 +24,7 @@ from herbarium.errors import ConfigError
 from herbarium.losses import CLASS_WEIGHTS, LOSSES
 from herbarium.models.config import ModelConfig
 from herbarium.noisy.o2u import O2U_WEIGHTINGS
+from herbarium.optim.phased import phase_spec
 from herbarium.options import option
 from herbarium.recipes import RECIPES
 from herbarium.runtime import PRECISIONS
@@ -43,11 +44,11 @@ class DataConfig:
     ranks: tuple[str, ...] = option(DEFAULT_RANKS, "the taxonomy's ranks, coarse to fine")
     stats: str | None = option(None, "stats JSON from collect-stats",
                                default_text="DATA/<train-split>/stats.json if present, else ImageNet mean/std")
-    size: int = option(224, "input side in pixels")
-    batch_size: int = option(64, "images per step per process")
+    size: int = option(224, "input side in pixels", minimum=1)
+    batch_size: int = option(64, "images per step per process", minimum=1)
     workers: int | None = option(None, "loader worker processes per training process (validation's end after each "
                                        "validation)", default_text="the cores divided among the processes torchrun "
-                                       "started on the machine; at most 4 with --decode gpu")
+                                       "started on the machine; at most 4 with --decode gpu", minimum=0)
     sampler: str = option("none", "class rebalancing of the draws", choices=SAMPLERS)
     augment: str = option("crop_flip", f"augmentation preset. {describe_presets(' ')}", choices=sorted(PRESETS))
     decode: str = option(
@@ -97,13 +98,14 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    optim: str = option("adamw:0", "optimizer phases name[@lr]:start_epoch, e.g. adam:0,sgd:10,adam:20")
+    optim: str = option("adamw:0", "optimizer phases name[@lr]:start_epoch, e.g. adam:0,sgd:10,adam:20",
+                        parse=phase_spec)
     schedule: str = option("cosine:warmup=1", "LR schedule: step:N[:gamma], cosine[:warmup=N], sgdr:N[:mult=M], constant")
     weight_decay: float | None = option(None, "weight decay for every phase",
                                         default_text="each optimizer's own: adamw 0.05, adam 0, sgd 1e-4")
     plateau_patience: int | None = option(None, "switch to the next optimizer phase after this many epochs without gain",
                                           default_text="off")
-    accum_steps: int = option(1, "gradient accumulation steps")
+    accum_steps: int = option(1, "gradient accumulation steps", minimum=1)
     clip_grad: float | None = option(None, "clip the gradient norm", default_text="off")
     trunk_lr_scale: float = option(1.0, "the trunk's learning rate as a fraction of the heads' (e.g. 0.1: the pretrained "
                                         "features move ten times slower than the new heads)")
@@ -131,24 +133,26 @@ class TrainConfig:
         "default", "a named set of defaults; flags given still win: default (chosen on validation data) or herbarium2020 "
                    "(Adam 3e-4 halved every 5 epochs, class-weighted focal loss, rank weights 1.5/1/1, dropout 0.5, "
                    "10% hold-out)", choices=RECIPES)
-    epochs: int = option(20, "epochs")
+    epochs: int = option(20, "epochs", minimum=1)
     seed: int = option(0, "random seed")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     precision: str = option("auto", "autocast precision", choices=PRECISIONS, default_text="auto: bf16 on CUDA, fp32 on CPU")
     channels_last: bool = option(True, "keep NCHW memory format", negate="--no-channels-last", default_text="channels_last")
     compile: bool = option(False, "torch.compile the model")
-    log_every: int = option(20, "optimizer steps between logged values")
-    checkpoint_every: int = option(0, "optimizer steps between mid-epoch checkpoints; 0: at epoch ends only")
+    log_every: int = option(20, "optimizer steps between logged values", minimum=1)
+    checkpoint_every: int = option(0, "optimizer steps between mid-epoch checkpoints; 0: at epoch ends only",
+                                  minimum=0)
     nan_policy: str = option(
         "stop", "on a NaN/inf loss: stop naming the step, or skip the step (the model is left exactly as it was) and "
                 "count it", choices=NAN_POLICIES)
     nan_skip_limit: float = option(
         0.05, "with --nan-policy skip, stop with an error when more than this fraction of an epoch's steps in a row "
-              "were skipped, at least 1")
+              "were skipped, at least 1", minimum=0, maximum=1)
     dist_timeout: float | None = option(
         None, "seconds a process of a multi-GPU run waits for the others before failing; a process that dies is "
               "noticed at once", default_text="torch's 30 min")
-    stop_after_epoch: int | None = option(None, "end the process after this epoch, resumable later", default_text="off")
+    stop_after_epoch: int | None = option(None, "end the process after this epoch, resumable later", default_text="off",
+                                          minimum=1)
     early_stop: int | None = option(
         None, "stop when the finest rank's validation macro-F1 has not improved for this many epochs (patience); "
               "best.pt keeps the best epoch. Needs validation", default_text="off")

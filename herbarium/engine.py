@@ -425,6 +425,9 @@ class Trainer:
             if "ema" in state:
                 self.ema.module.load_state_dict(state["ema"])
         self.state = RunState(**state["run"])
+        if self.state.epoch > self.cfg.epochs:  # else it would end at once, "done: epoch 4/2"
+            raise UsageError(f"--epochs {self.cfg.epochs}: the run in {self.run} has already trained {self.state.epoch} "
+                             f"epochs; give --epochs {self.state.epoch + 1} or more to continue it")
         saved_world = self.state.world_size or self.context.world_size
         if saved_world != self.context.world_size:
             self.state.batches_done = batches_done(self.state.samples_done, self.cfg.data.batch_size, self.context.world_size)
@@ -594,6 +597,7 @@ class Trainer:
         self._postfix, shown = {}, None
         skipped_images = torch.zeros((), device=self.device)  # this process's, since the epoch (re)started
         skipped_before = self.state.skipped_train_images  # all processes', before a resume
+        resumed_at = self.state.batches_done  # > 0: resumed mid-epoch, the batches before are not in this loss
         open_window: StepResult | None = None  # the last batch's result while its accumulation window is open
         for batch in progress:
             skipped_images += batch["skipped"]
@@ -646,6 +650,7 @@ class Trainer:
             "images_per_s": float(counts[1]) / seconds if seconds > 0 else 0.0,
             "input_path": self.loaders.decode,
             "skipped_nonfinite_steps": self.nan_guard.skipped,
+            **({"loss_from_batch": resumed_at + 1} if resumed_at else {}),
         }
 
     def _micro_step(self, model: nn.Module, batch: dict[str, Any], accumulating: bool, window_size: int) -> StepResult:
@@ -801,7 +806,8 @@ class Trainer:
         summary_csv.append(self.run.summary_file, record)
         scores = "  ".join(f"{rank} F1 {run_summary.format_score(v['macro_f1'])} top1 {run_summary.format_score(v['top1'])}" for rank, v in record["val"].items()) \
             or "none (no validation split)"
-        tqdm.write(f"epoch {epoch}/{self.cfg.epochs}  loss {record['loss']:.4f}  {record['optimizer']} lr {record['lr']:.2e}  "
+        partial = f" (from batch {record['loss_from_batch']}, resumed)" if "loss_from_batch" in record else ""
+        tqdm.write(f"epoch {epoch}/{self.cfg.epochs}  loss {record['loss']:.4f}{partial}  {record['optimizer']} lr {record['lr']:.2e}  "
                    f"{record['images_per_s']:.0f} img/s  val: {scores}")
         if "o2u" in record:
             o2u = record["o2u"]

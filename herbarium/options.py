@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import MISSING, Field, dataclass
@@ -43,12 +44,15 @@ class OptionSpec:
     metavar: str | None = None
     negate: str | None = None
     default_text: str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
 
 
 def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, aliases: Iterable[str] = (),
            dest: str | None = None, choices: Iterable[str] | None = None, parse: Callable[[str], Any] | None = None,
            metavar: str | None = None, negate: str | None = None, default_text: str | None = None,
-           default_factory: Callable[[], Any] | Any = MISSING) -> Any:
+           default_factory: Callable[[], Any] | Any = MISSING, minimum: float | None = None,
+           maximum: float | None = None) -> Any:
     """A dataclass field that is also a command-line option.
 
     Args:
@@ -67,10 +71,12 @@ def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, a
             is given too: then both work, see :class:`Switch`).
         default_text: the default as the help states it, where the value alone
             does not say what it means (``None``: "each optimizer's own").
+        minimum, maximum: the valid range, inclusive; a value outside it is
+            refused naming the option (see :func:`within`).
     """
     spec = OptionSpec(help=help, flag=flag, aliases=tuple(aliases), dest=dest,
                       choices=tuple(choices) if choices is not None else None, parse=parse, metavar=metavar,
-                      negate=negate, default_text=default_text)
+                      negate=negate, default_text=default_text, minimum=minimum, maximum=maximum)
     return dataclasses.field(default=default, default_factory=default_factory, metadata={METADATA_KEY: spec})
 
 
@@ -163,6 +169,36 @@ def reporting(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return wrapped
 
 
+def number(text: str) -> float:
+    """A float that is a number: ``nan`` is refused (it passes every comparison, so no range check would catch it)."""
+    value = float(text)
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
+number.__name__ = "float"  # named as the type in argparse's and --config's messages
+
+
+def within(parse: Callable[[str], Any], minimum: float | None = None, maximum: float | None = None,
+           *, above: float | None = None) -> Callable[[str], Any]:
+    """``parse`` refusing a value below ``minimum``, above ``maximum`` or not above ``above``, in argparse's
+    one-line message for the option (a bad batch size or epoch count otherwise fails deep in training)."""
+
+    @functools.wraps(parse)
+    def checked(text: str) -> Any:
+        value = parse(text)
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above:g}, got {text}")
+        return value
+
+    return checked
+
+
 def parser_for(hint: Any) -> Callable[[str], Any]:
     """How command-line text becomes a value of the type ``hint``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -170,7 +206,9 @@ def parser_for(hint: Any) -> Callable[[str], Any]:
         inner = [arg for arg in args if arg is not type(None)]
         if len(inner) == 1:
             return parser_for(inner[0])
-    if hint in (int, float, str):
+    if hint is float:
+        return number
+    if hint in (int, str):
         return hint
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return comma_separated(parser_for(args[0]))
@@ -240,7 +278,9 @@ def _add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field
             return parser.add_argument(spec.flag, spec.negate, *spec.aliases, action=Switch, **settings)
         settings["action"] = "store_false" if spec.negate else "store_true"
     else:
-        settings["type"] = reporting(spec.parse) if spec.parse else parser_for(hint)
+        parse = reporting(spec.parse) if spec.parse else parser_for(hint)
+        bounded = spec.minimum is not None or spec.maximum is not None
+        settings["type"] = within(parse, spec.minimum, spec.maximum) if bounded else parse
         settings["choices"] = spec.choices
         settings["metavar"] = spec.metavar
     return parser.add_argument(flag_of(field, prefix), *spec.aliases, **settings)

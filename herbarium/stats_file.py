@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +39,13 @@ def read_normalization(path: str | Path | None) -> Normalization:
     """
     global _warned_imagenet
     if path is not None and Path(path).is_file():
-        data = json.loads(Path(path).read_text())
         try:
+            data = json.loads(Path(path).read_text())
             mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}: not a stats file written by collect-stats ({error!r})") from None
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"{path}: mean and std must have 3 channels and std > 0, got {mean}, {std}")
+        except (KeyError, TypeError, ValueError) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: not a stats file written by collect-stats ({error})") from None
+        if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+            raise ValueError(f"{path}: mean and std must be 3 finite channels with std > 0, got {mean}, {std}")
         return Normalization(mean, std, str(path), data)
     if not _warned_imagenet:
         where = f" ({path} not found)" if path else ""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from herbarium.arguments import ArgumentParser
 from herbarium.cli import prog
@@ -28,7 +28,7 @@ from herbarium.engine import train
 from herbarium.errors import UsageError, command
 from herbarium.models import ModelConfig
 from herbarium.optim import DEFAULT_LRS, parse_phases, parse_schedule
-from herbarium.options import add_options, dests, values_from_namespace
+from herbarium.options import add_options, dests, number, values_from_namespace, within
 from herbarium.provenance import command_line, environment
 from herbarium.recipes import recipe_defaults
 from herbarium.run_dir import RunDir
@@ -69,9 +69,9 @@ def _add_schedule_shortcuts(group: argparse._ArgumentGroup) -> None:
     """timm-style --lr, --warmup-epochs and --min-lr: they rewrite --optim / --schedule (see timm_style_schedule)."""
     timm_style = ("timm-style shortcuts onto --optim/--schedule: --lr sets every phase's LR, --warmup-epochs and "
                   "--min-lr the cosine/sgdr schedule's warmup and floor")
-    group.add_argument("--lr", type=float, default=None, help=f"base LR of every optimizer phase without its own @LR (default: each optimizer's own). {timm_style}")
-    group.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup epochs of a cosine or sgdr --schedule, as :warmup=N (default: the schedule's)")
-    group.add_argument("--min-lr", type=float, default=None, help="lowest LR of a cosine or sgdr --schedule, as :min=MIN_LR/LR; the phases must share one LR (default: 0)")
+    group.add_argument("--lr", type=within(number, above=0), default=None, help=f"base LR of every optimizer phase without its own @LR (default: each optimizer's own). {timm_style}")
+    group.add_argument("--warmup-epochs", type=within(number, minimum=0), default=None, help="linear warmup epochs of a cosine or sgdr --schedule, as :warmup=N (default: the schedule's)")
+    group.add_argument("--min-lr", type=within(number, minimum=0), default=None, help="lowest LR of a cosine or sgdr --schedule, as :min=MIN_LR/LR; the phases must share one LR (default: 0)")
 
 
 def _add_run_control(group: argparse._ArgumentGroup) -> None:
@@ -113,8 +113,6 @@ def timm_style_schedule(args: argparse.Namespace) -> tuple[str, str]:
     optim, schedule = args.optim, args.schedule
     lr, warmup, min_lr = getattr(args, "lr", None), getattr(args, "warmup_epochs", None), getattr(args, "min_lr", None)
     if lr is not None:
-        if lr <= 0:
-            raise SystemExit(f"train: --lr must be > 0, got {lr}")
         entries = [entry.strip().rpartition(":") for entry in optim.split(",")]  # (name[@lr], ":", start)
         optim = ",".join(f"{head if '@' in head else f'{head}@{lr:g}'}:{start}" for head, _, start in entries)
         parse_phases(optim)  # a bad spec fails here with its own message
@@ -233,15 +231,18 @@ def _same(dest: str, saved: Any, wanted: Any) -> bool:
         return True
     if dest == "data" and saved and wanted:
         return Path(saved).resolve() == Path(wanted).resolve()
+    if dest == "optim":  # adamw:0 and adamw@0.001:0 (--lr 0.001, its default) are one setting
+        return parse_phases(saved) == parse_phases(wanted)
     return False
 
 
 def reconcile(saved: TrainConfig, wanted: TrainConfig, dests: Sequence[str], parser: argparse.ArgumentParser,
-              run_dir: Path, why: str) -> TrainConfig:
+              run_dir: Path, why: str, given: Collection[str] = ()) -> TrainConfig:
     """``saved`` with the options ``dests`` of ``wanted`` that differ applied (changeable ones) or refused (the others).
 
     Each applied change is appended to ``saved.changes``; the trainer stamps
-    it with the epoch and step it takes effect at.
+    it with the epoch and step it takes effect at. A refusal names the
+    shortcut among ``given`` (``--lr``) that set the option, if one did.
     """
     for dest in PER_INVOCATION:
         path = config_field(dest)
@@ -255,8 +256,9 @@ def reconcile(saved: TrainConfig, wanted: TrainConfig, dests: Sequence[str], par
             continue
         flag = option_flag(parser, dest)
         if dest not in RESUME_CHANGEABLE:
+            via = ", ".join(option_flag(parser, short) for short in sorted(given) if dest in SHORTCUTS.get(short, ()))
             raise UsageError(
-                f"{flag}: the run in {run_dir} was trained with {old!r}, this command gives {new!r}; {why} keeps the run's "
+                f"{f'{flag} (set by {via})' if via else flag}: the run in {run_dir} was trained with {old!r}, this command gives {new!r}; {why} keeps the run's "
                 f"own settings and may change only {', '.join(option_flag(parser, d) for d in RESUME_CHANGEABLE)}. "
                 "Train into another --out to change it"
             )
@@ -288,8 +290,10 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if "out" in given and Path(args.out).resolve() != run.path.resolve():
             raise UsageError(f"--out {args.out}: a resumed run stays in its folder {run}; drop --out")
         saved = run.read_config()
-        wanted = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or saved.data.data}))
-        cfg = reconcile(saved, wanted, sorted(config_dests(given)), parser, run.path, "--resume")
+        moved = args.data or args.data_option  # --data: the data folder may have moved since
+        own = {dest: getattr(saved.optim, dest) for dest in ("optim", "schedule") if dest not in given}  # --lr & co. rewrite these
+        wanted = config_from_args(argparse.Namespace(**{**vars(args), **own, "data": moved or saved.data.data}))
+        cfg = reconcile(saved, wanted, sorted(config_dests(given)), parser, run.path, "--resume", given)
         cfg.out = str(run)  # the folder may have moved since
         return cfg, checkpoint
     if args.overwrite and args.resume_if_exists:

@@ -208,3 +208,23 @@ def test_missing_saved_settings_take_defaults_and_lists_become_tuples():
     loaded = TrainConfig.from_dict(json.loads(json.dumps(saved)))
     assert loaded == TrainConfig(data=DataConfig(data="D", ranks=("genus", "species")))
     assert isinstance(loaded.data.ranks, tuple) and isinstance(loaded.loss.levels, tuple)
+
+
+@dataclass
+class Ranged:
+    count: int = option(1, "a count", minimum=1)
+    fraction: float = option(0.5, "a fraction", minimum=0, maximum=1)
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--count", "0"], "argument --count: must be at least 1, got 0"),
+    (["--fraction", "1.5"], "argument --fraction: must be at most 1, got 1.5"),
+    (["--fraction", "nan"], "argument --fraction: expected a number, got 'nan'"),
+])
+def test_a_value_out_of_the_fields_range_is_refused_naming_the_option(argv, problem, capsys):
+    parser = argparse.ArgumentParser()
+    add_options(parser, Ranged)
+    assert parser.parse_args(["--count", "1", "--fraction", "1"]).fraction == 1.0  # the bounds are inclusive
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert problem in capsys.readouterr().err

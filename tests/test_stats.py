@@ -202,7 +202,8 @@ def test_imagenet_warning_names_the_missing_file(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("content, problem", [
     ({"std": [0.2, 0.2, 0.2]}, "not a stats file"),
-    ({"mean": [0.5, 0.5], "std": [0.2, 0.2]}, "3 channels"),
+    ({"mean": [0.5, 0.5], "std": [0.2, 0.2]}, "3 finite channels"),
+    ({"mean": [0.5, float("nan"), 0.5], "std": [0.2, 0.2, 0.2]}, "3 finite channels"),
     ({"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.0, 0.2]}, "std > 0"),
 ])
 def test_bad_stats_file_is_refused(tmp_path, content, problem):

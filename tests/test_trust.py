@@ -313,6 +313,51 @@ def test_resume_refuses_a_checkpoint_of_other_classes(run, data, tmp_path, capsy
     assert "other classes" in line and str(run) in line and str(other) in line
 
 
+def test_resume_takes_moved_data_and_refuses_fewer_epochs_than_trained(run, data, tmp_path, capsys):
+    resumed, moved = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(run, resumed)
+    shutil.copytree(data, moved)
+    assert train_main(["--resume", str(resumed), "--data", str(moved), "--epochs", "2"]) == 0
+    assert json.loads((resumed / "config.json").read_text())["data"]["data"] == str(moved)
+    capsys.readouterr()
+    assert train_main(["--resume", str(resumed), "--epochs", "1"]) == 2  # not "done: epoch 2/1"
+    line = one_error_line(capsys.readouterr().err)
+    assert "--epochs 1" in line and "already trained 2 epochs" in line
+
+
+def test_resume_accepts_the_runs_own_lr_and_refuses_another_naming_lr(run, data, tmp_path, capsys):
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)  # trained with --optim adam@2e-3:0
+    assert train_main(["--resume", str(resumed), "--optim", "adam@0.002:0"]) == 0  # the same phases, spelt otherwise
+    default_lr = tmp_path / "default_lr"
+    shutil.copytree(run, default_lr)
+    config = json.loads((default_lr / "config.json").read_text())
+    config["optim"]["optim"] = "adam:0"  # a run trained with adam's own LR
+    (default_lr / "config.json").write_text(json.dumps(config))
+    assert train_main(["--resume", str(default_lr), "--lr", "3e-4"]) == 0  # adam's own LR: no change
+    capsys.readouterr()
+    assert train_main(["--resume", str(default_lr), "--lr", "0.5"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: --optim (set by --lr):"), line
+
+
+def test_an_epoch_resumed_mid_way_says_its_loss_is_over_the_batches_after_and_stale_saves_are_cleared(
+        run, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    crash_at_forward(monkeypatch, 4)
+    assert train_main([str(data), *TRAIN, "--epochs", "1", "--out", str(out), "--checkpoint-every", "1"]) == 130
+    monkeypatch.undo()
+    stale = out / "checkpoints" / ".last.pt.tmp"
+    stale.write_bytes(b"")  # as a kill during a save leaves it
+    capsys.readouterr()
+    assert train_main(["--resume", str(out)]) == 0
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert record["loss_from_batch"] == 4, record  # three batches were trained before the interruption
+    assert "(from batch 4, resumed)" in capsys.readouterr().out
+    assert "loss_from_batch" not in json.loads((run / "log.jsonl").read_text().splitlines()[-1])  # a whole epoch
+    assert not stale.exists()
+
+
 # ------------------------------------------------------------- 6. repeated ids, at read time
 def edit_metadata(data: Path, split: str, change) -> Path:
     path = data / split / "metadata.json"
@@ -567,6 +612,40 @@ def case_train_symlink_out_of_the_dataset_with_workers(run, data, tmp):
     return argv, str(first), tmp / "out" / "checkpoints" / "last.pt"
 
 
+def bad_option_case(*option: str):
+    """A table case: ``train`` with one out-of-range option, refused by name before anything is written."""
+
+    def case(run, data, tmp):
+        return ["train", str(data), *TRAIN, "--epochs", "1", "--out", str(tmp / "out"), *option], option[0], tmp / "out"
+
+    return case
+
+
+case_train_batch_size_0 = bad_option_case("--batch-size", "0")
+case_train_accum_steps_0 = bad_option_case("--accum-steps", "0")
+case_train_workers_negative = bad_option_case("--workers", "-1")
+case_train_lr_nan = bad_option_case("--lr", "nan")
+case_train_lr_negative = bad_option_case("--lr", "-1")
+case_train_optim_lr_nan = bad_option_case("--optim", "adamw@nan:0")
+case_train_epochs_0 = bad_option_case("--epochs", "0")
+case_train_nan_skip_limit_negative = bad_option_case("--nan-skip-limit", "-1")
+case_train_stop_after_epoch_0 = bad_option_case("--stop-after-epoch", "0")
+
+
+def stats_file_case(text: str):
+    def case(run, data, tmp):
+        stats = tmp / "stats.json"
+        stats.write_text(text)
+        argv = ["train", str(data), *TRAIN, "--epochs", "1", "--out", str(tmp / "out"), "--stats", str(stats)]
+        return argv, str(stats), tmp / "out" / "checkpoints"
+
+    return case
+
+
+case_train_stats_not_json = stats_file_case("{not json")
+case_train_stats_nan = stats_file_case('{"mean": [NaN, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}')
+
+
 def case_eval_not_a_run(run, data, tmp):
     (tmp / "empty").mkdir()
     return ["evaluate", str(tmp / "empty"), "--data", str(data), *EVAL], str(tmp / "empty"), tmp / "empty" / "eval"
@@ -630,15 +709,20 @@ def case_export_truncated_checkpoint(run, data, tmp):
 
 
 CASES = [case for name, case in sorted(globals().items()) if name.startswith("case_")]
+CASE_NAMES = [name[len("case_"):] for name in sorted(globals()) if name.startswith("case_")]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.__name__[len("case_"):] for case in CASES])
+@pytest.mark.parametrize("case", CASES, ids=CASE_NAMES)
 def test_bad_input_is_one_line_status_2_naming_the_culprit_and_leaves_nothing_to_trust(case, run, data, tmp_path, capfd):
     if "cuda" in case.__name__ and torch.cuda.is_available():
         pytest.skip("the machine has a GPU")
     argv, culprit, untrusted = case(run, data, tmp_path)
     capfd.readouterr()
-    assert cli.main(argv) == 2
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit:  # argparse's refusal of an option: its status is the process's
+        status = exit.code
+    assert status == 2
     line = one_error_line(capfd.readouterr().err)
     assert culprit in line, line
     assert not untrusted.exists()

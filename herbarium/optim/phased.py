@@ -97,7 +97,7 @@ class Phase:
             object.__setattr__(self, "lr", DEFAULT_LRS[self.name])
         if self.weight_decay is None:
             object.__setattr__(self, "weight_decay", DEFAULT_WEIGHT_DECAY[self.name])
-        if self.lr <= 0:
+        if not self.lr > 0:  # nan too
             raise ValueError(f"phase {self.name!r} needs lr > 0, got {self.lr}")
 
 
@@ -147,6 +147,12 @@ def parse_phases(
         phases.append(Phase(name, start_epoch, lr, weight_decays.get(name)))
     _check_phases(phases)
     return phases
+
+
+def phase_spec(text: str) -> str:
+    """``--optim``'s value, checked by :func:`parse_phases` as it is parsed, so that a bad phase names the option."""
+    parse_phases(text)
+    return text
 
 
 class PhasedOptimizer:
