@@ -58,6 +58,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "randaugment": ("adds RandAugment (2 ops, magnitude 9) after the crop and flip", ["--augment", "crop_flip_randaugment"]),
     "erasing": ("adds RandomErasing (p 0.5) after the crop and flip", ["--augment", "crop_flip_erasing"]),
     "species_only": ("a species head alone (genus and family read off the tree)", ["--levels", "species"]),
+    "coarse_light": ("the coarser ranks' losses weighted 0.5 (genus) and 0.25 (family), species 1",
+                     ["--rank-weights", "genus=0.5,family=0.25"]),
+    "no_dropout": ("no dropout before the heads, not 0.2", ["--dropout", "0"]),
 }
 REFERENCE_ARM = "stock_la"
 PROXY = {"size": 64, "epochs": 10}  # the CPU proxy budget of BENCHMARKS.md

@@ -269,19 +269,27 @@ def run_stock_arm(arm: Arm, budget: Budget) -> dict[str, Any]:
 
 def run_herbarium_arm(arm: Arm, budget: Budget, paths: ArmPaths, overwrite: bool) -> dict[str, Any]:
     """train.py then tta_eval.py of one herbarium arm, in this process; its part of the result record."""
-    cfg, settings = arm.train, arm.evaluation
+    cfg = arm.train
     started = time.perf_counter()
     train(cfg, overwrite=overwrite)
-    seconds = {"train": time.perf_counter() - started}
+    train_seconds = time.perf_counter() - started
+    part = score_run(paths.run, budget, paths.evaluation, arm.evaluation)
+    part["seconds"]["train"] = train_seconds
+    return {**part, "train_config": cfg.to_dict(), "batch_size": cfg.data.batch_size * cfg.optim.accum_steps,
+            "optimizer_steps": load_checkpoint(RunDir(paths.run).last)["run"]["global_step"]}
+
+
+def score_run(run: Path, budget: Budget, out: Path, settings: EvaluationSettings) -> dict[str, Any]:
+    """tta_eval.py of a trained run on the budget's test split into ``out``; its part of the result record."""
     started = time.perf_counter()
-    evaluation = evaluate([paths.run], budget.data, budget.test_split, None, paths.evaluation, settings)
-    seconds["evaluate"] = time.perf_counter() - started
+    evaluation = evaluate([run], budget.data, budget.test_split, None, out, settings)
+    seconds = {"evaluate": time.perf_counter() - started}
     metrics = evaluation["metrics"]
     if "variants" not in metrics:
         raise ValueError(f"split {budget.test_split!r} of {budget.data} has no labels to score against")
-    taxonomy = load_run(paths.run, torch.device("cpu")).taxonomy
-    test = read_split(budget.data, budget.test_split, cfg.data.ranks, taxonomy=taxonomy)
-    predictions = pd.read_csv(paths.evaluation / "predictions.csv", dtype={"image_id": str})
+    taxonomy = load_run(run, torch.device("cpu")).taxonomy
+    test = read_split(budget.data, budget.test_split, taxonomy.ranks, taxonomy=taxonomy)
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"image_id": str})
     finest = taxonomy.finest
     per_image = {row.image_id: taxonomy.targets(_category(row.category_id), [finest])[finest]
                  for row in predictions.itertuples()}
@@ -289,9 +297,7 @@ def run_herbarium_arm(arm: Arm, budget: Budget, paths: ArmPaths, overwrite: bool
             "metrics": summarise_variant(metrics["variants"][metrics["primary"]]),
             "variants": {name: summarise_variant(ranks) for name, ranks in metrics["variants"].items()},
             "per_image": per_image, "truth": finest_truth(test, taxonomy), "seconds": seconds,
-            "train_config": cfg.to_dict(), "evaluation_settings": dataclasses.asdict(settings),
-            "batch_size": cfg.data.batch_size * cfg.optim.accum_steps,
-            "optimizer_steps": load_checkpoint(RunDir(paths.run).last)["run"]["global_step"],
+            "evaluation_settings": dataclasses.asdict(settings),
             "eval_images_per_s": metrics["throughput"]["images_per_s"]}
 
 
