@@ -47,11 +47,10 @@ def find_browser() -> str | None:
 
 
 BROWSER = find_browser()
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(BROWSER is None, reason="no headless browser: set HERBARIUM_BROWSER or put chromium, "
-                                               "chromium-browser or google-chrome on PATH"),
-]
+NO_BROWSER = (f"no headless browser: HERBARIUM_BROWSER={os.environ['HERBARIUM_BROWSER']} is neither a command nor a file"
+              if os.environ.get("HERBARIUM_BROWSER") else
+              "no headless browser: set HERBARIUM_BROWSER or put chromium, chromium-browser or google-chrome on PATH")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(BROWSER is None, reason=NO_BROWSER)]
 
 # Runs once the page and its images have loaded; writes its findings as JSON into <pre id="measured">.
 MEASURE = """

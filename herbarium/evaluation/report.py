@@ -23,7 +23,9 @@ they show is read from the JSON document written beside them, so the three
 files cannot disagree. Plots are drawn with matplotlib's Agg canvas on
 ``Figure`` objects (no pyplot state), written as PNG files for the Markdown
 and embedded as base64 data URIs in the HTML, which therefore needs no
-other file and no network.
+other file and no network. The HTML reads in a 700 px window: numbers and
+intervals never wrap, and tables and plots wider than the window scroll in
+their own box instead of shrinking their text.
 """
 
 from __future__ import annotations
