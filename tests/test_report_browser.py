@@ -57,7 +57,8 @@ MEASURE = """
 <script>
 addEventListener("load", () => {
   const lines = range => {  // distinct line boxes a range lies on
-    const tops = [...range.getClientRects()].filter(box => box.width > 0).map(box => box.top).sort((a, b) => a - b);
+    const tops = [...range.getClientRects()].filter(box => box.width > 0).map(box => box.top)
+      .sort((a, b) => a - b);
     return tops.filter((top, i) => i === 0 || top - tops[i - 1] > 2).length;
   };
   const spanOf = (node, start, end) => { const r = document.createRange(); r.setStart(node, start); r.setEnd(node, end); return r; };
@@ -128,7 +129,9 @@ def report(tiny_run, tmp_path_factory) -> Path:
     text = (evaluated / "metrics.json").read_text()
     document = json.loads(text)
     mistaken = document["mistakes"][0]["true"].split(" / ")[-1]  # shown in the tables, the confusion matrix, the thumbnails
-    document = json.loads(text.replace(json.dumps(mistaken), json.dumps(LONG_NAME)).replace(f" / {mistaken}", f" / {LONG_NAME}"))
+    for old, new in ((f'"{mistaken}"', f'"{LONG_NAME}"'), (f' / {mistaken}"', f' / {LONG_NAME}"')):  # the name, its paths
+        text = text.replace(old, new)
+    document = json.loads(text)
     title, context = document.pop("title"), document.pop("context")
     other = next(name for name in document["variants"] if name != document["primary"])
     document["headline"]["best_other"] = {"variant": other, "delta": 0.2, "low": 0.05, "high": 0.35}
