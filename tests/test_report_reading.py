@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,10 +94,20 @@ def page(tmp_path_factory):
 def test_the_report_states_the_headline_with_its_interval_first(page):
     metrics, paths = page
     statement = "Headline: species macro-F1 0.2221, 95% interval [0.1803, 0.2712] (bootstrap over the 180 labelled images)."
-    for text, escape in ((paths["markdown"].read_text(), md_escape), (paths["html"].read_text(), str)):
+    page_text = re.sub(r"<[^>]+>", "", paths["html"].read_text())  # the interval sits in a span that keeps it on one line
+    for text, escape in ((paths["markdown"].read_text(), md_escape), (page_text, str)):
         assert escape(statement) in text and escape("tta_heads scores higher on this split") in text
         assert "Warning" not in text and "--primary" not in text
     assert build_sections(metrics | {"title": "t", "context": {}})[0].paragraphs[0] == statement
+    assert '95% interval <span class="interval">[0.1803, 0.2712]</span>' in paths["html"].read_text()
+
+
+def test_a_warning_follows_the_headline_it_qualifies(page):
+    metrics, _ = page
+    clear_win = {"variant": "tta_heads", "delta": 0.2, "low": 0.05, "high": 0.35}
+    document = metrics | {"title": "t", "context": {}, "headline": metrics["headline"] | {"best_other": clear_win}}
+    paragraphs = build_sections(document)[0].paragraphs
+    assert paragraphs[0].startswith("Headline: ") and paragraphs[1].startswith("Warning: ")
 
 
 def test_the_report_opens_with_contents_linking_every_section(page):
@@ -113,11 +125,12 @@ def test_the_report_opens_with_contents_linking_every_section(page):
 def test_the_page_reads_in_a_narrow_window(page):
     _, paths = page
     html = paths["html"].read_text()
-    assert "@media (max-width: 760px)" in html and "overflow-wrap: anywhere" in html  # long names and paths wrap
+    assert "@media (max-width: 760px)" in html
+    # Wide tables scroll sideways in their box; numbers never wrap; paths break only after a "/".
     assert '<div class="table"><table>' in html and "div.table { max-width: 100%; overflow-x: auto; }" in html
-    # The confusion matrix keeps its size (labels legible) and scrolls sideways; nothing else does.
-    assert html.count('<figure class="wide">') == 1 and '<figure class="wide"><img alt="Most confused species' in html
-    assert "figure.wide img { max-width: none; }" in html
+    assert "white-space: nowrap" in html and "Asteraceae /<wbr> Pseudognaphalium /<wbr> " in html
+    # Plots keep their size (labels legible) and scroll sideways when wider than the window.
+    assert "figure img { max-width: none;" in html and "figure { margin: .5rem 0 1.5rem; overflow-x: auto; }" in html
     # Thumbnails fit the window unscaled, so their captions show at the size they were drawn.
     with Image.open(paths["mistakes"]) as thumbnails:
         assert thumbnails.width <= NARROW_WINDOW - 40

@@ -23,7 +23,9 @@ they show is read from the JSON document written beside them, so the three
 files cannot disagree. Plots are drawn with matplotlib's Agg canvas on
 ``Figure`` objects (no pyplot state), written as PNG files for the Markdown
 and embedded as base64 data URIs in the HTML, which therefore needs no
-other file and no network.
+other file and no network. The HTML reads in a 700 px window: numbers and
+intervals never wrap, and tables and plots wider than the window scroll in
+their own box instead of shrinking their text.
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ WORST_CLASSES = 20
 CONFUSED_PAIRS = 15
 MISSING = "—"
 THUMBNAIL_SIDE = 160  # pixels of the longer side of a mistake's thumbnail
-MISTAKE_COLUMNS = 3  # 3 x 2.2 in at 100 dpi: under 700 px, so a narrow window shows the captions unscaled
+PLOT_WIDTH = 6.6  # inches at 100 dpi: a plot this wide shows unscaled, labels as drawn, in a 700 px window
+MISTAKE_COLUMNS = 3  # thumbnails of PLOT_WIDTH / 3 inches
 CAPTION_CHARACTERS = 26  # a thumbnail caption's line length at its font size
-WIDE_PLOTS = ("confusion",)  # plots whose labels are unreadable scaled down: shown at their size, scrolled sideways
+LEGEND_COLUMNS = 5  # at most; fewer when the labels are too long for the figure
 LIST_ITEMS_SHOWN = 10
 NO_LABELS = "No labels for this split: predictions and throughput only."
 
@@ -345,7 +348,7 @@ def plot_mistakes(mistakes: list[Mapping[str, Any]]) -> bytes | None:
         return None
     columns = min(MISTAKE_COLUMNS, len(shown))
     rows = math.ceil(len(shown) / columns)
-    figure = _new_figure(2.2 * columns, 3.2 * rows)
+    figure = _new_figure(PLOT_WIDTH / MISTAKE_COLUMNS * columns, 3.2 * rows)
     for i, (mistake, thumb) in enumerate(shown):
         axes = figure.add_subplot(rows, columns, i + 1)
         axes.imshow(thumb)
@@ -409,7 +412,7 @@ def build_sections(document: Mapping[str, Any]) -> list[Section]:
         sections.append(disagreement_section(document["taxonomy_disagreement"]))
     headline = document.get("headline")
     if variants and headline:
-        sections[0].paragraphs[:0] = [text for text in (headline_warning(headline), headline_statement(headline)) if text]
+        sections[0].paragraphs[:0] = [text for text in (headline_statement(headline), headline_warning(headline)) if text]
         sections[0].notes += [note for note in (headline_note(headline),) if note]
     if variants:
         sections += failure_sections(variants[primary])
@@ -474,17 +477,17 @@ def plot_per_rank(ranks: Mapping[str, Any], primary: str) -> bytes:
               "macro-F1": [_value(m.get("macro_f1")) for m in ranks.values()]}
     for group in SHOT_GROUPS:
         series[f"{group}-shot"] = [_value((_groups(m).get(group) or {}).get("accuracy")) for m in ranks.values()]
-    figure = _new_figure(max(5.0, 2.2 * len(ranks)), 3.8)
+    figure = _new_figure(PLOT_WIDTH, 3.8)
     _grouped_bars(figure.subplots(), list(ranks), series, f"{primary}: per rank")
     _legend_below(figure)
     return _png(figure)
 
 
 def plot_variants(variants: Mapping[str, Any]) -> bytes:
-    """Top-1 and macro-F1 of each variant at each rank."""
+    """Top-1 above macro-F1 of each variant at each rank: one above the other, so that the plot fits a narrow window."""
     ranks = _all_ranks(variants)
-    figure = _new_figure(max(7.0, 0.8 * len(ranks) * len(variants)), 3.8)
-    for axes, key, label in zip(figure.subplots(1, 2, sharey=True), ("top1", "macro_f1"), ("top-1", "macro-F1")):
+    figure = _new_figure(PLOT_WIDTH, 6.4)
+    for axes, key, label in zip(figure.subplots(2, 1, sharex=True), ("top1", "macro_f1"), ("top-1", "macro-F1")):
         series = {
             name: [_value(by_rank.get(rank, {}).get(key)) for rank in ranks] for name, by_rank in variants.items()
         }
@@ -505,9 +508,14 @@ def _grouped_bars(axes: Any, groups: list[str], series: Mapping[str, list[float]
 
 
 def _legend_below(figure: Figure) -> None:
-    """One legend under the plots, where it hides no bar."""
+    """One legend under the plots, where it hides no bar, in as many columns as fit the figure's width."""
     handles, labels = figure.axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize="small")
+    renderer = figure.canvas.get_renderer()
+    for columns in range(min(len(labels), LEGEND_COLUMNS), 0, -1):
+        legend = figure.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize="small")
+        if columns == 1 or legend.get_window_extent(renderer).width <= figure.bbox.width:
+            return
+        legend.remove()
 
 
 def plot_f1_vs_count(rank: str, per_class: list[Mapping[str, Any]]) -> bytes | None:
@@ -642,14 +650,13 @@ h1 { font-size: 1.6rem; border-bottom: 1px solid #d0d7de; padding-bottom: .3rem;
 h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #eaeef2; padding-bottom: .2rem; }
 table { border-collapse: collapse; margin: .6rem 0 1rem; font-size: .9rem; }
 div.table { max-width: 100%; overflow-x: auto; }
-th, td { border: 1px solid #d0d7de; padding: .25rem .6rem; text-align: left; overflow-wrap: anywhere; }
+th, td { border: 1px solid #d0d7de; padding: .25rem .6rem; text-align: left; }
 th { background: #f6f8fa; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+span.interval { white-space: nowrap; }
 tr:nth-child(even) td { background: #fbfcfd; }
-figure { margin: .5rem 0 1.5rem; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eaeef2; }
-figure.wide { overflow-x: auto; }
-figure.wide img { max-width: none; }
+figure { margin: .5rem 0 1.5rem; overflow-x: auto; }
+figure img { max-width: none; border: 1px solid #eaeef2; }
 figcaption, p.note { font-size: .9rem; color: #59636e; max-width: 48rem; }
 p { max-width: 48rem; overflow-wrap: anywhere; }
 nav.contents ul { margin: .3rem 0 1rem; padding-left: 1.2rem; columns: 2 16rem; }
@@ -666,16 +673,15 @@ def render_html(title: str, sections: list[Section], plots: Mapping[str, tuple[s
     body = [f"<h1>{html.escape(title)}</h1>", _html_contents(sections)]
     for section in sections:
         body.append(f'<section>\n<h2 id="{anchor(section.title)}">{html.escape(section.title)}</h2>')
-        body += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.paragraphs]
+        body += [f"<p>{_html_text(paragraph)}</p>" for paragraph in section.paragraphs]
         body += [_html_table(table) for table in section.tables]
-        body += [f'<p class="note">{html.escape(note)}</p>' for note in section.notes]
+        body += [f'<p class="note">{_html_text(note)}</p>' for note in section.notes]
         for key in section.plots:
             if key in plots:
                 caption, png = plots[key]
                 data = base64.b64encode(png).decode("ascii")
-                wide = ' class="wide"' if key in WIDE_PLOTS else ""
                 body.append(
-                    f'<figure{wide}><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                    f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>"
                 )
         body.append("</section>")
@@ -685,6 +691,19 @@ def render_html(title: str, sections: list[Section], plots: Mapping[str, tuple[s
         + "\n".join(body)
         + "\n</body>\n</html>\n"
     )
+
+
+_INTERVAL = re.compile(r"\[[-+]?[\d.,]+, [-+]?[\d.,]+\]")
+
+
+def _html_text(text: str) -> str:
+    """Escaped text whose intervals ("[0.18, 0.27]") never break over two lines."""
+    return _INTERVAL.sub(lambda interval: f'<span class="interval">{interval[0]}</span>', html.escape(text))
+
+
+def _html_cell(text: str) -> str:
+    """An escaped table cell that may break after a "/" (file and class paths) but nowhere else inside a word."""
+    return html.escape(text).replace("/", "/<wbr>")
 
 
 def _html_contents(sections: list[Section]) -> str:
@@ -699,7 +718,7 @@ def _html_table(table: Table) -> str:
     css = [' class="num"' if is_numeric else "" for is_numeric in numeric]
     head = "".join(f"<th{c}>{html.escape(h)}</th>" for c, h in zip(css, table.headers))
     rows = [
-        "<tr>" + "".join(f"<td{c}>{html.escape(cell)}</td>" for c, cell in zip(css, row)) + "</tr>"
+        "<tr>" + "".join(f"<td{c}>{_html_cell(cell)}</td>" for c, cell in zip(css, row)) + "</tr>"
         for row in table.rows
     ]
     return ('<div class="table"><table>\n<thead><tr>' + head + "</tr></thead>\n<tbody>\n" + "\n".join(rows)
