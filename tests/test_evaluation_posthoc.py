@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fixtures import synthetic_model, tiny_train_config
 from herbarium import engine
-from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
+from herbarium.data.readers import read_split
 from herbarium.data.splits import read_train_val
 from herbarium.demo import make_demo_data
 from herbarium.errors import UsageError
@@ -18,14 +20,10 @@ from herbarium.evaluation import cli, runner
 from herbarium.evaluation.combine import average_views, ensemble
 from herbarium.evaluation.decoding import consistent_predictions
 from herbarium.evaluation.posthoc import TAU_GRID, adjust_logits, choose_tau, parse_tau, tau_offsets
-from herbarium.evaluation.runner import LoadedModel, build_view_loader, evaluate, load_run, predict, predict_taus
+from herbarium.evaluation.runner import build_view_loader, evaluate, load_run, predict, predict_taus
 from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
 from herbarium.evaluation.summary import end_lines
-from herbarium.evaluation.tta import InputProfile
-from herbarium.data.readers import read_split
 from herbarium.losses.logit_adjusted import LogitAdjustedLoss
-from herbarium.models.config import ModelConfig
-from herbarium.models.multi_rank import MultiRankModel
 from herbarium.run_dir import NORMALIZATION, RUN_FILES
 from herbarium.taxonomy import Taxonomy
 
@@ -71,15 +69,6 @@ def test_auto_takes_the_best_tau_and_the_smaller_of_a_tie():
     assert choice.tau == 0.25 and choice.validation_macro_f1[0.5] == 0.52
     assert "tta_consistent" in choice.reason and "val (9 images)" in choice.reason and "0.520" in choice.reason
     assert choice.to_dict()["validation_macro_f1"] == {"0": 0.40, "0.25": 0.52, "0.5": 0.52, "0.75": 0.47}
-
-
-def synthetic_model(taxonomy: Taxonomy, seed: int, counts: dict[str, list[int]]) -> LoadedModel:
-    """A real multi-rank model over a linear trunk on 4 x 4 images, with its training counts."""
-    torch.manual_seed(seed)
-    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8))
-    classes = {rank: taxonomy.num_classes(rank) for rank in taxonomy.ranks}
-    model = MultiRankModel(trunk, 8, classes, ModelConfig(trunk="resnet10t")).eval()
-    return LoadedModel(model, None, taxonomy, InputProfile(4, (0.5,) * 3, (0.25,) * 3, "none"), counts, Path(f"m{seed}"))
 
 
 def test_every_view_of_every_model_is_adjusted_before_averaging():
@@ -130,13 +119,8 @@ def ce_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("posthoc")
     data = root / "demo"
     make_demo_data(data, seed=2, image_size=32, max_per_class=40, min_per_class=2, test_per_class=4)
-    cfg = TrainConfig(
-        out=str(root / "run"), epochs=3, seed=0, device="cpu",
-        data=DataConfig(data=str(data), holdout=0.25, size=32, batch_size=16, workers=0),
-        model=ModelConfig(pretrained=False, trunk="resnet10t", dropout=0.0),
-        loss=LossConfig(loss="ce", levels=("species", "genus", "family")),
-        optim=OptimConfig(optim="adam@2e-3:0", schedule="constant"),
-    )
+    cfg = tiny_train_config(data, root / "run", epochs=3)
+    cfg = replace(cfg, data=replace(cfg.data, val_split=None, holdout=0.25), loss=replace(cfg.loss, loss="ce"))
     engine.train(cfg)
     return data, Path(cfg.out)
 
