@@ -453,8 +453,8 @@ def predict_taus(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]]
     """:func:`predict` at every post-hoc tau of ``taus``, from one pass: ``{tau: outputs}``.
 
     Each batch goes through the models once; its logits are then adjusted,
-    averaged and decoded once per tau (decoding is the cheap part), so a grid
-    of taus costs one evaluation's model time.
+    averaged and decoded once per tau, so a grid of taus costs one pass of
+    the models and one decoding (views, ensemble, tree, top-k) per tau.
     """
     dtype = autocast_dtype(settings.precision, device)
     profiles = list(dict.fromkeys(m.profile for m in models))
