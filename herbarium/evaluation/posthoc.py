@@ -100,11 +100,13 @@ class TauChoice:
     validation_macro_f1: dict[float, float] = field(default_factory=dict)  # tau -> the headline variant's finest macro-F1
 
     def to_dict(self) -> dict[str, Any]:
+        """As metrics.json holds it (JSON keys are text: the taus as ``0.25``)."""
         return {"tau": self.tau, "reason": self.reason,
                 "validation_macro_f1": {f"{tau:g}": score for tau, score in self.validation_macro_f1.items()}}
 
 
 def fixed_tau(tau: float) -> TauChoice:
+    """A tau the user gave (0 included): nothing was measured."""
     return TauChoice(tau, "given with --posthoc-tau")
 
 
@@ -118,4 +120,5 @@ def choose_tau(scores: Mapping[float, float], variant: str, rank: str, where: st
 
 
 def no_validation_tau() -> TauChoice:
+    """``auto`` with nothing to choose on: the logits are left as trained."""
     return TauChoice(0.0, "auto: the run has no labelled validation split to choose on, so no adjustment (tau 0)")
