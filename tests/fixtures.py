@@ -18,12 +18,17 @@ from types import ModuleType
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
 from herbarium.data import gpu
 from herbarium.demo import make_demo_data
+from herbarium.evaluation.runner import LoadedModel
+from herbarium.evaluation.tta import InputProfile
 from herbarium.models.config import ModelConfig
+from herbarium.models.multi_rank import MultiRankModel
+from herbarium.taxonomy import Taxonomy
 
 # Herbarium 2020 categories: ids with a gap, a name with a latin-1 character.
 CATEGORIES_2020 = [
@@ -219,6 +224,16 @@ def tiny_train_config(data_dir: Path, out: Path, *, epochs: int = 2, batch_size:
         optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine"),
     )
     return dataclasses.replace(cfg, **changes)
+
+
+def synthetic_model(taxonomy: Taxonomy, seed: int, train_counts: dict[str, list[int]] | None = None) -> LoadedModel:
+    """A real multi-rank model over a linear trunk on 4 x 4 images: fast, and different per seed."""
+    torch.manual_seed(seed)
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    classes = {rank: taxonomy.num_classes(rank) for rank in taxonomy.ranks}
+    model = MultiRankModel(trunk, 8, classes, ModelConfig(trunk="resnet10t")).eval()
+    return LoadedModel(model, None, taxonomy, InputProfile(4, (0.5,) * 3, (0.25,) * 3, "none"), train_counts or {},
+                       Path(f"m{seed}"))
 
 
 def tiny_demo_data(out: Path, max_per_class: int = 10, test_per_class: int = 2) -> Path:

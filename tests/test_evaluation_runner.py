@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures import synthetic_model
 from herbarium import engine
 from herbarium.checkpoint import CheckpointError
 from herbarium.config import DataConfig, LossConfig, OptimConfig, TrainConfig
@@ -21,12 +22,11 @@ from herbarium.demo import make_demo_data
 from herbarium.evaluation.combine import average_views, ensemble
 from herbarium.evaluation.decoding import consistent_predictions, consistent_scores
 from herbarium.evaluation.report import md_escape
-from herbarium.evaluation.runner import LoadedModel, evaluate, load_run, predict, primary_from_validation
+from herbarium.evaluation.runner import evaluate, load_run, predict, primary_from_validation
 from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
 from herbarium.run_dir import RUN_FILES
-from herbarium.evaluation.tta import InputProfile, parse_views
+from herbarium.evaluation.tta import parse_views
 from herbarium.models.config import ModelConfig
-from herbarium.models.multi_rank import MultiRankModel
 from herbarium.taxonomy import Taxonomy
 
 
@@ -199,15 +199,6 @@ def test_checkpoint_with_a_pickled_object_is_refused(trained, tmp_path):
 
 
 # ------------------------------------------------------ predict against the plain per-batch recipe
-def synthetic_model(taxonomy: Taxonomy, seed: int) -> LoadedModel:
-    """A real multi-rank model over a linear trunk on 4 x 4 images: fast, and different per seed."""
-    torch.manual_seed(seed)
-    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8))
-    classes = {rank: taxonomy.num_classes(rank) for rank in taxonomy.ranks}
-    model = MultiRankModel(trunk, 8, classes, ModelConfig(trunk="resnet10t")).eval()
-    return LoadedModel(model, None, taxonomy, InputProfile(4, (0.5,) * 3, (0.25,) * 3, "none"), {}, Path(f"m{seed}"))
-
-
 def loop_disagreement(predictions: dict[str, torch.Tensor], taxonomy: Taxonomy) -> int:
     """Images whose per-rank predictions leave the tree, one image and one category at a time."""
     ancestors = {path[-1]: path for path in taxonomy.paths}  # finest class -> its path

@@ -53,7 +53,7 @@ from herbarium.evaluation.metrics import SHOT_GROUPS
 from herbarium.evaluation.submission import write_atomic
 
 KNOWN_KEYS = ("variants", "primary", "primary_choice", "headline", "baseline", "taxonomy_disagreement", "throughput", "mistakes",
-              "unlabelled_predictions")
+              "unlabelled_predictions", "posthoc_tau")  # posthoc_tau: shown in the Run section, from the context
 DEFAULT_BASELINE = "single_view_heads"
 WORST_CLASSES = 20
 CONFUSED_PAIRS = 15

@@ -13,7 +13,7 @@ import platform
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,10 @@ from herbarium.evaluation.combine import (
     average_views, class_weighted_ensemble, class_weights_from_accuracy, ensemble, per_class_accuracy,
 )
 from herbarium.evaluation.decoding import PathDecoder, hybrid_decoding, independent_predictions
-from herbarium.evaluation.metrics import evaluate_predictions, macro_f1_interval, paired_bootstrap
+from herbarium.evaluation.metrics import evaluate_predictions, macro_f1, macro_f1_interval, paired_bootstrap
+from herbarium.evaluation.posthoc import (
+    AUTO, TAU_GRID, TauChoice, adjust_logits, choose_tau, fixed_tau, no_validation_tau, tau_offsets, training_counts,
+)
 from herbarium.evaluation.report import write_report
 from herbarium.evaluation.settings import FALLBACK_PRIMARY, EvaluationSettings
 from herbarium.evaluation.submission import top_k_probabilities, write_predictions, write_submission
@@ -80,6 +83,12 @@ def load_run(path: str | Path, device: torch.device) -> LoadedModel:
     profile = InputProfile(config.data.size, tuple(normalization["mean"]), tuple(normalization["std"]), config.data.augment)
     return LoadedModel(model, config, taxonomy, profile, normalization.get("train_counts", {}), checkpoint_path,
                        state.get("run", {}).get("epoch"))
+
+
+def with_training_counts(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with its training counts at every rank with a head, counted again where the run did not record them."""
+    counts = training_counts(loaded.train_counts, loaded.config, loaded.taxonomy, loaded.model.ranks, loaded.source)
+    return replace(loaded, train_counts=counts)
 
 
 def describe_model(loaded: LoadedModel) -> str:
@@ -151,33 +160,60 @@ class PrimaryChoice:
     validation_macro_f1: dict[str, float] = field(default_factory=dict)  # variant -> finest-rank macro-F1
 
 
-def choose_primary(models: Sequence[LoadedModel], data: str | Path, taxonomy: Taxonomy, settings: EvaluationSettings,
-                   device: torch.device, galleries: Sequence[Gallery] | None = None,
-                   class_weights: Sequence[dict[str, torch.Tensor]] | None = None) -> PrimaryChoice:
-    """``--primary`` when given; else ``FALLBACK_PRIMARY`` unless the run's validation split shows a better variant.
+def choose_tau_and_primary(models: Sequence[LoadedModel], data: str | Path, taxonomy: Taxonomy,
+                           settings: EvaluationSettings, device: torch.device, galleries: Sequence[Gallery] | None = None,
+                           class_weights: Sequence[dict[str, torch.Tensor]] | None = None) -> tuple[TauChoice, PrimaryChoice]:
+    """The post-hoc tau and the headline variant: as given, else measured on the run's validation split in one pass.
 
-    Which variant wins depends on the data (consistent decoding helps where
-    the coarse heads are much stronger than the fine one, and hurts where
-    they are not), so it is measured on images the run did not train on.
-    A validation split of a long tail is small, though, and variants differ
-    there by less than which images it holds: another variant replaces the
-    default only when it beats it on the finest rank's macro-F1 with the
-    whole 95% paired bootstrap interval above zero. A run without a
-    validation split gets the default.
+    The headline variant is ``--primary`` when given; else ``FALLBACK_PRIMARY``
+    unless the validation split shows a better variant. Which variant wins
+    depends on the data (consistent decoding helps where the coarse heads are
+    much stronger than the fine one, and hurts where they are not), so it is
+    measured on images the run did not train on. A validation split of a
+    long tail is small, though, and variants differ there by less than which
+    images it holds: another variant replaces the default only when it beats
+    it on the finest rank's macro-F1 with the whole 95% paired bootstrap
+    interval above zero (see :func:`primary_from_validation`).
+
+    With ``--posthoc-tau auto`` the split's logits are computed once and
+    scored at every tau of ``TAU_GRID``; the tau is the best one for the
+    headline variant as given (``--primary``, else ``FALLBACK_PRIMARY``), and
+    the headline variant is then chosen among the variants at that tau. A
+    run without a validation split gets the default variant and tau 0.
     """
-    if settings.primary:
-        return PrimaryChoice(settings.primary, "chosen with --primary")
+    auto = settings.posthoc_tau == AUTO
+    given = PrimaryChoice(settings.primary, "chosen with --primary") if settings.primary else None
+    if given and not auto:
+        return fixed_tau(settings.posthoc_tau), given
     split = validation_split(models[0], data, "val", taxonomy)
     if split is None or not split.labelled:
-        return PrimaryChoice(FALLBACK_PRIMARY, "the run has no labelled validation split to choose on: the default")
+        return (no_validation_tau() if auto else fixed_tau(settings.posthoc_tau),
+                given or PrimaryChoice(FALLBACK_PRIMARY, "the run has no labelled validation split to choose on: the default"))
     loader = build_view_loader(split, taxonomy, models, settings, device)
-    outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights,
-                      desc=f"headline variant on {split.name}")
-    return primary_from_validation(outputs, taxonomy, f"the run's validation split {split.name} ({len(split)} images)")
+    outputs = predict_taus(models, loader, taxonomy, settings, device, TAU_GRID if auto else (settings.posthoc_tau,),
+                           galleries, class_weights, desc=f"{'tau and ' if auto else ''}headline variant on {split.name}")
+    where = f"the run's validation split {split.name} ({len(split)} images)"
+    if auto:
+        variant = settings.primary or FALLBACK_PRIMARY
+        tau = choose_tau(finest_macro_f1_by_tau(outputs, taxonomy, variant), variant, taxonomy.finest, where)
+    else:
+        tau = fixed_tau(settings.posthoc_tau)
+    return tau, given or primary_from_validation(outputs[tau.tau], taxonomy, where)
+
+
+def finest_macro_f1_by_tau(outputs: dict[float, dict[str, Any]], taxonomy: Taxonomy, variant: str) -> dict[float, float]:
+    """The finest-rank macro-F1 of ``variant`` on the labelled images, per tau of ``outputs`` (from :func:`predict_taus`)."""
+    scores = {}
+    for tau, at_tau in outputs.items():
+        truth, predictions = finest_labelled(at_tau, taxonomy)
+        if variant not in predictions:
+            raise ValueError(f"--primary {variant}: not a variant of this evaluation; it has {list(predictions)}")
+        scores[tau] = float(macro_f1(truth, predictions[variant]) or 0.0)
+    return scores
 
 
 def primary_from_validation(outputs: dict[str, Any], taxonomy: Taxonomy, where: str) -> PrimaryChoice:
-    """The headline variant given every variant's predictions on a validation split (see :func:`choose_primary`)."""
+    """The headline variant given every variant's predictions on a validation split (see :func:`choose_tau_and_primary`)."""
     variants = score_variants(outputs, taxonomy, {}, None)
     scores = {name: float(ranks[taxonomy.finest]["macro_f1"] or 0.0) for name, ranks in variants.items()}
     best = max(scores, key=scores.get)
@@ -279,9 +315,9 @@ class PredictionStore:
         return tables
 
 
-def model_outputs(loaded: LoadedModel, views: torch.Tensor, average: str, plain: int | None, device: torch.device,
-                  dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, torch.Tensor]:
-    """(TTA-averaged log-probs, plain-view log-probs, unit embeddings [B, D]) for one batch of views [B, V, 3, H, W].
+def view_logits(loaded: LoadedModel, views: torch.Tensor, device: torch.device,
+                dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(float32 logits of every view {rank: [V, B, C]}, unit embeddings [B, D]) for one batch of views [B, V, 3, H, W].
 
     The embedding is the mean of the views' unit features, renormalised (see
     :mod:`herbarium.retrieval`).
@@ -294,9 +330,29 @@ def model_outputs(loaded: LoadedModel, views: torch.Tensor, average: str, plain:
         features = loaded.model.forward_features(images)  # [B*V, D]
         logits = loaded.model.forward_head(features)
     per_view = {rank: value.float().view(batch, num_views, -1).transpose(0, 1) for rank, value in logits.items()}  # [V, B, C]
+    return per_view, normalised_view_mean(features.view(batch, num_views, -1))
+
+
+def view_scores(per_view: dict[str, torch.Tensor], average: str, plain: int | None,
+                offsets: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(TTA-averaged log-probs, plain-view log-probs) per rank from the views' logits {rank: [V, B, C]}.
+
+    ``offsets`` (``tau * log(prior)`` per rank, see :mod:`herbarium.evaluation.posthoc`)
+    are subtracted from every view before the views are averaged.
+    """
+    per_view = adjust_logits(per_view, offsets)
     tta = {rank: average_views(value, average) for rank, value in per_view.items()}
     single = None if plain is None else {rank: torch.log_softmax(value[plain], dim=1) for rank, value in per_view.items()}
-    return tta, single, normalised_view_mean(features.view(batch, num_views, -1))
+    return tta, single
+
+
+def model_outputs(loaded: LoadedModel, views: torch.Tensor, average: str, plain: int | None, device: torch.device,
+                  dtype: torch.dtype | None, offsets: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, torch.Tensor]:
+    """(TTA-averaged log-probs, plain-view log-probs, unit embeddings [B, D]) for one batch of views [B, V, 3, H, W]."""
+    per_view, embeddings = view_logits(loaded, views, device, dtype)
+    tta, single = view_scores(per_view, average, plain, offsets)
+    return tta, single, embeddings
 
 
 def model_scores(loaded: LoadedModel, views: torch.Tensor, average: str, plain: int | None, device: torch.device,
@@ -332,6 +388,47 @@ def build_view_loader(split: DatasetSplit, taxonomy: Taxonomy, models: Sequence[
                       pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
+class VariantRecorder:
+    """Every variant of each batch's scores, decoded and kept: a :class:`PredictionStore` and the heads' disagreement."""
+
+    def __init__(self, decoder: PathDecoder, pinned: bool) -> None:
+        self.decoder = decoder
+        self.store = PredictionStore(pinned=pinned)
+        self.inconsistent: dict[str, torch.Tensor] = {}  # variant -> images whose heads disagree, counted on the device
+
+    def add(self, variants: dict[str, dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
+        """One batch: the log-probs ``{rank: [B, C]}`` of each score source (tta, single_view, retrieval)."""
+        finest = self.decoder.taxonomy.finest
+        for name, scores in variants.items():
+            heads = independent_predictions(scores)
+            self.store.add(f"{name}_heads", heads, scores, log_probs=True)  # ensemble, view mean and mix give log-probs
+            path_predictions, path_scores = self.decoder.decode(scores, normalised=True)
+            self.store.add(f"{name}_consistent", path_predictions, path_scores)
+            # hybrid scores mix log-probs (finest) and path sums (coarser): each rank gets its full softmax
+            self.store.add(f"{name}_hybrid", *hybrid_decoding(heads, scores, path_predictions, path_scores, finest))
+            self.inconsistent[f"{name}_heads"] = (self.inconsistent.get(f"{name}_heads", 0)
+                                                  + self.decoder.inconsistent_mask(heads).sum())
+        self.store.write(("index",), batch["index"])
+        self.store.write(("targets",), batch["targets"])
+        self.store.next_batch(len(batch["index"]))
+
+    def finish(self) -> dict[str, Any]:
+        """Each image's index and targets, every variant's tables, and the share of images whose heads disagree."""
+        images = self.store.rows
+        return {"index": self.store.column("index"), "targets": self.store.column("targets"), **self.store.finish(),
+                "disagreement": {name: int(count) / max(images, 1) for name, count in self.inconsistent.items()}}
+
+
+def model_combiner(models: int, class_weights: Sequence[dict[str, torch.Tensor]] | None,
+                   settings: EvaluationSettings) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """How the models' per-rank log-probs of a batch become one set: an ensemble, class-weighted or not."""
+    if models == 1:  # the ensemble of one model's log-probs is those log-probs, whatever the weights
+        return lambda parts: parts[0]
+    if class_weights:
+        return lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)
+    return lambda parts: ensemble(parts, settings.model_weights, settings.average)
+
+
 def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], taxonomy: Taxonomy, settings: EvaluationSettings,
             device: torch.device, galleries: Sequence[Gallery] | None = None,
             class_weights: Sequence[dict[str, torch.Tensor]] | None = None, desc: str = "evaluate") -> dict[str, Any]:
@@ -340,61 +437,60 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
     With ``galleries`` (one per model) a ``retrieval`` variant mixes the
     heads' TTA log-probs with retrieval log-probs; with ``class_weights``
     (one ``{rank: [C]}`` per model) models are combined class by class.
+    The logits are adjusted by ``settings.posthoc_tau``, a number here
+    (:func:`choose_tau_and_primary` resolves ``auto``).
+    """
+    if settings.posthoc_tau == AUTO:
+        raise ValueError(f"posthoc tau {AUTO!r} is chosen on validation first (choose_tau_and_primary); predict needs a number")
+    tau = settings.posthoc_tau
+    return predict_taus(models, loader, taxonomy, settings, device, (tau,), galleries, class_weights, desc)[tau]
+
+
+def predict_taus(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], taxonomy: Taxonomy,
+                 settings: EvaluationSettings, device: torch.device, taus: Sequence[float],
+                 galleries: Sequence[Gallery] | None = None, class_weights: Sequence[dict[str, torch.Tensor]] | None = None,
+                 desc: str = "evaluate") -> dict[float, dict[str, Any]]:
+    """:func:`predict` at every post-hoc tau of ``taus``, from one pass: ``{tau: outputs}``.
+
+    Each batch goes through the models once; its logits are then adjusted,
+    averaged and decoded once per tau, so a grid of taus costs one pass of
+    the models and one decoding (views, ensemble, tree, top-k) per tau.
     """
     dtype = autocast_dtype(settings.precision, device)
     profiles = list(dict.fromkeys(m.profile for m in models))
     plain = plain_view_index(settings.views)
     decoder = PathDecoder(taxonomy, settings.rank_weights or None)
-    store, skipped = PredictionStore(pinned=device.type == "cuda"), 0
-    if len(models) == 1:  # the ensemble of one model's log-probs is those log-probs, whatever the weights
-        combine = lambda parts: parts[0]
-    elif class_weights:
-        combine = lambda parts: class_weighted_ensemble(parts, class_weights, settings.average)
-    else:
-        combine = lambda parts: ensemble(parts, settings.model_weights, settings.average)
-    inconsistent: dict[str, torch.Tensor] = {}  # variant -> images whose heads disagree, counted on the device
-    started, images_done = time.perf_counter(), 0
+    combine = model_combiner(len(models), class_weights, settings)
+    offsets = {tau: [tau_offsets(m.train_counts, m.model.classes_by_rank, tau, device) for m in models] for tau in taus}
+    recorders = {tau: VariantRecorder(decoder, pinned=device.type == "cuda") for tau in taus}
+    skipped, started, images_done = 0, time.perf_counter(), 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                           disable=not show_progress(settings.quiet)):
             skipped += batch["skipped"]
             if "views" not in batch:
                 continue
-            tta_parts, single_parts, embeddings = [], [], []
-            for loaded in models:
-                tta, single, embedding = model_outputs(loaded, batch["views"][profiles.index(loaded.profile)], settings.average, plain, device, dtype)
-                tta_parts.append(tta)
-                single_parts.append(single)
-                embeddings.append(embedding)
-            variants = {"tta": combine(tta_parts)}
-            if plain is not None and len(settings.views) > 1:
-                variants["single_view"] = combine(single_parts)
-            if galleries:
-                retrieval = retrieval_log_probs(galleries, embeddings, settings.retrieval_mode, settings.retrieval_k,
-                                                settings.retrieval_scale)
-                variants["retrieval"] = mix_log_probs(variants["tta"], retrieval, settings.retrieval_weight)
-            for name, scores in variants.items():
-                heads = independent_predictions(scores)
-                store.add(f"{name}_heads", heads, scores, log_probs=True)  # ensemble, view mean and mix give log-probs
-                path_predictions, path_scores = decoder.decode(scores, normalised=True)
-                store.add(f"{name}_consistent", path_predictions, path_scores)
-                # hybrid scores mix log-probs (finest) and path sums (coarser): each rank gets its full softmax
-                store.add(f"{name}_hybrid", *hybrid_decoding(heads, scores, path_predictions, path_scores, taxonomy.finest))
-                inconsistent[f"{name}_heads"] = inconsistent.get(f"{name}_heads", 0) + decoder.inconsistent_mask(heads).sum()
-            store.write(("index",), batch["index"])
-            store.write(("targets",), batch["targets"])
-            store.next_batch(len(batch["index"]))
+            logits, embeddings = zip(*(view_logits(loaded, batch["views"][profiles.index(loaded.profile)], device, dtype)
+                                       for loaded in models))
+            retrieval = (retrieval_log_probs(galleries, list(embeddings), settings.retrieval_mode, settings.retrieval_k,
+                                             settings.retrieval_scale) if galleries else None)
+            for tau, recorder in recorders.items():
+                parts = [view_scores(per_view, settings.average, plain, adjust)
+                         for per_view, adjust in zip(logits, offsets[tau])]
+                variants = {"tta": combine([tta for tta, _ in parts])}
+                if plain is not None and len(settings.views) > 1:
+                    variants["single_view"] = combine([single for _, single in parts])
+                if retrieval is not None:
+                    variants["retrieval"] = mix_log_probs(variants["tta"], retrieval, settings.retrieval_weight)
+                recorder.add(variants, batch)
             images_done += len(batch["index"])
     if device.type == "cuda":
         torch.cuda.synchronize()
     if not images_done:
         raise BadImageError(f"no image of the split could be read ({skipped} skipped as unreadable)")
     seconds = time.perf_counter() - started
-    return {
-        "index": store.column("index"), "targets": store.column("targets"), **store.finish(), "skipped": skipped,
-        "disagreement": {name: int(count) / max(images_done, 1) for name, count in inconsistent.items()},
-        "images_per_s": images_done / seconds if seconds > 0 else None, "seconds": seconds,
-    }
+    timing = {"skipped": skipped, "images_per_s": images_done / seconds if seconds > 0 else None, "seconds": seconds}
+    return {tau: {**recorder.finish(), **timing} for tau, recorder in recorders.items()}
 
 
 def retrieval_ranks(models: Sequence[LoadedModel], taxonomy: Taxonomy, levels: Sequence[str] | None) -> tuple[str, ...]:
@@ -460,7 +556,9 @@ def validation_class_weights(models: Sequence[LoadedModel], data: str | Path, ta
     :func:`herbarium.evaluation.combine.class_weights_from_accuracy` for the scaling.
     Returns the weights and a summary (mean validation accuracy per model and rank).
     """
-    plain_settings = replace(settings, class_weighted=False, retrieval_gallery=None, model_weights=None)
+    # Under --posthoc-tau auto the tau is chosen on the ensemble these weights make, so each model is measured unadjusted.
+    plain_settings = replace(settings, class_weighted=False, retrieval_gallery=None, model_weights=None,
+                             posthoc_tau=0.0 if settings.posthoc_tau == AUTO else settings.posthoc_tau)
     accuracies: list[dict[str, np.ndarray]] = []
     for loaded in models:
         split = validation_split(loaded, data, settings.weights_split, taxonomy)
@@ -528,6 +626,8 @@ def _evaluate_into(out_dir: Path, final_dir: Path, checkpoints: Sequence[str | P
     """The evaluation, written into ``out_dir`` (the staging folder); ``final_dir`` is where it will be seen."""
     device = resolve_device(settings.device)
     models = [load_run(path, device) for path in checkpoints]
+    if settings.posthoc_tau != 0:
+        models = [with_training_counts(loaded) for loaded in models]
     taxonomy = check_same_taxonomy(models)
     first = models[0]
     split_data = read_split(data, split, first.config.data.ranks, taxonomy=taxonomy, labels=labels)
@@ -543,10 +643,12 @@ def _evaluate_into(out_dir: Path, final_dir: Path, checkpoints: Sequence[str | P
         galleries = [build_gallery(loaded, gallery_split, taxonomy, settings, device, ranks) for loaded in models]
     class_weights, validation_accuracy = (validation_class_weights(models, data, taxonomy, settings, device)
                                           if settings.class_weighted else (None, None))
+    tau, choice = choose_tau_and_primary(models, data, taxonomy, settings, device, galleries, class_weights)
+    if settings.posthoc_tau == AUTO:
+        tqdm.write(f"post-hoc logit adjustment: tau {tau.tau:g} ({tau.reason})")
     loader = build_view_loader(split_data, taxonomy, models, settings, device, decode)
-    outputs = predict(models, loader, taxonomy, settings, device, galleries, class_weights, desc=f"evaluate {split}")
-
-    choice = choose_primary(models, data, taxonomy, settings, device, galleries, class_weights)
+    outputs = predict(models, loader, taxonomy, replace(settings, posthoc_tau=tau.tau), device, galleries, class_weights,
+                      desc=f"evaluate {split}")
     if choice.variant not in outputs["predictions"]:
         raise ValueError(f"--primary {choice.variant}: not a variant of this evaluation; it has {list(outputs['predictions'])}")
     primary = choice.variant
@@ -566,6 +668,7 @@ def _evaluate_into(out_dir: Path, final_dir: Path, checkpoints: Sequence[str | P
         "taxonomy_disagreement": outputs["disagreement"],
         "skipped_bad_images": outputs["skipped"],
         "primary_choice": {"variant": primary, "reason": choice.reason, "validation_macro_f1": choice.validation_macro_f1},
+        **({"posthoc_tau": tau.to_dict()} if settings.posthoc_tau != 0 else {}),
         **({"fallback": {"images": rows["fallbacks"], "category_id": rows["fallback_category_id"],
                          "rule": FALLBACK_NOTE}} if rows["fallbacks"] else {}),
     }
@@ -583,6 +686,7 @@ def _evaluate_into(out_dir: Path, final_dir: Path, checkpoints: Sequence[str | P
         "data": str(data), "split": split, "images": len(outputs["index"]),
         "tta_views": list(settings.views), "averaging": settings.average, "model_weights": settings.model_weights,
         "consistent_rank_weights": settings.rank_weights or "1 per rank",
+        **({"posthoc_logit_adjustment": f"tau {tau.tau:g} ({tau.reason})"} if settings.posthoc_tau != 0 else {}),
         **({"retrieval": f"{settings.retrieval_mode} on {settings.retrieval_gallery} for {', '.join(galleries[0].labels)} (k={settings.retrieval_k}, "
                          f"weight {settings.retrieval_weight:g}, scale {settings.retrieval_scale:g})"} if galleries else {}),
         **({"class_weighted_ensemble": f"per-class accuracy on {settings.weights_split} ** {settings.class_weight_power:g}",

@@ -15,12 +15,13 @@ from herbarium.data.gpu import AUTO_DEVICE_BELOW_CORES, DECODES
 from herbarium.evaluation.combine import AVERAGING_MODES
 from herbarium.evaluation.decoding import VARIANTS
 from herbarium.evaluation.metrics import DEFAULT_SHOT_THRESHOLDS
+from herbarium.evaluation.posthoc import AUTO, TAU_GRID, parse_tau
 from herbarium.evaluation.tta import DEFAULT_VIEWS, VIEW_VOCABULARY, parse_views
 from herbarium.options import format_default, option
 from herbarium.retrieval import RETRIEVAL_MODES
 from herbarium.runtime import PRECISIONS
 
-# The headline variant unless validation clearly prefers another (evaluation.runner.choose_primary): TTA with consistent decoding
+# The headline variant unless validation clearly prefers another (evaluation.runner.choose_tau_and_primary): TTA with consistent decoding
 # had the best species macro-F1 on grocery-store val with both the old and the new training defaults (BENCHMARKS.md).
 FALLBACK_PRIMARY = "tta_consistent"
 
@@ -53,6 +54,11 @@ class EvaluationSettings:
         None, "the variant headlined and written to the submission", choices=VARIANTS,
         default_text=f"{FALLBACK_PRIMARY}, unless another variant beats it on the run's own validation split with its "
                      "whole 95% bootstrap interval of species macro-F1 above zero")
+    posthoc_tau: float | str = option(
+        0.0, "post-hoc logit adjustment: subtract TAU * log(training class frequency) from each rank's logits before "
+             f"views are averaged; '{AUTO}': the tau of {format_default(TAU_GRID)} with the best finest-rank macro-F1 "
+             "of the headline variant on the run's validation split (0 without one)",
+        parse=parse_tau, metavar="TAU", default_text="0, off")
     skip_bad_images: bool = option(False, "skip and count unreadable images")
     decode: str = option(
         "auto", "where JPEGs are decoded and cut into views: cpu (PIL in the workers), gpu (nvJPEG on the device, all "
@@ -86,6 +92,10 @@ class EvaluationSettings:
             raise ValueError(f"retrieval weight must be in [0, 1], got {self.retrieval_weight}")
         if self.decode not in DECODES:
             raise ValueError(f"unknown decode {self.decode!r}; choose one of {list(DECODES)}")
+        try:
+            self.posthoc_tau = parse_tau(str(self.posthoc_tau))  # "auto" or a float, however it was given
+        except ValueError as error:
+            raise ValueError(f"posthoc tau: {error}") from None
         if self.class_weighted and self.model_weights is not None:
             raise ValueError("class-weighted ensembles set each model's weight per class; drop the model weights")
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from herbarium.evaluation.posthoc import AUTO, TAU_GRID
 from herbarium.evaluation.settings import EvaluationSettings
+from herbarium.options import format_default
 
 
 def startup_lines(model_lines: Sequence[str], checkpoints: Sequence[str], data: str | Path, split: str, images: int,
@@ -26,6 +28,10 @@ def startup_lines(model_lines: Sequence[str], checkpoints: Sequence[str], data: 
     headline = (f"--primary {settings.primary}" if settings.primary else
                 "tta_consistent unless the run's validation split clearly prefers another variant")
     lines.append(f"  submission.csv: {headline}")
+    if settings.posthoc_tau == AUTO:
+        lines.append(f"  post-hoc logit adjustment: tau chosen on the run's validation split from {format_default(TAU_GRID)}")
+    elif settings.posthoc_tau:
+        lines.append(f"  post-hoc logit adjustment: logits - {settings.posthoc_tau:g} * log(training class frequency)")
     lines.append(f"  out: {out_dir}")
     return lines
 
@@ -43,6 +49,8 @@ def end_lines(result: dict[str, Any]) -> list[str]:
     lines.append(f"report: {result['paths']['html']}")
     lines.append(f"submission: {result['out_dir'] / 'submission.csv'} (variant {primary}: "
                  f"{metrics['primary_choice']['reason']})")
+    if "posthoc_tau" in metrics:
+        lines.append(f"post-hoc logit adjustment: tau {metrics['posthoc_tau']['tau']:g} ({metrics['posthoc_tau']['reason']})")
     if metrics.get("skipped_bad_images"):
         fallback = metrics.get("fallback", {})
         lines.append(f"skipped {metrics['skipped_bad_images']} unreadable images (--skip-bad-images); they are in "

@@ -16,7 +16,17 @@ from torch import Tensor, nn
 from .class_weights import counts_tensor
 from .focal import FocalLoss
 
-__all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss"]
+__all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss", "log_prior"]
+
+
+def log_prior(class_counts: Sequence[int] | Tensor) -> Tensor:
+    """log of the class frequencies [C], float32, a count of 0 taken as 1 (see ``counts_tensor``).
+
+    The one definition of the prior both the training-time adjustment here
+    and the post-hoc one at evaluation (:mod:`herbarium.evaluation.posthoc`) use.
+    """
+    counts = counts_tensor(class_counts)  # [C], float64
+    return torch.log(counts / counts.sum()).to(torch.float32)
 
 
 class LogitAdjustedLoss(nn.Module):
@@ -49,11 +59,10 @@ class LogitAdjustedLoss(nn.Module):
         gamma: float = 0.0,
     ) -> None:
         super().__init__()
-        counts = counts_tensor(class_counts)  # [C]
         self.tau = float(tau)
         self.ignore_index = ignore_index
         self.focal = FocalLoss(gamma=gamma, weight=weight, ignore_index=ignore_index)
-        self.register_buffer("log_prior", torch.log(counts / counts.sum()).to(torch.float32))  # [C]
+        self.register_buffer("log_prior", log_prior(class_counts))  # [C]
 
     @property
     def weight(self) -> Tensor | None:
