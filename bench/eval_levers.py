@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluation levers on validation data: other TTA views, retrieval mixing, on runs already trained.
+"""Evaluation levers on validation data: other TTA views, post-hoc logit adjustment, retrieval mixing.
 
     python bench/ablation.py --data DATA --settings defaults --seeds 0,1,2 --out OUT      # trains the runs
     python bench/eval_levers.py OUT --levers plain,multiscale_flip,centroid_25             # scores them again
@@ -46,6 +46,9 @@ EVAL_LEVERS: dict[str, tuple[str, list[str]]] = {
     "multiscale_flip": ("plain, zoomed out (0.875) and in (1.15), and the mirror: four fixed views",
                         ["--views", "multiscale,flip"]),
     "fivecrop_flip": ("five crops and the mirror", ["--views", "fivecrop+flip"]),
+    "tau_25": ("post-hoc logit adjustment: 0.25 x log prior subtracted from every rank's logits",
+               ["--posthoc-tau", "0.25"]),
+    "tau_50": ("post-hoc logit adjustment at 0.5", ["--posthoc-tau", "0.5"]),
     "centroid_25": ("class centroids of the training images mixed into the finest rank at weight 0.25",
                     [*RETRIEVAL_HEADLINE, "--retrieval-gallery", TRAIN_SPLIT, "--retrieval-weight", "0.25"]),
     "centroid_50": ("class centroids of the training images mixed in at weight 0.5",

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from herbarium.evaluation.cli import build_parser as evaluation_parser
+from herbarium.evaluation.cli import settings_from_args
+from herbarium.evaluation.settings import EvaluationSettings
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -59,6 +63,8 @@ def test_each_lever_adds_one_setting_to_the_defaults(tmp_path):
     assert _changed(tmp_path, "trunk_lr") == {"optim.trunk_lr_scale": 0.1}
     assert _changed(tmp_path, "trivial") == {"data.augment": "crop_flip_trivial"}
     assert _changed(tmp_path, "species_only") == {"loss.levels": ("species",)}
+    assert _changed(tmp_path, "coarse_light") == {"loss.level_weights": {"genus": 0.5, "family": 0.25}}
+    assert _changed(tmp_path, "no_dropout") == {"model.dropout": 0.0}
 
 
 def test_every_setting_is_scored_on_validation_data_with_no_validation_split(tmp_path):
@@ -99,3 +105,29 @@ def test_summary_gives_the_spread_over_seeds_and_the_margin_to_the_defaults(tmp_
     for margin in rows["plain_ce"]["margins"].values():  # always predicting class 0: macro-F1 0.1 against 1.0
         assert margin["delta"] == pytest.approx(0.1 - 1.0) and margin["high"] < 0
     assert "| plain_ce | plain cross-entropy" in (tmp_path / "ablation.md").read_text()
+
+
+eval_levers = _load("eval_levers")
+
+
+@pytest.mark.parametrize("lever", list(eval_levers.EVAL_LEVERS))
+def test_an_evaluation_lever_parses_and_keeps_the_runs_own_training_split_as_gallery(lever):
+    args = eval_levers.lever_args(lever, BUDGET)
+    settings = settings_from_args(evaluation_parser().parse_args(["run", "--data", BUDGET.data, *args]))
+    if "--retrieval-gallery" in args:
+        assert settings.retrieval_gallery == BUDGET.train_split and settings.primary == "retrieval_consistent"
+    changed = {name for name, value in vars(settings).items() if value != getattr(EvaluationSettings(), name)}
+    assert bool(changed) == (lever != eval_levers.BASELINE)
+
+
+def test_evaluation_levers_are_compared_with_the_same_runs_default_evaluation(tmp_path):
+    truth = [0, 1, 2, 3] * 5
+    records = {seed: {eval_levers.BASELINE: _record(truth, truth, score), "plain": _record([0] * 20, truth, score - 0.1)}
+               for seed, score in ((0, 0.6), (1, 0.8))}
+    summary = eval_levers.write_summary(tmp_path, records)
+    rows = {row["lever"]: row for row in summary["rows"]}
+    assert rows["plain"]["species"]["mean"] == pytest.approx(0.6)
+    assert rows[eval_levers.BASELINE]["margins"] == {}
+    for margin in rows["plain"]["margins"].values():
+        assert margin["delta"] == pytest.approx(0.1 - 1.0) and margin["high"] < 0
+    assert "| plain | one plain centre view" in (tmp_path / "eval_levers.md").read_text()
