@@ -152,14 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_records(out: Path) -> dict[int, dict[str, dict[str, Any]]]:
+    """{seed: {lever: result record}} of every lever already scored under ``out``."""
+    records: dict[int, dict[str, dict[str, Any]]] = {}
+    for path in sorted(out.glob("s*/eval_levers/*/result.json")):
+        if path.parent.name in EVAL_LEVERS:
+            records.setdefault(int(path.parents[2].name[1:]), {})[path.parent.name] = json.loads(path.read_text())
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    records: dict[int, dict[str, dict[str, Any]]] = {}
     levers = [BASELINE, *(name for name in args.levers if name != BASELINE)]
     for seed, (run, budget) in trained_runs(args.ablation).items():
         for lever in levers:
-            records.setdefault(seed, {})[lever] = score_lever(run, budget, lever, args.ablation / f"s{seed}" / "eval_levers" / lever)
-            write_summary(args.ablation, records)
+            score_lever(run, budget, lever, args.ablation / f"s{seed}" / "eval_levers" / lever)
+            write_summary(args.ablation, load_records(args.ablation))
     print("\n" + (args.ablation / "eval_levers.md").read_text())
     return 0
 
