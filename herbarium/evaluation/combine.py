@@ -71,7 +71,9 @@ def average_views(view_logits: Tensor, mode: str = "logits", weights: Tensor | S
     view_weights = normalised_weights(weights, num_views).to(view_logits.device)  # [V]
     view_logits = view_logits.float()
     if mode == "logits":
-        mean_logits = torch.einsum("v,vbc->bc", view_weights, view_logits)  # [B, C]
+        # [V] @ [B, V, C]: a batched product that reads the views in place (einsum copied [V, B, C] first
+        # when the views came as a transposed [B, V, C], as a model's output does)
+        mean_logits = torch.matmul(view_weights, view_logits.transpose(0, 1))  # [B, C]
         return torch.log_softmax(mean_logits, dim=-1)
     # log(sum_v w_v * p_v) computed as a logsumexp so that tiny probabilities
     # of rare classes do not underflow to log(0).
