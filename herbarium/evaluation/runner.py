@@ -242,8 +242,20 @@ class PredictionStore:
         self.rows = 0  # images written before the current batch
         self.chunks: dict[tuple[str, ...], list[torch.Tensor]] = {}  # (table, variant, rank) -> [chunk_rows, ...] chunks
 
-    def add(self, variant: str, predictions: dict[str, torch.Tensor], top: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """One batch of a variant: predictions ``{rank: [B]}`` and top-k ``{rank: (probabilities, classes)}`` (see :func:`top_k_by_rank`)."""
+    def add(self, variant: str, predictions: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+            log_probs: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One batch of a variant: predictions ``{rank: [B]}`` and scores ``{rank: [B, C]}`` (``log_probs``: normalised).
+
+        Returns the top-k kept, ``{rank: (probabilities [B, k], classes [B, k])}``,
+        for a variant that shares them (:meth:`add_top`).
+        """
+        top = {rank: top_k_probabilities(value, min(TOP_K, value.shape[1]), log_probs) for rank, value in scores.items()}
+        self.add_top(variant, predictions, top)
+        return top
+
+    def add_top(self, variant: str, predictions: dict[str, torch.Tensor],
+                top: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One batch of a variant whose top-k ``{rank: (probabilities, classes)}`` are taken already."""
         for rank, predicted in predictions.items():
             self.write(("predictions", variant, rank), predicted)
         for rank, (probabilities, indices) in top.items():
@@ -277,14 +289,6 @@ class PredictionStore:
         return tables
 
 
-def top_k_by_rank(scores: dict[str, torch.Tensor], log_probs: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per rank, the softmax top-k of scores [B, C]: ``(probabilities [B, k], classes [B, k])``, k = min(TOP_K, C).
-
-    ``log_probs``: the scores are normalised log-probabilities (see :func:`top_k_probabilities`).
-    """
-    return {rank: top_k_probabilities(value, min(TOP_K, value.shape[1]), log_probs) for rank, value in scores.items()}
-
-
 def model_outputs(loaded: LoadedModel, views: torch.Tensor, average: str, plain: int | None, device: torch.device,
                   dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, torch.Tensor]:
     """(TTA-averaged log-probs, plain-view log-probs, unit embeddings [B, D]) for one batch of views [B, V, 3, H, W].
@@ -302,7 +306,8 @@ def model_outputs(loaded: LoadedModel, views: torch.Tensor, average: str, plain:
     per_view = {rank: value.float().view(batch, num_views, -1).transpose(0, 1) for rank, value in logits.items()}  # [V, B, C]
     tta = {rank: average_views(value, average) for rank, value in per_view.items()}
     # the plain view's rows are strided in [V, B, C]: a contiguous copy first is faster than log_softmax over them
-    single = None if plain is None else {rank: torch.log_softmax(value[plain].contiguous(), dim=1) for rank, value in per_view.items()}
+    single = None if plain is None else {rank: torch.log_softmax(value[plain].contiguous(), dim=1)
+                                         for rank, value in per_view.items()}
     return tta, single, normalised_view_mean(features.view(batch, num_views, -1))
 
 
@@ -382,13 +387,12 @@ def predict(models: Sequence[LoadedModel], loader: Iterable[dict[str, Any]], tax
                 variants["retrieval"] = mix_log_probs(variants["tta"], retrieval, settings.retrieval_weight)
             for name, scores in variants.items():
                 heads = independent_predictions(scores)
-                heads_top = top_k_by_rank(scores, log_probs=True)  # ensemble, view mean and mix give log-probs
-                store.add(f"{name}_heads", heads, heads_top)
+                # ensemble, view mean and mix give log-probs
+                heads_top = store.add(f"{name}_heads", heads, scores, log_probs=True)
                 path_predictions, path_scores = decoder.decode(scores, normalised=True)
-                path_top = top_k_by_rank(path_scores)  # path sums are not normalised: a softmax each
-                store.add(f"{name}_consistent", path_predictions, path_top)
+                path_top = store.add(f"{name}_consistent", path_predictions, path_scores)
                 # hybrid takes each rank's predictions and top-k from one of the two above: nothing to compute again
-                store.add(f"{name}_hybrid", *hybrid_decoding(heads, heads_top, path_predictions, path_top, taxonomy.finest))
+                store.add_top(f"{name}_hybrid", *hybrid_decoding(heads, heads_top, path_predictions, path_top, taxonomy.finest))
                 inconsistent[f"{name}_heads"] = inconsistent.get(f"{name}_heads", 0) + decoder.inconsistent_mask(heads).sum()
             store.write(("index",), batch["index"])
             store.write(("targets",), batch["targets"])
