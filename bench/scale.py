@@ -8,6 +8,7 @@ alone, as each rank of a ``torchrun`` job would:
     python bench/scale.py --out /tmp/scale                       # Herbarium 2020 and 2021, full size
     python bench/scale.py --sizes h2020 --steps evaluate,gallery --out /tmp/scale
     python bench/scale.py --scale 0.001 --out /tmp/scale_small   # the same, a thousandth of the images and classes
+    python bench/scale.py --steps evaluate --device cuda --out /tmp/scale_gpu   # the runner's per-batch work on a GPU
 
 Prints a table and writes ``scale.json`` and ``scale.md`` under ``--out``.
 A step is a function of (size, data folder, arguments) returning a dict of
@@ -241,25 +242,38 @@ def view_batches(count: int, batch_size: int, views: int, ranks: int, side: int 
                "index": torch.arange(b * batch_size, (b + 1) * batch_size), "skipped": 0}
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timing covers it (a CUDA kernel returns before it runs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step_evaluate(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Rows 1 and 4: ``runner.predict`` per batch with the default four views, its own work and its resident memory.
 
     The model is a linear head per rank over fixed features, so the time is
     that of the runner (averaging, decoding, top-k, disagreement) plus the
-    heads' matrix products, which are timed apart and subtracted.
+    heads' matrix products, which are timed apart and subtracted. On
+    ``--device cuda`` the batches start on the host, as a loader gives them;
+    the first batch is a warm-up and is not timed.
     """
+    device = torch.device(args.device)
     loaded = tiny_model(size, args.feature_dim)
-    settings = EvaluationSettings(device="cpu", workers=0, batch_size=args.eval_batch)
-    device = torch.device("cpu")
+    loaded.model.to(device)
+    settings = EvaluationSettings(device=args.device, workers=0, batch_size=args.eval_batch)
     ranks = len(loaded.taxonomy.ranks)
     batch = next(view_batches(1, args.eval_batch, len(settings.views), ranks))
-    model_input = batch["views"][0].flatten(0, 1)  # [B*V, 3, H, W]
+    model_input = batch["views"][0].flatten(0, 1).to(device)  # [B*V, 3, H, W]
     with torch.inference_mode():
         loaded.model(model_input)  # warm-up
+        synchronize(device)
         started = time.perf_counter()
         for _ in range(3):
             loaded.model(model_input)
+        synchronize(device)
         model_s = (time.perf_counter() - started) / 3
+    runner.predict([loaded], view_batches(1, args.eval_batch, len(settings.views), ranks), loaded.taxonomy, settings,
+                   device)  # warm-up: the decoder's tables on the device, the kernels' first launches
     resident = []
 
     def measured(batches):
@@ -267,17 +281,27 @@ def step_evaluate(size: Size, data: Path, args: argparse.Namespace) -> dict[str,
             resident.append(resident_bytes())
             yield item
 
+    synchronize(device)
     started = time.perf_counter()
     runner.predict([loaded], measured(view_batches(args.eval_batches, args.eval_batch, len(settings.views), ranks)),
                    loaded.taxonomy, settings, device)
+    synchronize(device)
     per_batch = (time.perf_counter() - started) / args.eval_batches
     resident.append(resident_bytes())
     images = args.eval_batches * args.eval_batch
-    return {"images": images, "batch": args.eval_batch, "classes": loaded.taxonomy.num_classes(loaded.taxonomy.finest),
-            "batch_s": per_batch, "model_s": model_s, "runner_s": per_batch - model_s,
-            "resident_after_first_batch_gb": resident[1] / 2**30, "resident_at_end_gb": resident[-1] / 2**30,
-            "resident_growth_per_batch_mb": (resident[-1] - resident[1]) / max(len(resident) - 2, 1) / 2**20,
-            "hours_runner_on_test_split": (per_batch - model_s) * size.test / args.eval_batch / 3600}
+    figures = {"device": device_name(device), "images": images, "batch": args.eval_batch,
+               "classes": loaded.taxonomy.num_classes(loaded.taxonomy.finest),
+               "batch_s": per_batch, "model_s": model_s, "runner_s": per_batch - model_s,
+               "resident_after_first_batch_gb": resident[1] / 2**30, "resident_at_end_gb": resident[-1] / 2**30,
+               "resident_growth_per_batch_mb": (resident[-1] - resident[1]) / max(len(resident) - 2, 1) / 2**20,
+               "hours_runner_on_test_split": (per_batch - model_s) * size.test / args.eval_batch / 3600}
+    if device.type == "cuda":
+        figures["device_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return figures
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
 def step_disagreement(size: Size, data: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -287,7 +311,8 @@ def step_disagreement(size: Size, data: Path, args: argparse.Namespace) -> dict[
     """
     taxonomy = taxonomy_of(size)
     generator = torch.Generator().manual_seed(0)
-    predictions = {rank: torch.randint(0, taxonomy.num_classes(rank), (128,), generator=generator) for rank in taxonomy.ranks}
+    predictions = {rank: torch.randint(0, taxonomy.num_classes(rank), (128,), generator=generator).to(args.device)
+                   for rank in taxonomy.ranks}
     decoder = decoding.PathDecoder(taxonomy)
     check = getattr(decoder, "inconsistent_mask", None) or (lambda batch: decoding.inconsistent_mask(batch, taxonomy))
     check(predictions)  # the first call builds what is cached
@@ -395,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gallery-images", type=int, default=262_144, help="gallery images built at most (default 262144)")
     parser.add_argument("--sheets", type=int, default=8, help="distinct 1000x661 JPEGs for the stats step (default 8)")
     parser.add_argument("--stats-images", type=int, default=256, help="images the stats step reads (default 256)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the evaluate and disagreement steps run; the other steps are host work (default cpu)")
     parser.add_argument("--only-step", help=argparse.SUPPRESS)  # STEP:SIZE, run in this process, JSON on stdout
     return parser
 
@@ -410,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in sizes if s not in SIZES] + [s for s in steps if s not in STEPS]
     if unknown:
         print(f"error: unknown size or step {unknown}; sizes {list(SIZES)}, steps {list(STEPS)}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: torch sees no CUDA device here", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fixtures import load_bench_script
 from herbarium.data.readers import read_split
@@ -60,3 +61,13 @@ def test_the_command_runs_steps_in_their_own_processes_and_writes_a_table(tmp_pa
     assert document["results"]["h2021"]["workers"]["loader_workers"] >= 1
     assert "| h2021 | workers |" in (tmp_path / "scale.md").read_text()
     assert scale.main(["--out", str(tmp_path), "--steps", "nope"]) == 2
+
+
+def test_the_evaluate_step_runs_where_device_says():
+    if not torch.cuda.is_available():  # a clear refusal, not a traceback from the step's process
+        assert scale.main(["--out", "unused", "--steps", "evaluate", "--device", "cuda", *TINY]) == 2
+        return
+    args = scale.build_parser().parse_args(["--out", "unused", "--device", "cuda", *TINY])
+    figures = scale.run_step("evaluate", "h2021", args)
+    assert figures["images"] == 48 and figures["batch_s"] > 0 and figures["device_peak_gb"] > 0
+    assert figures["device"] == torch.cuda.get_device_name()

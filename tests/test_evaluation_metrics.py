@@ -180,6 +180,60 @@ def test_block_size_does_not_change_the_decoding():
     assert all(empty[rank].shape == (0,) for rank in RANKS)
 
 
+def path_by_path_decoding(log_probs: dict[str, torch.Tensor], taxonomy: Taxonomy, weights: dict[str, float]):
+    """Consistent decoding the straightforward way: every rank's term gathered to every path and summed coarse to
+    fine, each rank's scores a scatter-max over all the paths; ``(predictions, rank scores)``."""
+    table = taxonomy.path_table()  # [N, R]
+    first = next(iter(log_probs.values()))
+    paths = torch.zeros(first.shape[0], taxonomy.num_categories)
+    for rank in taxonomy.ranks:
+        if rank in log_probs:
+            paths.add_(log_probs[rank].index_select(1, table[:, taxonomy.rank_index(rank)]), alpha=weights.get(rank, 1.0))
+    scores = {}
+    for i, rank in enumerate(taxonomy.ranks):
+        out = torch.full((first.shape[0], taxonomy.num_classes(rank)), float("-inf"))
+        scores[rank] = out.scatter_reduce_(1, table[:, i].expand_as(paths), paths, reduce="amax")
+    best = paths.argmax(dim=1)
+    return {rank: table[best, i] for i, rank in enumerate(taxonomy.ranks)}, scores
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_decoding_down_and_up_the_tree_equals_the_path_by_path_sum(seed):
+    rng = random.Random(seed)
+    ranks = ("order", "family", "genus", "species")
+    genera = rng.randint(1, 30)
+    family_of = [rng.randrange(max(1, genera // 3)) for _ in range(genera)]
+    records = [{"id": s, "order": f"O{family_of[g] % 3}", "family": f"F{family_of[g]}", "genus": f"G{g}", "species": f"s{s}"}
+               for s, g in enumerate(rng.randrange(genera) for _ in range(rng.randint(1, 120)))]
+    taxonomy = Taxonomy.from_categories(records, ranks)
+    generator = torch.Generator().manual_seed(seed)
+    heads = [rank for rank in ranks if rng.random() < 0.75] or ["species"]
+    log_probs = {rank: torch.log_softmax(torch.randn(13, taxonomy.num_classes(rank), generator=generator) * 3, -1)
+                 for rank in heads}
+    for weights in ({}, {rank: rng.uniform(0.2, 2.0) for rank in heads}):
+        decoder = PathDecoder(taxonomy, weights, max_elements=rng.choice([1, 5 * taxonomy.num_categories, 2**23]))
+        predictions, scores = decoder.decode(log_probs, normalised=True)
+        expected_predictions, expected_scores = path_by_path_decoding(log_probs, taxonomy, weights)
+        assert all(torch.equal(predictions[rank], expected_predictions[rank]) for rank in ranks)
+        for rank in ranks:
+            if weights:  # the same terms in the same order, summed by kernels that may round the last bit apart
+                torch.testing.assert_close(scores[rank], expected_scores[rank], rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(scores[rank], expected_scores[rank])
+
+
+def test_view_mean_reads_a_model_output_layout_as_the_weighted_sum_does():
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(8, 4, 301, generator=generator) * 4  # [B, V, C]: how a model's per-view logits come
+    for views in (output.transpose(0, 1), output.transpose(0, 1).contiguous()):  # [V, B, C], strided and not
+        for weights in (None, [1.0, 2.0, 0.0, 0.5]):
+            w = torch.tensor(weights or [1.0] * 4) / sum(weights or [1.0] * 4)
+            expected = torch.log_softmax((w[:, None, None] * views).sum(0), dim=-1)
+            averaged = average_views(views, "logits", weights)
+            torch.testing.assert_close(averaged, expected, rtol=1e-6, atol=1e-6)
+            assert torch.equal(averaged.argmax(-1), expected.argmax(-1))
+
+
 def test_disagreement_counts_images_whose_heads_leave_the_tree():
     taxonomy = small_taxonomy()
     predictions = {

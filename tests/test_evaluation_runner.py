@@ -223,7 +223,9 @@ def reference_outputs(models, batches, taxonomy, average: str) -> dict:
             scores = ensemble(parts, None, average)
             heads = {rank: value.argmax(1) for rank, value in scores.items()}
             decoded = (consistent_predictions(scores, taxonomy), consistent_scores(scores, taxonomy))
-            for variant, (predicted, variant_scores) in ((f"{name}_heads", (heads, scores)), (f"{name}_consistent", decoded)):
+            hybrid = ({**decoded[0], "species": heads["species"]}, {**decoded[1], "species": scores["species"]})
+            for variant, (predicted, variant_scores) in ((f"{name}_heads", (heads, scores)), (f"{name}_consistent", decoded),
+                                                         (f"{name}_hybrid", hybrid)):
                 for rank in taxonomy.ranks:
                     top = torch.softmax(variant_scores[rank], dim=1).topk(3, dim=1)
                     for table, value in ((kept["predictions"], predicted[rank]), (kept["top"], top.indices),
@@ -247,7 +249,8 @@ def test_predict_equals_the_plain_per_batch_recipe(members):
     outputs = predict(models, batches, taxonomy, settings(views=("flip", "flip", "plain")), torch.device("cpu"))
     with torch.no_grad():
         expected = reference_outputs(models, batches, taxonomy, "logits")
-    assert set(expected["predictions"]) == {"tta_heads", "tta_consistent", "single_view_heads", "single_view_consistent"}
+    assert set(expected["predictions"]) == {f"{scores}_{decoding}" for scores in ("tta", "single_view")
+                                            for decoding in ("heads", "consistent", "hybrid")}
     assert set(expected["predictions"]) <= set(outputs["predictions"])
     for variant, ranks in expected["predictions"].items():
         for rank in ranks:

@@ -38,16 +38,21 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def normalised_weights(weights: Tensor | Sequence[float] | None, count: int) -> Tensor:
-    """Non-negative weights summing to one: FloatTensor [count]; uniform when ``weights`` is None."""
+def normalised_weights(weights: Tensor | Sequence[float] | None, count: int, device: torch.device | None = None) -> Tensor:
+    """Non-negative weights summing to one: FloatTensor [count] on ``device``; uniform when ``weights`` is None.
+
+    Given weights are checked where they are (the host, as a rule) and then
+    copied without waiting: a blocking copy to a GPU would wait for all its
+    queued work on every batch.
+    """
     if weights is None:
-        return torch.full((count,), 1.0 / count)
+        return torch.full((count,), 1.0 / count, device=device)
     weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
     if weights.numel() != count:
         raise ValueError(f"got {weights.numel()} weights for {count} score sets")
     if bool((weights < 0).any()) or not float(weights.sum()) > 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {weights.tolist()}")
-    return weights / weights.sum()
+    return (weights / weights.sum()).to(device or weights.device, non_blocking=True)
 
 
 def average_views(view_logits: Tensor, mode: str = "logits", weights: Tensor | Sequence[float] | None = None) -> Tensor:
@@ -68,10 +73,12 @@ def average_views(view_logits: Tensor, mode: str = "logits", weights: Tensor | S
     num_views = view_logits.shape[0]
     if num_views == 0:
         raise ValueError("cannot average zero views")
-    view_weights = normalised_weights(weights, num_views).to(view_logits.device)  # [V]
+    view_weights = normalised_weights(weights, num_views, view_logits.device)  # [V]
     view_logits = view_logits.float()
     if mode == "logits":
-        mean_logits = torch.einsum("v,vbc->bc", view_weights, view_logits)  # [B, C]
+        # [V] @ [B, V, C]: a batched product that reads the views in place (einsum copied [V, B, C] first
+        # when the views came as a transposed [B, V, C], as a model's output does)
+        mean_logits = torch.matmul(view_weights, view_logits.transpose(0, 1))  # [B, C]
         return torch.log_softmax(mean_logits, dim=-1)
     # log(sum_v w_v * p_v) computed as a logsumexp so that tiny probabilities
     # of rare classes do not underflow to log(0).
@@ -152,9 +159,9 @@ def class_weighted_ensemble(
         members = [i for i, scores in enumerate(score_dicts) if rank in scores]
         log_probs = torch.stack([torch.log_softmax(score_dicts[i][rank].float(), dim=-1) for i in members])  # [M, B, C]
         weights = torch.stack([torch.as_tensor(class_weights[i][rank], dtype=torch.float32) for i in members])  # [M, C]
-        weights = weights.to(log_probs.device)
-        if weights.shape != (len(members), log_probs.shape[2]) or bool((weights < 0).any()):
+        if weights.shape != (len(members), log_probs.shape[2]) or bool((weights < 0).any()):  # checked on the host
             raise ValueError(f"class weights of {rank!r} must be non-negative [models, {log_probs.shape[2]}], got {tuple(weights.shape)}")
+        weights = weights.to(log_probs.device, non_blocking=True)
         totals = weights.sum(dim=0, keepdim=True)  # [1, C]
         weights = torch.where(totals > 0, weights / totals.clamp_min(1e-12), torch.full_like(weights, 1.0 / len(members)))
         if mode == "logits":

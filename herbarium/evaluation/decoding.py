@@ -11,16 +11,21 @@ and returns the best path's class at every rank. The answer is always a
 valid path, ranks without a head included, and the coarse heads can overrule
 a species head that is unsure between species of different genera.
 
-Memory: the path scores are a [batch, num_categories] matrix per rank term,
-512 x 65,000 floats (133 MB) at Herbarium 2021 scale. They are computed for
-a block of images at a time, with at most ``max_elements`` entries per block,
-so the peak extra memory is about ``2 * max_elements * 4`` bytes (64 MiB by
+Memory: the path scores are a [batch, num_categories] matrix, 512 x 65,000
+floats (133 MB) at Herbarium 2021 scale. They are computed for a block of
+images at a time, with at most ``max_elements`` entries per block, so the
+peak extra memory is about ``2 * max_elements * 4`` bytes (64 MiB by
 default) whatever the batch size.
+
+Speed: the sum is built down the tree and the per-rank maxima up it (see
+:meth:`PathDecoder._path_scores` and :meth:`PathDecoder._best_through_classes`),
+so a batch costs one gather, one sum, one scatter-max and one max over the
+path matrix, whatever the number of ranks.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,6 +33,7 @@ from torch import Tensor
 from herbarium.taxonomy import Taxonomy
 
 DEFAULT_MAX_ELEMENTS = 2**23
+Scores = TypeVar("Scores")  # what a caller keeps per rank: scores [B, C], or the top-k taken from them
 
 # The variants an evaluation scores, named "<scores>_<decoding>": the scores of the TTA mean, of the plain view
 # alone, or of TTA mixed with retrieval, each decoded per head (independent argmaxes), consistently along the tree,
@@ -39,17 +45,20 @@ VARIANTS = tuple(f"{source}_{decoding}" for source in SCORE_SOURCES for decoding
 
 def independent_predictions(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Each head's own argmax: ``{rank: LongTensor [B]}`` from ``{rank: [B, C]}``."""
-    return {rank: rank_scores.argmax(dim=-1) for rank, rank_scores in scores.items()}
+    return {rank: rank_scores.max(dim=-1).indices for rank, rank_scores in scores.items()}  # argmax's first-best rule
 
 
-def hybrid_decoding(heads: Mapping[str, Tensor], scores: Mapping[str, Tensor], path_predictions: Mapping[str, Tensor],
-                    path_scores: Mapping[str, Tensor], finest: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def hybrid_decoding(heads: Mapping[str, Tensor], scores: Mapping[str, Scores], path_predictions: Mapping[str, Tensor],
+                    path_scores: Mapping[str, Scores], finest: str) -> tuple[dict[str, Tensor], dict[str, Scores]]:
     """The finest rank's own head (argmax and scores), every coarser rank from the best path.
 
     Consistent decoding lets confident coarse heads overrule the species head;
     where the coarse heads are right but the species head knows its rare
     species better than the path sum does, that costs species. This keeps the
     species head's answer and takes the ranks above from the tree.
+
+    ``scores`` and ``path_scores`` may be anything kept per rank (the scores,
+    or the top-k already taken from them): each rank's is taken whole from one side.
     """
     if finest not in heads:
         return dict(path_predictions), dict(path_scores)
@@ -107,27 +116,36 @@ class PathDecoder:
         """
         ranks = available_ranks(log_probs, self.taxonomy)
         batch_size = self._check_shapes(log_probs, ranks)
-        device = log_probs[ranks[0]].device
-        table = self.path_table(device)  # [N, R]
         if normalised:
             normalised_scores = {rank: log_probs[rank] for rank in ranks}
         else:
             normalised_scores = {rank: torch.log_softmax(log_probs[rank].float(), dim=-1) for rank in ranks}
-        num_paths = table.shape[0]
-        block = max(1, self.max_elements // num_paths)
+        block = max(1, self.max_elements // self.taxonomy.num_categories)
         for start in range(0, max(batch_size, 1), block):  # an empty batch still yields one (empty) block
             rows = slice(start, min(start + block, batch_size))
-            scores = torch.zeros(rows.stop - rows.start, num_paths, device=device)  # [b, N]
-            for rank in ranks:
-                rank_log_probs = normalised_scores[rank][rows]  # [b, C_rank]
-                if rank != self.taxonomy.finest:  # finest class i is path i: no gather needed
-                    rank_log_probs = rank_log_probs.index_select(1, table[:, self.taxonomy.rank_index(rank)])
-                scores.add_(rank_log_probs, alpha=self.rank_weights[rank])
-            yield rows, scores
+            yield rows, self._path_scores({rank: scores[rows] for rank, scores in normalised_scores.items()})
+
+    def _path_scores(self, log_probs: Mapping[str, Tensor]) -> Tensor:
+        """Path scores [b, num_categories] of normalised ``log_probs``, summed down the tree one rank at a time.
+
+        The partial sum of the ranks down to r is a [b, C_r] matrix (every
+        path through a class shares it), spread to the next rank's classes
+        by one gather; so only the finest rank's gather and sum touch a
+        [b, num_categories] matrix. The terms are added coarse to fine, as
+        summing each path's terms would add them.
+        """
+        first = next(iter(log_probs.values()))
+        scores = torch.zeros(first.shape[0], self.taxonomy.num_classes(self.taxonomy.ranks[0]), device=first.device)
+        for coarser, rank in zip((None, *self.taxonomy.ranks), self.taxonomy.ranks):
+            if coarser is not None:
+                scores = scores.index_select(1, self.ancestor_map(rank, coarser, first.device))  # [b, C_rank]
+            if rank in log_probs:
+                scores.add_(log_probs[rank], alpha=self.rank_weights[rank])
+        return scores
 
     def predictions(self, log_probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Best path's class at every taxonomy rank: ``{rank: LongTensor [B]}``."""
-        best_paths = torch.cat([scores.argmax(dim=1) for _, scores in self.path_score_blocks(log_probs)])  # [B]
+        best_paths = torch.cat([scores.max(dim=1).indices for _, scores in self.path_score_blocks(log_probs)])  # [B]
         return self._classes_on_paths(best_paths)
 
     def rank_scores(self, log_probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -147,13 +165,24 @@ class PathDecoder:
         blocks: dict[str, list[Tensor]] = {rank: [] for rank in self.taxonomy.ranks}
         best_paths = []
         for _, scores in self.path_score_blocks(log_probs, normalised):
-            table = self.path_table(scores.device)
-            for i, rank in enumerate(self.taxonomy.ranks[:-1]):
-                blocks[rank].append(_max_per_class(scores, table[:, i], self.taxonomy.num_classes(rank)))
-            blocks[self.taxonomy.finest].append(scores)  # one path per finest class, in class order
-            best_paths.append(scores.argmax(dim=1))
+            best_paths.append(scores.max(dim=1).indices)  # the first best path, as argmax (and faster on the CPU)
+            for rank, best in self._best_through_classes(scores).items():
+                blocks[rank].append(best)
         rank_scores = {rank: parts[0] if len(parts) == 1 else torch.cat(parts) for rank, parts in blocks.items()}
         return self._classes_on_paths(torch.cat(best_paths)), rank_scores
+
+    def _best_through_classes(self, path_scores: Tensor) -> dict[str, Tensor]:
+        """Per rank, the best path score through each class [b, C_rank], climbing the tree from the paths.
+
+        The best path through a class is the best through one of its
+        children, so each rank is a max over the next finer rank's classes:
+        only the first step reads the [b, num_categories] path scores.
+        """
+        best = {self.taxonomy.finest: path_scores}  # one path per finest class, in class order
+        for rank, finer in zip(self.taxonomy.ranks[-2::-1], self.taxonomy.ranks[::-1]):
+            to_rank = self.ancestor_map(finer, rank, path_scores.device)  # [C_finer]
+            best[rank] = _max_per_class(best[finer], to_rank, self.taxonomy.num_classes(rank))
+        return best
 
     def _classes_on_paths(self, paths: Tensor) -> dict[str, Tensor]:
         """Class of each path [B] at every taxonomy rank: ``{rank: LongTensor [B]}``."""
@@ -194,11 +223,11 @@ class PathDecoder:
         return batch_sizes.pop()
 
 
-def _max_per_class(path_scores: Tensor, classes: Tensor, num_classes: int) -> Tensor:
-    """Max over the paths through each class: [b, N] -> [b, num_classes]."""
-    out = torch.full((path_scores.shape[0], num_classes), float("-inf"), device=path_scores.device)
-    index = classes.unsqueeze(0).expand_as(path_scores)  # [b, N]
-    return out.scatter_reduce_(1, index, path_scores, reduce="amax")
+def _max_per_class(scores: Tensor, classes: Tensor, num_classes: int) -> Tensor:
+    """Max of the columns of each class: [b, n] with ``classes`` [n] -> [b, num_classes]."""
+    out = torch.full((scores.shape[0], num_classes), float("-inf"), device=scores.device)
+    index = classes.unsqueeze(0).expand_as(scores)  # [b, n]
+    return out.scatter_reduce_(1, index, scores, reduce="amax")
 
 
 def consistent_predictions(

@@ -279,12 +279,22 @@ class PredictionStore:
         self.chunks: dict[tuple[str, ...], list[torch.Tensor]] = {}  # (table, variant, rank) -> [chunk_rows, ...] chunks
 
     def add(self, variant: str, predictions: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-            log_probs: bool = False) -> None:
-        """One batch of a variant: predictions ``{rank: [B]}`` and scores ``{rank: [B, C]}`` (``log_probs``: normalised)."""
+            log_probs: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One batch of a variant: predictions ``{rank: [B]}`` and scores ``{rank: [B, C]}`` (``log_probs``: normalised).
+
+        Returns the top-k kept, ``{rank: (probabilities [B, k], classes [B, k])}``,
+        for a variant that shares them (:meth:`add_top`).
+        """
+        top = {rank: top_k_probabilities(value, min(TOP_K, value.shape[1]), log_probs) for rank, value in scores.items()}
+        self.add_top(variant, predictions, top)
+        return top
+
+    def add_top(self, variant: str, predictions: dict[str, torch.Tensor],
+                top: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One batch of a variant whose top-k ``{rank: (probabilities, classes)}`` are taken already."""
         for rank, predicted in predictions.items():
             self.write(("predictions", variant, rank), predicted)
-        for rank, rank_scores in scores.items():
-            probabilities, indices = top_k_probabilities(rank_scores, min(TOP_K, rank_scores.shape[1]), log_probs)
+        for rank, (probabilities, indices) in top.items():
             self.write(("top", variant, rank), indices)
             self.write(("top_probabilities", variant, rank), probabilities)
 
@@ -342,7 +352,9 @@ def view_scores(per_view: dict[str, torch.Tensor], average: str, plain: int | No
     """
     per_view = adjust_logits(per_view, offsets)
     tta = {rank: average_views(value, average) for rank, value in per_view.items()}
-    single = None if plain is None else {rank: torch.log_softmax(value[plain], dim=1) for rank, value in per_view.items()}
+    # the plain view's rows are strided in [V, B, C]: a contiguous copy first is faster than log_softmax over them
+    single = None if plain is None else {rank: torch.log_softmax(value[plain].contiguous(), dim=1)
+                                         for rank, value in per_view.items()}
     return tta, single
 
 
@@ -401,11 +413,12 @@ class VariantRecorder:
         finest = self.decoder.taxonomy.finest
         for name, scores in variants.items():
             heads = independent_predictions(scores)
-            self.store.add(f"{name}_heads", heads, scores, log_probs=True)  # ensemble, view mean and mix give log-probs
+            # ensemble, view mean and mix give log-probs
+            heads_top = self.store.add(f"{name}_heads", heads, scores, log_probs=True)
             path_predictions, path_scores = self.decoder.decode(scores, normalised=True)
-            self.store.add(f"{name}_consistent", path_predictions, path_scores)
-            # hybrid scores mix log-probs (finest) and path sums (coarser): each rank gets its full softmax
-            self.store.add(f"{name}_hybrid", *hybrid_decoding(heads, scores, path_predictions, path_scores, finest))
+            path_top = self.store.add(f"{name}_consistent", path_predictions, path_scores)
+            # hybrid takes each rank's predictions and top-k from one of the two above: nothing to compute again
+            self.store.add_top(f"{name}_hybrid", *hybrid_decoding(heads, heads_top, path_predictions, path_top, finest))
             self.inconsistent[f"{name}_heads"] = (self.inconsistent.get(f"{name}_heads", 0)
                                                   + self.decoder.inconsistent_mask(heads).sum())
         self.store.write(("index",), batch["index"])

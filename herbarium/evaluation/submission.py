@@ -81,6 +81,8 @@ def top_k_probabilities(scores: Tensor, k: int, log_probs: bool = False) -> tupl
         indices.append(top.indices)
     if not values:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    if len(values) == 1:  # one block, as for an evaluation batch: no copy
+        return values[0], indices[0]
     return torch.cat(values), torch.cat(indices)
 
 
