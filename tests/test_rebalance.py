@@ -60,6 +60,7 @@ def test_crt_retrains_only_the_heads_into_a_run_that_evaluates_and_loads(skewed_
     assert after_trunk.keys() == before_trunk.keys()
     assert all(torch.equal(after_trunk[key], before_trunk[key]) for key in before_trunk)  # bit for bit
     assert all(not torch.equal(after_heads[key], before_heads[key]) for key in before_heads)
+    assert out.stat().st_mode & 0o777 == 0o755  # a run folder for everyone to read, as training makes it
     assert {p.name for p in out.iterdir()} >= {"run.json", "config.json", "taxonomy.json", "normalization.json",
                                                  "rebalance.json", "checkpoints"}
     record = json.loads((out / "rebalance.json").read_text())
@@ -176,4 +177,8 @@ def test_bad_input_gets_one_line_errors(skewed_run, tmp_path, capsys):
     arcface = write_run(data, tmp_path / "arcface", embedding_dim=16, arcface_levels=("species",), dropout=0.0)
     status, err = run_cli(capsys, str(arcface), "--out", str(tmp_path / "new"))
     assert status == 2 and err.count("\n") == 1 and "species head is arcface" in err
+    other = tmp_path / "other"
+    make_demo_data(other, seed=1, image_size=32, max_per_class=3, min_per_class=2, test_per_class=1, num_families=1)
+    status, err = run_cli(capsys, str(run), "--data", str(other), "--out", str(tmp_path / "new"))
+    assert status == 2 and err.count("\n") == 1 and "not those the run was trained on" in err
     assert not (tmp_path / "new").exists()  # nothing half-written
