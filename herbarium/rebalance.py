@@ -315,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     out = rebalance(args.run, args.out, values_from_namespace(RebalanceSettings, args), args.data, args.split)
-    losses = json.loads(RunDir(out).rebalance_record.read_text())["loss_per_epoch"]
+    written = RunDir(out)
+    losses = json.loads(written.rebalance_record.read_text())["loss_per_epoch"]
     summary = ", ".join(f"{rank} loss {values[0]:.3f} -> {values[-1]:.3f}" for rank, values in losses.items())
-    print(f"wrote {out} ({summary}); evaluate it with: tta_eval.py {out} --data DATA")
+    print(f"wrote {out} ({summary}); evaluate it with: tta_eval.py {out} --data {written.read_config().data.data}")
     return 0
