@@ -17,6 +17,7 @@ from herbarium.data.readers import read_split
 from herbarium.demo import make_demo_data
 from herbarium.evaluation.runner import evaluate, load_run
 from herbarium.evaluation.settings import EvaluationSettings
+from herbarium.export import export
 from herbarium.rebalance import RebalanceSettings, embed_split, epoch_batches, rebalance, rebalance_split
 from herbarium.run_dir import RunDir, evaluated_weights
 from fixtures import tiny_train_config
@@ -71,8 +72,10 @@ def test_crt_retrains_only_the_heads_into_a_run_that_evaluates_and_loads(skewed_
 
     metrics = evaluate([out], data, "test", out=tmp_path / "eval", settings=EVALUATE)["metrics"]
     assert metrics["variants"]["tta_heads"]["species"]["images"] == 32
-    prediction = herbarium.load(out, device="cpu").predict(sorted((data / "test").rglob("*.jpg"))[:1])[0]
-    assert prediction.consistent["species"] in herbarium.load(out, device="cpu").taxonomy.names["species"]
+    images = sorted((data / "test").rglob("*.jpg"))[:4]
+    predicted = [p.top["species"] for p in herbarium.load(out, device="cpu").predict(images)]
+    export(out)
+    assert [p.top["species"] for p in herbarium.load(RunDir(out).export_dir, device="cpu").predict(images)] == predicted
 
 
 def species_recall(run: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
