@@ -201,8 +201,12 @@ def fit(logits_of: Callable[[torch.Tensor], torch.Tensor], parameters: Sequence[
 
 def retrain_head(head: LinearHead, table: torch.Tensor, labels: torch.Tensor, settings: RebalanceSettings,
                  device: torch.device) -> list[float]:
-    """cRT: the head's linear layer re-initialised, then trained on the cached features (the head's own dropout applies)."""
-    head.fc.reset_parameters()
+    """cRT: the head's linear layer re-initialised, then trained on the cached features (the head's own dropout applies).
+
+    The new weights are drawn on the host, from the CPU generator the caller
+    seeds, so that they are the same whatever the device.
+    """
+    head.fc.load_state_dict(nn.Linear(head.fc.in_features, head.fc.out_features).state_dict())
     head.train()
     return fit(head, list(head.parameters()), table, labels, settings, settings.weight_decay, device)
 
