@@ -87,8 +87,8 @@ class RebalanceSettings:
 
     method: str = option("crt", "crt: re-train each head from scratch on the frozen features; lws: keep each head and "
                                 "learn one scale per class", choices=METHODS)
-    epochs: int = option(10, "epochs over the cached features (the paper's 10)", minimum=1)
-    lr: float = option(0.2, "SGD learning rate (momentum 0.9, cosine to 0; the paper's 0.2 at batch 512)", minimum=0)
+    epochs: int = option(10, "epochs over the cached features, as in the paper", minimum=1)
+    lr: float = option(0.2, "SGD learning rate, momentum 0.9, cosine to 0 (the paper: 0.2 at batch 512)", minimum=0)
     batch_size: int = option(512, "feature rows per step", minimum=1)
     weight_decay: float = option(5e-4, "weight decay of the re-trained heads (crt); lws scales are not decayed",
                                  minimum=0)
@@ -98,7 +98,7 @@ class RebalanceSettings:
     views: tuple[str, ...] = option(("plain",), "views cached per image, as tta_eval.py --views takes them: plain "
                                                 "(the evaluation transform) or K (K-1 training augmentations and plain)",
                                     parse=parse_views)
-    seed: int = option(0, "seed of the draws and of the augmented views")
+    seed: int = option(0, "seed of the new heads, the draws and the augmented views")
     embed_batch_size: int | None = option(None, "images per batch of the embedding pass",
                                           default_text="128 on a CUDA device, 32 otherwise")
     workers: int | None = option(None, "decoding processes", default_text="all cores")
