@@ -20,13 +20,15 @@ sample balanced over species is not balanced over genera.
 
 The training split is embedded once by the frozen trunk (the run's
 evaluated weights: its moving average with ``--ema-decay``) and the features
-are cached: with the default ``--views plain`` the evaluation transform,
-with ``--views K`` K views per image (K - 1 training augmentations and the
-plain view), each draw taking one of an image's views at random. The
+are cached: with ``--views K`` (default 4) K views per image, K - 1 training
+augmentations and the plain view, each draw taking one of an image's views
+at random (the paper augments on the fly; a few cached views stand in for
+that); with ``--views plain`` the evaluation transform alone. The
 features are written batch by batch into one table allocated up front, on
 the device in float32 when it fits, else in float16, else on the host in
 float16 (:func:`herbarium.retrieval.gallery_placement`): Herbarium 2021,
-2.26M images of 2048 features, is 9.3 GB in float16 on the host per view.
+2.26M images of 2048 features, is 9.3 GB in float16 on the host per view
+(37 GB with the default 4 views).
 Each step gathers one batch of rows from it, so an epoch is one pass over
 the table in batches, with no Python loop over images or classes.
 
@@ -95,9 +97,10 @@ class RebalanceSettings:
     sampler: str = option("balanced", "draws per rank: balanced (a class uniformly, then one of its images), sqrt "
                                       "(classes in proportion to sqrt(count)) or none (every image alike: the "
                                       "instance-balanced control)", choices=SAMPLERS)
-    views: tuple[str, ...] = option(("plain",), "views cached per image, as tta_eval.py --views takes them: plain "
-                                                "(the evaluation transform) or K (K-1 training augmentations and plain)",
-                                    parse=parse_views)
+    views: tuple[str, ...] = option(parse_views("4"), "views cached per image, as tta_eval.py --views takes them: K "
+                                                     "(K-1 training augmentations and the plain view) or plain (the "
+                                                     "evaluation transform alone: K times less memory and embedding time)",
+                                    parse=parse_views, default_text="4, which beat plain on every seed (BENCHMARKS.md)")
     seed: int = option(0, "seed of the new heads, the draws and the augmented views")
     embed_batch_size: int | None = option(None, "images per batch of the embedding pass",
                                           default_text="128 on a CUDA device, 32 otherwise")

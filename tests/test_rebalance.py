@@ -22,7 +22,7 @@ from herbarium.rebalance import RebalanceSettings, embed_split, epoch_batches, r
 from herbarium.run_dir import RunDir, evaluated_weights
 from fixtures import tiny_train_config
 
-SETTINGS = RebalanceSettings(device="cpu", workers=0, epochs=10, batch_size=32, quiet=True)
+SETTINGS = RebalanceSettings(device="cpu", workers=0, epochs=10, batch_size=32, views=("plain",), quiet=True)
 EVALUATE = EvaluationSettings(views=("plain",), workers=0, device="cpu", batch_size=64, quiet=True, primary="tta_heads")
 
 
@@ -109,7 +109,7 @@ def test_lws_keeps_each_class_direction_and_only_scales_it(skewed_run, tmp_path,
     _, run = skewed_run
     out = tmp_path / "lws"
     assert cli.main(["rebalance", str(run), "--method", "lws", "--out", str(out), "--device", "cpu", "--workers", "0",
-                     "--epochs", "5", "--batch-size", "32", "--quiet"]) == 0
+                     "--epochs", "5", "--batch-size", "32", "--views", "plain", "--quiet"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     before_heads, before_trunk = heads_and_trunk(evaluated_weights(load_checkpoint(RunDir(run).last)))
     after_heads, after_trunk = heads_and_trunk(load_checkpoint(RunDir(out).checkpoint("best"))["model"])
