@@ -111,6 +111,7 @@ def staged_folder(final: str | Path, outputs: Sequence[str]) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; when it becomes ``final`` it is for everyone to read
     try:
         yield staging
         _swap_in(staging, final, outputs)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("herbarium.train_cli", "train a trunk with one head per rank"),
     "evaluate": ("herbarium.evaluation.cli", "TTA evaluation, report and submission"),
     "swa": ("herbarium.swa", "average a run's checkpoints (SWA), BatchNorm statistics recomputed"),
+    "rebalance": ("herbarium.rebalance", "re-balance a run's heads for its long tail (cRT or LWS) into a new run"),
     "kfold": ("herbarium.kfold", "k-fold training stratified by species, with out-of-fold predictions"),
     "clean-labels": ("herbarium.noisy.cleaning", "cross-prediction label cleaning: flagged.csv and a balanced kept.csv"),
     "inject-label-noise": ("herbarium.noisy.inject", "copy a dataset with a fraction of its training labels flipped"),

@@ -13,6 +13,7 @@
       checkpoints/         last.pt, best.pt (with validation), snapshot_<k>.pt, swa.pt
       tb/                  TensorBoard
       o2u_weights.csv      O2U sample weights (--o2u)
+      rebalance.json       what herbarium rebalance did, in a run it wrote (its only checkpoint is best.pt)
       eval/SPLIT/          tta_eval.py's report, metrics and submission
       export/              herbarium export
 
@@ -50,6 +51,7 @@ SUMMARY = "summary.csv"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tb"
 O2U_WEIGHTS = "o2u_weights.csv"
+REBALANCE_RECORD = "rebalance.json"
 RUN_FILES = (CONFIG, TAXONOMY, NORMALIZATION)  # what evaluation needs beside a checkpoint
 TRAINING_OUTPUTS = (CONFIG, TAXONOMY, NORMALIZATION, LOG, CHECKPOINTS, TENSORBOARD, O2U_WEIGHTS)  # what training writes
 CHECKPOINT_FILES = ("last.pt", "best.pt", "swa.pt", "snapshot_*.pt", ".*.pt.tmp")  # what training writes in checkpoints/
@@ -118,6 +120,10 @@ class RunDir:
     @property
     def o2u_weights(self) -> Path:
         return self.path / O2U_WEIGHTS
+
+    @property
+    def rebalance_record(self) -> Path:
+        return self.path / REBALANCE_RECORD
 
     def checkpoint(self, name: str) -> Path:
         """``checkpoints/NAME.pt`` (``last``, ``best``, ``snapshot_2``, ...); a name ending in .pt is kept."""

@@ -43,9 +43,14 @@ def claim(run: RunDir, *, resuming: bool, overwrite: bool) -> IO[str]:
                                   "--overwrite to start again, or another --out")
         run.clear_training_outputs()
     if not run.made_by_a_run():  # first thing written, so that the folder is known as a run's from now on
-        write_atomic(run.marker, json.dumps({"herbarium": __version__,
-                                             "created": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
+        write_marker(run)
     return lock
+
+
+def write_marker(run: RunDir) -> None:
+    """Mark ``run``'s folder as made by herbarium (``run.json``): only such a folder is ever cleared by ``--overwrite``."""
+    write_atomic(run.marker, json.dumps({"herbarium": __version__,
+                                         "created": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
 
 
 def refuse_foreign(run: RunDir) -> None:
