@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from herbarium import rebalance
 from herbarium.evaluation import cli as eval_cli
 from herbarium.evaluation.metrics import paired_bootstrap
 
@@ -49,6 +51,9 @@ EVAL_LEVERS: dict[str, tuple[str, list[str]]] = {
     "tau_25": ("post-hoc logit adjustment: 0.25 x log prior subtracted from every rank's logits",
                ["--posthoc-tau", "0.25"]),
     "tau_50": ("post-hoc logit adjustment at 0.5", ["--posthoc-tau", "0.5"]),
+    "crt": ("cRT: every head re-trained on the frozen trunk's features with class-balanced draws "
+            "(herbarium rebalance --method crt), then tta_eval.py's defaults", []),
+    "lws": ("LWS: one learned scale per class of every head (herbarium rebalance --method lws)", []),
     "centroid_25": ("class centroids of the training images mixed into the finest rank at weight 0.25",
                     [*RETRIEVAL_HEADLINE, "--retrieval-gallery", TRAIN_SPLIT, "--retrieval-weight", "0.25"]),
     "centroid_50": ("class centroids of the training images mixed in at weight 0.5",
@@ -57,6 +62,10 @@ EVAL_LEVERS: dict[str, tuple[str, list[str]]] = {
                [*RETRIEVAL_HEADLINE, "--retrieval-gallery", TRAIN_SPLIT, "--retrieval-mode", "knn", "--retrieval-weight",
                 "0.25"]),
 }
+
+# levers that re-balance the run's heads first (herbarium rebalance's method, its other settings default) and
+# score the new run
+REBALANCED: dict[str, str] = {"crt": "crt", "lws": "lws"}
 
 
 def lever_args(name: str, budget: accuracy.Budget) -> list[str]:
@@ -80,6 +89,8 @@ def score_lever(run: Path, budget: accuracy.Budget, lever: str, out: Path) -> di
     result = out / "result.json"
     if result.is_file():
         return json.loads(result.read_text())
+    if lever in REBALANCED:
+        run = rebalanced_run(run, budget, REBALANCED[lever], out / "run")
     argv = [str(run), "--data", budget.data, "--split", budget.test_split, "--out", str(out / "eval"),
             "--seed", str(budget.seed), "--device", budget.device, *lever_args(lever, budget)]
     argv += ["--workers", str(budget.workers)] if budget.workers is not None else []
@@ -89,6 +100,17 @@ def score_lever(run: Path, budget: accuracy.Budget, lever: str, out: Path) -> di
               **accuracy.score_run(run, budget, out / "eval", settings)}
     result.write_text(json.dumps(record, indent=2))
     return record
+
+
+def rebalanced_run(run: Path, budget: accuracy.Budget, method: str, out: Path) -> Path:
+    """``run`` with its heads re-balanced into ``out`` (kept when already written)."""
+    if not (out / "checkpoints").is_dir():
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted attempt
+        settings = rebalance.RebalanceSettings(method=method, seed=budget.seed, device=budget.device,
+                                               workers=budget.workers)
+        print(f"\n== seed {budget.seed}: herbarium rebalance {run} --method {method} --seed {budget.seed} --out {out}")
+        rebalance.rebalance(run, out, settings)
+    return out
 
 
 # ----------------------------------------------------------------- summary
