@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluation levers on validation data: other TTA views, post-hoc logit adjustment, retrieval mixing.
+"""Levers after training, on validation data: TTA views, post-hoc logit adjustment, retrieval mixing, cRT/LWS.
 
     python bench/ablation.py --data DATA --settings defaults --seeds 0,1,2 --out OUT      # trains the runs
     python bench/eval_levers.py OUT --levers plain,multiscale_flip,centroid_25             # scores them again
@@ -7,7 +7,9 @@
 What is decided at evaluation needs no new training: every ``defaults`` run
 of an ablation folder (``OUT/s<seed>/defaults/herbarium/run``) is scored
 again on the ablation's own score split (never the test split) once per
-lever, with ``tta_eval.py``'s defaults plus the lever's options. The
+lever, with ``tta_eval.py``'s defaults plus the lever's options (``crt``
+and ``lws`` first re-balance the run's heads with ``herbarium rebalance``
+into ``OUT/s<seed>/eval_levers/<lever>/run`` and score that). The
 ``default_eval`` lever is the evaluation the ablation itself ran, repeated
 here so that every lever is compared with the same code on the same run.
 
