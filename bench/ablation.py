@@ -54,6 +54,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "mixup": ("adds mixup (alpha 0.2) with mixed targets at every rank", ["--mixup", "0.2"]),
     "cutmix": ("adds CutMix (alpha 1.0) with mixed targets at every rank", ["--cutmix", "1.0"]),
     "trunk_lr": ("trains the pretrained trunk at 0.1x the heads' learning rate", ["--trunk-lr-scale", "0.1"]),
+    "layer_decay": ("layer-wise lr decay 0.9: the trunk's last layer at the heads' rate, each earlier one 0.9x slower",
+                    ["--layer-decay", "0.9"]),
     "trivial": ("adds TrivialAugmentWide after the crop and flip", ["--augment", "crop_flip_trivial"]),
     "randaugment": ("adds RandAugment (2 ops, magnitude 9) after the crop and flip", ["--augment", "crop_flip_randaugment"]),
     "erasing": ("adds RandomErasing (p 0.5) after the crop and flip", ["--augment", "crop_flip_erasing"]),

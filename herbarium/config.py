@@ -109,6 +109,10 @@ class OptimConfig:
     clip_grad: float | None = option(None, "clip the gradient norm", default_text="off")
     trunk_lr_scale: float = option(1.0, "the trunk's learning rate as a fraction of the heads' (e.g. 0.1: the pretrained "
                                         "features move ten times slower than the new heads)")
+    layer_decay: float | None = option(
+        None, "layer-wise learning-rate decay (timm's --layer-decay): the trunk's last layer at the heads' rate, each "
+              "earlier layer this factor slower (e.g. 0.85); composes with --trunk-lr-scale", default_text="off",
+        minimum=0.01, maximum=1.0)
     ema_decay: float | None = option(
         None, "keep an exponential moving average of the weights (timm's ModelEmaV3, with its warm-up, so short runs "
               "average over a short horizon); validation, checkpoints' evaluation and exports use it", default_text="off")

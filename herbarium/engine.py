@@ -300,7 +300,7 @@ class Trainer:
         self.windows = AccumulationWindows(len(self.loaders.train), cfg.optim.accum_steps)
         steps_per_epoch = self.windows.steps
         self.optimizer = PhasedOptimizer(
-            parameter_groups(self.model, cfg.optim.trunk_lr_scale),
+            parameter_groups(self.model, cfg.optim.trunk_lr_scale, cfg.optim.layer_decay),
             optimizer_phases(cfg.optim),
             parse_schedule(cfg.optim.schedule), steps_per_epoch, cfg.epochs, cfg.optim.plateau_patience,
         )

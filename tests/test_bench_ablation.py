@@ -61,6 +61,7 @@ def test_each_lever_adds_one_setting_to_the_defaults(tmp_path):
     assert _changed(tmp_path, "mixup") == {"data.mixup": 0.2}
     assert _changed(tmp_path, "cutmix") == {"data.cutmix": 1.0}
     assert _changed(tmp_path, "trunk_lr") == {"optim.trunk_lr_scale": 0.1}
+    assert _changed(tmp_path, "layer_decay") == {"optim.layer_decay": 0.9}
     assert _changed(tmp_path, "trivial") == {"data.augment": "crop_flip_trivial"}
     assert _changed(tmp_path, "species_only") == {"loss.levels": ("species",)}
     assert _changed(tmp_path, "coarse_light") == {"loss.level_weights": {"genus": 0.5, "family": 0.25}}

@@ -1,4 +1,4 @@
-"""Mixup/CutMix targets per rank, soft-target losses, the trunk's learning-rate scale and the weight EMA."""
+"""Mixup/CutMix targets per rank, soft-target losses, the trunk's learning rates (scale, layer decay) and the weight EMA."""
 
 from __future__ import annotations
 
@@ -105,6 +105,44 @@ def test_trunk_learning_rate_is_the_scaled_heads_rate(demo, tmp_path):
     optimizer = PhasedOptimizer(groups, parse_phases("adamw@1e-3:0"), parse_schedule("constant"), 10, 2)
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])
     assert parameter_groups(model, 1.0) == [p for p in model.parameters() if p.requires_grad]
+
+
+def test_layer_decay_slows_each_earlier_trunk_layer_and_composes_with_the_trunk_scale(demo, tmp_path):
+    model = engine.Trainer(tiny_train_config(demo, tmp_path / "run", epochs=1)).model
+    groups = parameter_groups(model, 0.5, layer_decay=0.8)
+    trunk_ids = {id(p) for p in model.trunk.parameters()}
+    assert not trunk_ids & {id(p) for p in groups[-1]["params"]} and "lr_scale" not in groups[-1]  # the heads
+    scales = [group["lr_scale"] for group in groups[:-1]]
+    assert scales == sorted(scales, reverse=True) and len(scales) >= 4
+    assert scales == pytest.approx([0.5 * 0.8 ** k for k in range(len(scales))])
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    stem = next(iter(model.trunk.model.parameters()))
+    assert any(p is stem for p in groups[-2]["params"])  # the stem learns slowest
+    optimizer = PhasedOptimizer(groups, parse_phases("adamw@1e-3:0"), parse_schedule("constant"), 10, 2)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-3 * s for s in scales] + [1e-3])
+    assert all(group["weight_decay"] == 0.05 for group in optimizer.param_groups)  # the phase's own decay
+
+
+def test_layer_decay_trains_and_resumes_exactly(demo, tmp_path):
+    layered = dict(optim=OptimConfig(optim="adamw@2e-3:0", schedule="cosine", layer_decay=0.7))
+    engine.train(tiny_train_config(demo, tmp_path / "straight", **layered))
+    engine.train(tiny_train_config(demo, tmp_path / "paused", stop_after_epoch=1, **layered))
+    engine.train(tiny_train_config(demo, tmp_path / "paused", **layered), resume=tmp_path / "paused")
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    paused = load_checkpoint(tmp_path / "paused" / "checkpoints" / "last.pt")
+    assert all(torch.equal(straight["model"][k], paused["model"][k]) for k in straight["model"])
+
+
+def test_layer_decay_needs_a_trunk_timm_can_split(tmp_path):
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Linear(3, 3)
+            self.head = torch.nn.Linear(3, 2)
+
+    with pytest.raises(UsageError, match="--layer-decay.*Linear"):
+        parameter_groups(Plain(), layer_decay=0.8)
 
 
 # ------------------------------------------------------------------- EMA
