@@ -63,7 +63,6 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "coarse_light": ("the coarser ranks' losses weighted 0.5 (genus) and 0.25 (family), species 1",
                      ["--rank-weights", "genus=0.5,family=0.25"]),
     "no_dropout": ("no dropout before the heads, not 0.2", ["--dropout", "0"]),
-    "no_smoothing": ("no label smoothing, not 0.1 (the stock script has none)", ["--smoothing", "0"]),
 }
 REFERENCE_ARM = "stock_la"
 PROXY = {"size": 64, "epochs": 10}  # the CPU proxy budget of BENCHMARKS.md
