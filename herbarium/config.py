@@ -76,7 +76,7 @@ class LossConfig:
     gamma: float = option(2.0, "focal loss gamma")
     beta: float = option(0.999, "effective-number beta")
     tau: float = option(1.0, "logit adjustment strength")
-    smoothing: float = option(0.1, "label smoothing")
+    smoothing: float = option(0.1, "target mass spread over all classes by --loss label_smoothing (no other loss smooths)")
     sce_alpha: float = option(0.1, "weight of the cross-entropy term of the symmetric cross-entropy loss (sce)")
     sce_beta: float = option(1.0, "weight of the reverse cross-entropy term of the symmetric cross-entropy loss (sce)")
 
