@@ -124,14 +124,20 @@ def test_layer_decay_slows_each_earlier_trunk_layer_and_composes_with_the_trunk_
     assert all(group["weight_decay"] == 0.05 for group in optimizer.param_groups)  # the phase's own decay
 
 
+def _straight_and_paused(demo: Path, tmp_path: Path, **changes) -> tuple[dict, dict]:
+    """The last checkpoints of a run trained straight through and of the same run stopped after epoch 1 and resumed."""
+    engine.train(tiny_train_config(demo, tmp_path / "straight", **changes))
+    engine.train(tiny_train_config(demo, tmp_path / "paused", stop_after_epoch=1, **changes))
+    engine.train(tiny_train_config(demo, tmp_path / "paused", **changes), resume=tmp_path / "paused")
+    return tuple(load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "paused"))
+
+
 def test_layer_decay_trains_and_resumes_exactly(demo, tmp_path):
-    layered = dict(optim=OptimConfig(optim="adamw@2e-3:0", schedule="cosine", layer_decay=0.7))
-    engine.train(tiny_train_config(demo, tmp_path / "straight", **layered))
-    engine.train(tiny_train_config(demo, tmp_path / "paused", stop_after_epoch=1, **layered))
-    engine.train(tiny_train_config(demo, tmp_path / "paused", **layered), resume=tmp_path / "paused")
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
-    paused = load_checkpoint(tmp_path / "paused" / "checkpoints" / "last.pt")
+    straight, paused = _straight_and_paused(
+        demo, tmp_path, optim=OptimConfig(optim="adamw@2e-3:0", schedule="cosine", layer_decay=0.7))
     assert all(torch.equal(straight["model"][k], paused["model"][k]) for k in straight["model"])
+    scales = [group.get("lr_scale", 1.0) for group in straight["optimizer"]["optimizers"]["adamw"]["param_groups"]]
+    assert len(set(scales)) >= 4 and min(scales) < 0.7 ** 3  # trained with the layer-wise rates
 
 
 def test_layer_decay_needs_a_trunk_timm_can_split(tmp_path):
@@ -147,12 +153,8 @@ def test_layer_decay_needs_a_trunk_timm_can_split(tmp_path):
 
 # ------------------------------------------------------------------- EMA
 def test_ema_is_checkpointed_resumed_exactly_and_evaluated(demo, tmp_path):
-    ema = dict(optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine", ema_decay=0.99))
-    engine.train(tiny_train_config(demo, tmp_path / "straight", **ema))
-    engine.train(tiny_train_config(demo, tmp_path / "paused", stop_after_epoch=1, **ema))
-    engine.train(tiny_train_config(demo, tmp_path / "paused", **ema), resume=tmp_path / "paused")
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
-    paused = load_checkpoint(tmp_path / "paused" / "checkpoints" / "last.pt")
+    straight, paused = _straight_and_paused(
+        demo, tmp_path, optim=OptimConfig(optim="adam@2e-3:0", schedule="cosine", ema_decay=0.99))
     for key in ("model", "ema"):
         assert straight[key].keys() == paused[key].keys()
         assert all(torch.equal(straight[key][k], paused[key][k]) for k in straight[key]), key
