@@ -15,6 +15,7 @@ is), and refused, naming the option, otherwise.
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Collection, Sequence
@@ -26,6 +27,7 @@ from herbarium.config_file import option_defaults
 from herbarium.distributed import restart_count
 from herbarium.engine import train
 from herbarium.errors import UsageError, command
+from herbarium.losses import LOSS_SETTINGS, unread_loss_settings
 from herbarium.models import ModelConfig
 from herbarium.optim import DEFAULT_LRS, parse_phases, parse_schedule
 from herbarium.options import add_options, dests, number, values_from_namespace, within
@@ -327,11 +329,21 @@ def _sets_config(dest: str) -> bool:
     return True
 
 
+def warn_unread_loss_settings(cfg: TrainConfig, given: Collection[str], parser: argparse.ArgumentParser) -> None:
+    """Warn, naming the option, about each loss setting given on the command line that no loss of the run reads."""
+    loss = cfg.loss
+    asked = [dest for dest in LOSS_SETTINGS if dest in given]
+    for dest in unread_loss_settings(asked, loss.loss_by_rank().values(), loss.class_weights):
+        warnings.warn(f"{option_flag(parser, dest)} {getattr(loss, dest)} changes nothing: no loss of this run reads it "
+                      f"(--loss {loss.loss}, --class-weights {loss.class_weights})", stacklevel=2)
+
+
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_train_args(parser, argv)
     cfg, resume = run_config(parser, args, argv)
+    warn_unread_loss_settings(cfg, given_options(parser, argv), parser)
     if resume is None:
         cfg.environment = environment(parser.prog, command_line() if argv is None else argv)
     train(cfg, resume=resume, overwrite=args.overwrite and resume is None, quiet=args.quiet)

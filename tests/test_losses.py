@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from herbarium.losses import (
     CLASS_WEIGHTS,
+    LOSS_SETTINGS,
     LOSSES,
     BalancedSoftmaxLoss,
     FocalLoss,
@@ -16,6 +17,7 @@ from herbarium.losses import (
     build_loss,
     build_multi_rank_loss,
     class_weights,
+    unread_loss_settings,
 )
 
 NUM_CLASSES = 7
@@ -231,6 +233,25 @@ def test_build_loss_applies_settings_and_class_weights():
     close(sce.weight, class_weights(COUNTS, "sqrt_inverse"))
     effective = build_loss("balanced_softmax", COUNTS, "effective", beta=0.9)
     close(effective.weight, class_weights(COUNTS, "effective", beta=0.9))
+
+
+CHANGED_SETTING = {"gamma": 3.0, "smoothing": 0.3, "tau": 0.5, "beta": 0.9, "sce_alpha": 0.4, "sce_beta": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_setting_is_unread_exactly_when_changing_it_leaves_the_loss_unchanged(name):
+    """unread_loss_settings warns about a setting iff changing it leaves the loss's value as it was."""
+    logits, target = make_batch(seed=2)
+    base = build_loss(name, COUNTS, "effective").train()(logits, target)
+    for setting in LOSS_SETTINGS:
+        changed = build_loss(name, COUNTS, "effective", **{setting: CHANGED_SETTING[setting]}).train()(logits, target)
+        unread = unread_loss_settings([setting], [name], "effective") == [setting]
+        assert unread == torch.equal(changed, base), (name, setting)
+
+
+def test_beta_is_read_only_with_effective_class_weights():
+    assert unread_loss_settings(["beta", "tau"], ["logit_adjusted"], "inverse") == ["beta"]
+    assert unread_loss_settings(["beta", "tau"], ["logit_adjusted", "ce"], "effective") == []
 
 
 # --- multi-rank ------------------------------------------------------------------------------

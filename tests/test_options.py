@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -32,7 +33,9 @@ from herbarium.options import add_options, dest_of, format_default, option, opti
 from herbarium.recipes import RECIPES
 from herbarium.retrieval import RETRIEVAL_MODES
 from herbarium.stats import build_parser as stats_parser
-from herbarium.train_cli import NOT_OPTIONS, PREFIXES, build_parser, config_from_args, parse_train_args
+from herbarium.train_cli import (
+    NOT_OPTIONS, PREFIXES, build_parser, config_from_args, given_options, parse_train_args, warn_unread_loss_settings,
+)
 
 TRAIN_SECTIONS = [(TrainConfig, ""), (DataConfig, ""), (ModelConfig, ""), (LossConfig, ""), (OptimConfig, ""),
                   (O2UConfig, PREFIXES["o2u"])]
@@ -186,6 +189,27 @@ def test_sce_settings_reach_the_loss(tmp_path):
     assert {(module.alpha, module.beta) for module in loss.losses.values()} == {(0.5, 2.0)}
     default = build_run_loss(_parsed("--loss", "sce"), read_split(tmp_path / "demo", "train"))
     assert {(module.alpha, module.beta) for module in default.losses.values()} == {(0.1, 1.0)}
+
+
+# ------------------------------------------------- loss settings no loss reads
+@pytest.mark.parametrize(("argv", "unread"), [
+    (["--gamma", "3"], ["--gamma 3.0"]),
+    (["--smoothing", "0", "--beta", "0.9"], ["--smoothing 0.0", "--beta 0.9"]),
+    (["--loss", "focal", "--gamma", "3"], []),
+    (["--loss", "species=label_smoothing,genus=ce,family=ce", "--smoothing", "0.2", "--class-weights", "effective",
+      "--beta", "0.9"], []),
+    (["--tau", "1.0"], []),
+])
+def test_a_loss_setting_no_loss_reads_is_warned_about_by_name(argv, unread):
+    parser = build_parser()
+    argv = ["DATA", *argv]
+    cfg = config_from_args(parse_train_args(parser, argv))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_unread_loss_settings(cfg, given_options(parser, argv), parser)
+    messages = [str(warning.message) for warning in caught]
+    assert [message.split(" changes nothing")[0] for message in messages] == unread
+    assert all("--loss" in message for message in messages)
 
 
 # ------------------------------------------------------------ saved configs

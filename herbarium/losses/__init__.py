@@ -5,7 +5,7 @@ skips targets equal to its ``ignore_index`` (samples unlabelled at a rank) and
 reduces with the same weighted mean (see ``class_weights``).
 """
 from .class_weights import CLASS_WEIGHTS, class_weights
-from .factory import LOSSES, build_loss, build_multi_rank_loss
+from .factory import LOSS_SETTINGS, LOSSES, build_loss, build_multi_rank_loss, unread_loss_settings
 from .focal import FocalLoss
 from .label_smoothing import LabelSmoothingCrossEntropy
 from .logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
@@ -15,6 +15,7 @@ from .symmetric import SymmetricCrossEntropy
 __all__ = [
     "CLASS_WEIGHTS",
     "LOSSES",
+    "LOSS_SETTINGS",
     "BalancedSoftmaxLoss",
     "FocalLoss",
     "LabelSmoothingCrossEntropy",
@@ -24,4 +25,5 @@ __all__ = [
     "build_loss",
     "build_multi_rank_loss",
     "class_weights",
+    "unread_loss_settings",
 ]

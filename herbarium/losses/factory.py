@@ -6,7 +6,8 @@ settings it needs.  Defaults live in ``build_loss``'s signature only.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import inspect
+from typing import Callable, Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -17,7 +18,7 @@ from .logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
 from .multi_rank import MultiRankLoss
 from .symmetric import SymmetricCrossEntropy
 
-__all__ = ["LOSSES", "SOFT_TARGET_LOSSES", "build_loss", "build_multi_rank_loss"]
+__all__ = ["LOSSES", "LOSS_SETTINGS", "SOFT_TARGET_LOSSES", "build_loss", "build_multi_rank_loss", "loss_settings_read", "unread_loss_settings"]
 
 LossBuilder = Callable[..., nn.Module]
 
@@ -67,6 +68,29 @@ LOSSES: dict[str, LossBuilder] = {
 SOFT_TARGET_LOSSES = ("ce", "focal", "logit_adjusted", "focal_logit_adjusted", "balanced_softmax")
 
 
+def loss_settings_read(name: str) -> tuple[str, ...]:
+    """The settings of ``build_loss`` that loss ``name`` reads: its builder's keyword-only parameters."""
+    return _keyword_only(LOSSES[name])
+
+
+def _keyword_only(function: Callable[..., object]) -> tuple[str, ...]:
+    parameters = inspect.signature(function).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def unread_loss_settings(settings: Iterable[str], names: Iterable[str], class_weight_mode: str = "none") -> list[str]:
+    """The ones among ``settings`` that neither the losses ``names`` nor the class weights read.
+
+    A setting given for a loss the run does not use changes nothing; the
+    command line warns about these (``--gamma`` with the default
+    logit-adjusted loss, say) instead of training without them in silence.
+    """
+    read = {setting for name in set(names) for setting in loss_settings_read(name)}
+    if class_weight_mode == "effective":
+        read.add("beta")
+    return [setting for setting in settings if setting not in read]
+
+
 def build_loss(
     name: str,
     class_counts: Sequence[int],
@@ -99,6 +123,9 @@ def build_loss(
     return LOSSES[name](
         class_counts, weight, gamma=gamma, smoothing=smoothing, tau=tau, sce_alpha=sce_alpha, sce_beta=sce_beta
     )
+
+
+LOSS_SETTINGS = _keyword_only(build_loss)  # gamma, smoothing, tau, beta, sce_alpha, sce_beta: shared by every rank
 
 
 def build_multi_rank_loss(
