@@ -65,7 +65,7 @@ def test_each_lever_adds_one_setting_to_the_defaults(tmp_path):
     assert _changed(tmp_path, "trivial") == {"data.augment": "crop_flip_trivial"}
     assert _changed(tmp_path, "species_only") == {"loss.levels": ("species",)}
     assert _changed(tmp_path, "coarse_light") == {"loss.level_weights": {"genus": 0.5, "family": 0.25}}
-    assert _changed(tmp_path, "no_dropout") == {"model.dropout": 0.0}
+    assert _changed(tmp_path, "dropout") == {"model.dropout": 0.2}
 
 
 def test_every_setting_is_scored_on_validation_data_with_no_validation_split(tmp_path):

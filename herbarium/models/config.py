@@ -32,8 +32,9 @@ class ModelConfig:
     weights: str | None = option(None, "local trunk weights: .pth/.pt or .safetensors; they take the place of the "
                                        "pretrained ones", aliases=("--trunk-weights",))
     pool: str = option("avg", "global pooling of the trunk's features", choices=POOLS)
-    dropout: float = option(0.2, "dropout before each head (0.5 worked for AliProducts from scratch; a pretrained "
-                                 "trunk fine-tuned on few images wants less)")
+    dropout: float = option(0.0, "dropout before each head; none by default, as in timm's train.py (0.2 scored below none "
+                                 "on average on each of four long-tailed splits, see BENCHMARKS.md; 0.5 is the card's, "
+                                 "for training from scratch)", default_text="0, none")
     embedding_dim: int = option(0, "if > 0, a Linear + BatchNorm1d maps the pooled features to this size before the "
                                    "heads; 0 puts the heads on the pooled features directly")
     head: str = option("linear", "head of every rank: linear, or arcface (scaled cosines, angular margin in training)",
