@@ -18,7 +18,10 @@ from .logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
 from .multi_rank import MultiRankLoss
 from .symmetric import SymmetricCrossEntropy
 
-__all__ = ["LOSSES", "LOSS_SETTINGS", "SOFT_TARGET_LOSSES", "build_loss", "build_multi_rank_loss", "loss_settings_read", "unread_loss_settings"]
+__all__ = [
+    "LOSSES", "LOSS_SETTINGS", "SOFT_TARGET_LOSSES", "build_loss", "build_multi_rank_loss", "loss_settings_read",
+    "unread_loss_settings",
+]
 
 LossBuilder = Callable[..., nn.Module]
 
