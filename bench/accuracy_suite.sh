@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole accuracy comparison of BENCHMARKS.md in one command: grocery-store-128, lite0 pretrained,
 # 128 px, 30 epochs, batch 64 for every arm, seeds 0,1,2 (SEEDS=0 for one), every arm, on train_lt and
-# train (validated on val) and on train_lt with no validation split; OUT/<split>/seeds.md holds mean ± sd. Sized for about 10 minutes on one GPU (not yet timed there); on a CPU pass a smaller proxy budget, e.g.
+# train (validated on val) and on train_lt with no validation split; OUT/<split>/seeds.md holds mean ± sd.
+# About 40 minutes on one H200 by the per-arm times measured there (train_lt: stock 0.5 min, herbarium about
+# 1-1.4 min per seed); SEEDS=0 takes a third. On a CPU pass a smaller proxy budget, e.g.
 #   bash bench/accuracy_suite.sh DATA OUT --size 64 --epochs 10 --device cpu
 # Usage: bash bench/accuracy_suite.sh DATA [OUT] [bench/accuracy.py options...]
 set -euo pipefail

@@ -17,7 +17,13 @@ d. collect-stats through each path.
 (a)-(c) run for the main model (SE-ResNeXt50 at 224 px) and for a small
 one (``efficientnet_lite0`` at 128 px), each against its own model-only
 speed: a small model shows where the input path, not the model, is the
-bound. The default GPU run takes under 3 minutes, compile included.
+bound. Each figure is printed as soon as it is measured, and the JSON is
+written after each model, so a run stopped by a time limit keeps what it
+finished. On one H200 (2026-12-04) the compiled run of the main model took
+under 3 minutes, but compiling efficientnet_lite0's training step took more
+than 2 minutes more (it takes about 3 on a 2-core CPU at 32 px): with a
+tight limit, run the main model compiled with ``--small-trunk none`` and the
+small one eagerly in a second run.
 
 Every training figure uses the engine's step: the model, the MultiRankLoss,
 the phased optimizer and the NaN guard. Each figure is the median of several
@@ -25,7 +31,8 @@ timed windows after a warm-up, with the device synchronised before every
 clock read. Training samples cycle over the files so that no epoch boundary
 falls inside a measurement; the files stay in the page cache.
 
-    python bench/throughput.py --device cuda --compile            # the GPU run
+    python bench/throughput.py --device cuda --compile --small-trunk none   # the main model, compiled
+    python bench/throughput.py --device cuda --trunk efficientnet_lite0 --size 128 --small-trunk none  # the small one
     python bench/throughput.py --device cpu --trunk resnet10t --size 64 --batch-size 16 --images 64 \
         --small-trunk mobilenetv3_small_050 --small-size 32 --classes 50,10,5 --paths cpu,gpu
 """
@@ -193,6 +200,14 @@ def time_windows(step: Callable[[], int], *, warmup: int, windows: int, steps: i
     return timed
 
 
+def record(timed: dict[str, list[Window]], name: str, measure: Callable[[], list[Window]]) -> None:
+    """Take one measurement into ``timed`` and print its rate at once: a run stopped part-way keeps what it measured."""
+    started = time.perf_counter()
+    timed[name] = measure()
+    print(f"  {name}: {median_rate(timed[name]):,.1f} images/s (measured in {time.perf_counter() - started:.0f} s, "
+          "warm-up and compile included)", flush=True)
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -227,7 +242,7 @@ class TrainParts:
         """One optimizer step on ``batch``, as ``Trainer`` takes it; returns the batch's image count."""
         result = forward_loss(self.train_model, self.loss_fn, batch, LEVELS, self.device, self.dtype, self.channels_last)
         result.total.backward()
-        self.guard.should_skip(self.optimizer.global_step, result.finite)
+        self.guard.defer(self.optimizer.global_step + 1, 0, result.finite)  # the engine's 'stop' policy: no sync per step
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return len(batch["image"])
@@ -436,13 +451,13 @@ def measure_training(parts: TrainParts, data: Path, files: DatasetSplit, setting
                      timed: dict[str, list[Window]], routes: dict[str, dict[str, int]]) -> None:
     """(a) and (b): the model alone, then each input path alone and feeding the same training step."""
     print(f"{settings.trunk}: model-only training step ...", flush=True)
-    timed["model_only_train"] = measure_model_only(parts, files.taxonomy, settings)
+    record(timed, "model_only_train", lambda: measure_model_only(parts, files.taxonomy, settings))
     samples = cycled(files, (2 * settings.step_count + 2) * settings.batch_size)
     for path in settings.paths:
         print(f"{settings.trunk}: {path} input path alone, then end-to-end training ...", flush=True)
         loader, sampler = train_loader(path, data, samples, settings)
-        timed[f"input_{path}"] = measure_input_only(loader, sampler, settings)
-        timed[f"train_{path}"] = measure_end_to_end(parts, loader, sampler, settings)
+        record(timed, f"input_{path}", lambda: measure_input_only(loader, sampler, settings))
+        record(timed, f"train_{path}", lambda: measure_end_to_end(parts, loader, sampler, settings))
         if path == "gpu":
             routes["train"] = dict(loader.decoder.counts)
 
@@ -455,12 +470,12 @@ def measure_evaluation(model: nn.Module, files: DatasetSplit, settings: Settings
     profile = InputProfile(settings.size, normalization.mean, normalization.std, DataConfig().augment)
     loaded = LoadedModel(model, TrainConfig(), files.taxonomy, profile, {}, Path("bench"))
     print(f"{settings.trunk}: inference ceiling ...", flush=True)
-    timed["inference_ceiling"] = measure_inference_ceiling(model, settings)
+    record(timed, "inference_ceiling", lambda: measure_inference_ceiling(model, settings))
     samples = cycled(files, (settings.step_count + 2) * settings.eval_batch_size)
     for path in settings.paths:
         print(f"{settings.trunk}: TTA evaluation, {path} input path ...", flush=True)
         loader = view_loader(path, samples, loaded, settings)
-        timed[f"tta_{path}"] = measure_tta(loaded, loader, settings)
+        record(timed, f"tta_{path}", lambda: measure_tta(loaded, loader, settings))
         if path == "gpu":
             routes["tta"] = dict(loader.decoder.counts)
 
@@ -499,11 +514,29 @@ def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
           f"(min {min(sizes) / 1024:.0f}, max {max(sizes) / 1024:.0f}) in {time.perf_counter() - started:.1f} s", flush=True)
 
     files = read_split(data, "train", DEFAULT_RANKS)
-    models = {name: measure_model(model, data, files, args.compile) for name, model in model_settings(settings, args).items()}
+    header = run_header(args, settings, classes, sizes)
+    models = {}
+    for name, model in model_settings(settings, args).items():
+        models[name] = measure_model(model, data, files, args.compile)
+        write_results(args.out, {**header, "models": models, "complete": False})  # kept if the run is stopped later
     stats_windows = {}
     for path in settings.paths:  # (d)
         print(f"collect-stats, {path} input path ...", flush=True)
-        stats_windows[f"stats_{path}"] = measure_stats(path, files, settings)
+        record(stats_windows, f"stats_{path}", lambda: measure_stats(path, files, settings))
+    return {
+        **header,
+        "complete": True,
+        "models": models,
+        "images_per_s": {name: median_rate(windows) for name, windows in stats_windows.items()},
+        "targets": {"main": {"train_gpu": 0.90, "tta_gpu": 0.90}},
+        "stats_windows": {name: [dataclasses.asdict(window) for window in windows] for name, windows in stats_windows.items()},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run_header(args: argparse.Namespace, settings: Settings, classes: tuple[int, ...], sizes: list[int]) -> dict[str, Any]:
+    """What a results record says about the run before any measurement: command, hardware, settings, data."""
+    mean_kb = sum(sizes) / len(sizes) / 1024
     return {
         "benchmark": "throughput",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -514,12 +547,12 @@ def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                      "precision": str(autocast_dtype("auto", settings.device) or "fp32"), "channels_last": True},
         "data": {"sheet_size": list(SHEET_SIZE), "jpeg_quality": SHEET_QUALITY, "mean_file_kb": mean_kb,
                  "min_file_kb": min(sizes) / 1024, "max_file_kb": max(sizes) / 1024},
-        "models": models,
-        "images_per_s": {name: median_rate(windows) for name, windows in stats_windows.items()},
-        "targets": {"main": {"train_gpu": 0.90, "tta_gpu": 0.90}},
-        "stats_windows": {name: [dataclasses.asdict(window) for window in windows] for name, windows in stats_windows.items()},
-        "seconds": time.perf_counter() - started,
     }
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -560,8 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(args, Path(folder))
     print()
     print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     print(f"\nwritten to {args.out} ({results['seconds']:.0f} s)")
     return 0
 
