@@ -15,6 +15,7 @@ is), and refused, naming the option, otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -329,8 +330,27 @@ def _sets_config(dest: str) -> bool:
     return True
 
 
+def settings_given(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None) -> set[str]:
+    """The dests given on the command line, and those a ``--config`` file sets to other than the recipe's default.
+
+    A run's own ``config.json`` names every setting; only the ones it
+    changes count as given, so replaying a run warns about nothing new.
+    """
+    given = given_options(build_parser(), argv)  # a fresh parser: ``parser`` holds the file's and recipe's defaults
+    if args.config:
+        baseline = {**{action.dest: action.default for action in build_parser()._actions}, **recipe_defaults(args.recipe)}
+        from_file = option_defaults(args.config, parser, FIELD_PATHS)
+        given |= {dest for dest, value in from_file.items() if value != baseline.get(dest)}
+    return given
+
+
 def warn_unread_loss_settings(cfg: TrainConfig, given: Collection[str], parser: argparse.ArgumentParser) -> None:
-    """Warn, naming the option, about each loss setting given on the command line that no loss of the run reads."""
+    """Warn, naming the option, about each loss setting given (flag or config file) that no loss of the run reads.
+
+    Under torchrun only the first process warns: one warning per run, not one per GPU.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     loss = cfg.loss
     asked = [dest for dest in LOSS_SETTINGS if dest in given]
     for dest in unread_loss_settings(asked, loss.loss_by_rank().values(), loss.class_weights):
@@ -343,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_train_args(parser, argv)
     cfg, resume = run_config(parser, args, argv)
-    warn_unread_loss_settings(cfg, given_options(parser, argv), parser)
+    warn_unread_loss_settings(cfg, settings_given(parser, args, argv), parser)
     if resume is None:
         cfg.environment = environment(parser.prog, command_line() if argv is None else argv)
     train(cfg, resume=resume, overwrite=args.overwrite and resume is None, quiet=args.quiet)

@@ -34,7 +34,8 @@ from herbarium.recipes import RECIPES
 from herbarium.retrieval import RETRIEVAL_MODES
 from herbarium.stats import build_parser as stats_parser
 from herbarium.train_cli import (
-    NOT_OPTIONS, PREFIXES, build_parser, config_from_args, given_options, parse_train_args, warn_unread_loss_settings,
+    NOT_OPTIONS, PREFIXES, build_parser, config_from_args, given_options, parse_train_args, settings_given,
+    warn_unread_loss_settings,
 )
 
 TRAIN_SECTIONS = [(TrainConfig, ""), (DataConfig, ""), (ModelConfig, ""), (LossConfig, ""), (OptimConfig, ""),
@@ -210,6 +211,32 @@ def test_a_loss_setting_no_loss_reads_is_warned_about_by_name(argv, unread):
     messages = [str(warning.message) for warning in caught]
     assert [message.split(" changes nothing")[0] for message in messages] == unread
     assert all("--loss" in message for message in messages)
+
+
+def _unread_warnings(argv: list[str]) -> list[str]:
+    parser = build_parser()
+    args = parse_train_args(parser, argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_unread_loss_settings(config_from_args(args), settings_given(parser, args, argv), parser)
+    return [str(warning.message).split(" changes nothing")[0] for warning in caught]
+
+
+def test_a_config_file_setting_no_loss_reads_is_warned_about_but_a_replayed_run_is_not(tmp_path):
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"loss": {"gamma": 3.0}}))
+    assert _unread_warnings(["DATA", "--config", str(own)]) == ["--gamma 3.0"]
+    replay = tmp_path / "config.json"  # a run's saved config names every setting, at its default here
+    replay.write_text(json.dumps(TrainConfig(data=DataConfig(data="DATA")).to_dict()))
+    assert _unread_warnings(["DATA", "--config", str(replay)]) == []
+    assert _unread_warnings(["DATA", "--config", str(replay), "--tau", "1.5", "--smoothing", "0.2"]) == ["--smoothing 0.2"]
+
+
+def test_only_the_first_process_of_a_torchrun_job_warns(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert _unread_warnings(["DATA", "--gamma", "3"]) == []
+    monkeypatch.setenv("RANK", "0")
+    assert _unread_warnings(["DATA", "--gamma", "3"]) == ["--gamma 3.0"]
 
 
 # ------------------------------------------------------------ saved configs
