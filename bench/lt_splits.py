@@ -3,6 +3,7 @@
 
     python bench/lt_splits.py DATA --source train --name train_lt_s1 --max 70 --min 1 --seed 1
     python bench/lt_splits.py DATA --source train --name train_lt_r20 --max 40 --min 2 --seed 2
+    python bench/lt_splits.py DATA --source train --name train_rest --rest-of train_lt
 
 Writes ``DATA/<name>/`` in the source split's layout (Herbarium 2020
 ``metadata.json`` with every category, ``labels.csv``, images hard-linked,
@@ -25,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
+from herbarium.data.readers import read_json
 
 
 def tail_counts(num_classes: int, most: int, fewest: int) -> np.ndarray:
@@ -52,10 +55,21 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def write_split(data: Path, source: str, name: str, most: int, fewest: int, seed: int) -> pd.DataFrame:
-    metadata = json.loads((data / source / "metadata.json").read_text(encoding="utf-8"))
+def read_metadata(data: Path, split: str) -> dict:
+    return read_json(data / split / "metadata.json")  # the library's reader: Herbarium 2020's train file is latin-1
+
+
+def rest_of(labels: pd.DataFrame, data: Path, other: str) -> pd.DataFrame:
+    """The rows of ``labels`` whose images split ``other`` does not hold: labelled images no run on ``other`` saw."""
+    taken = {annotation["image_id"] for annotation in read_metadata(data, other)["annotations"]}
+    return labels[~labels["image_id"].isin(taken)]
+
+
+def write_split(data: Path, source: str, name: str, most: int, fewest: int, seed: int, rest: str | None = None) -> pd.DataFrame:
+    """Write ``DATA/<name>``: a long tail drawn from ``source``, or with ``rest`` the images of ``source`` it lacks."""
+    metadata = read_metadata(data, source)
     labels = pd.DataFrame(metadata["annotations"])[["image_id", "category_id"]]
-    kept = choose_images(labels, most, fewest, seed)
+    kept = rest_of(labels, data, rest) if rest else choose_images(labels, most, fewest, seed)
     ids = set(kept["image_id"])
     out = data / name
     if out.exists():
@@ -77,12 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max", type=int, default=70, help="images of the most frequent class")
     parser.add_argument("--min", type=int, default=1, help="images of the rarest class")
     parser.add_argument("--seed", type=int, default=1, help="draws the class order and the images")
+    parser.add_argument("--rest-of", default=None, metavar="SPLIT",
+                        help="instead of a long tail, the images of --source that SPLIT does not hold: a labelled split to score "
+                             "runs trained on SPLIT without touching test")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    kept = write_split(args.data, args.source, args.name, args.max, args.min, args.seed)
+    kept = write_split(args.data, args.source, args.name, args.max, args.min, args.seed, rest=args.rest_of)
     counts = kept["category_id"].value_counts()
     print(f"{args.data / args.name}: {len(kept)} images, {len(counts)} classes, {counts.max()} down to {counts.min()} per class")
     return 0

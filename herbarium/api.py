@@ -4,7 +4,7 @@
 
     import herbarium
 
-    run = herbarium.load("runs/se50")            # a run folder (best.pt, else last.pt) or a checkpoint file
+    run = herbarium.load("runs/se50")            # a run folder (last.pt, else best.pt) or a checkpoint file
     run.model, run.taxonomy, run.transform       # the nn.Module, the label tree, PIL image -> normalised tensor
     run.predict(torch_uint8_images_nchw)         # also PIL images, numpy HWC uint8, normalised float tensors
     run.to("cuda")                               # move it

@@ -230,7 +230,7 @@ def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=prog("herbarium export"), description="Export a run's model with its taxonomy and "
                                      "normalisation: weights-only safetensors (a timm model folder), traced TorchScript, ONNX or torch.export.")
-    parser.add_argument("run", help="run directory (checkpoints/best.pt, else last.pt) or a checkpoint file")
+    parser.add_argument("run", help="run directory (checkpoints/last.pt, else best.pt; best.pt first for an --early-stop run) or a checkpoint file")
     parser.add_argument("--format", default="safetensors",
                         help=f"one or more of {', '.join(FORMATS)}, comma-separated (default: safetensors): safetensors "
                              "a timm model folder (timm.create_model('local-dir:OUT')) with the heads beside it, "

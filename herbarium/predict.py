@@ -93,7 +93,7 @@ def write_prediction_csv(path: str | Path, predictions, taxonomy_ranks: Sequence
 def build_parser(prog: str = "herbarium predict") -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=prog, description="Predict the classes of image files with a trained run: "
                                      "one CSV row per file with the consistent taxonomy path and each head's top-k.")
-    parser.add_argument("run", help="run directory (checkpoints/best.pt, else last.pt) or a checkpoint file")
+    parser.add_argument("run", help="run directory (checkpoints/last.pt, else best.pt; best.pt first for an --early-stop run) or a checkpoint file")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted glob patterns")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     parser.add_argument("--topk", type=int, default=5, help="names kept per rank (default: 5)")

@@ -308,7 +308,7 @@ def write_rebalanced_run(loaded: LoadedModel, config: TrainConfig, out: Path, re
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="herbarium rebalance", description="Re-balance a trained run's heads for its long "
                             "tail (Kang et al. 2020: cRT or LWS on the frozen trunk's features) into a new run folder.")
-    parser.add_argument("run", help="run directory (checkpoints/best.pt, else last.pt) or a checkpoint file")
+    parser.add_argument("run", help="run directory (checkpoints/last.pt, else best.pt; best.pt first for an --early-stop run) or a checkpoint file")
     parser.add_argument("--out", required=True, help="the new run folder to write (absent or empty)")
     parser.add_argument("--data", default=None, help="the run's dataset folder, where it has moved (default: the run's own)")
     parser.add_argument("--split", default=None, help="a labelled split of the data to re-balance on (default: the images "

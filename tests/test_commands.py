@@ -123,7 +123,7 @@ def test_tta_eval_prints_start_up_and_end_summaries_and_labels_its_bars(tiny_run
     assert eval_cli.main(argv) == 0
     captured = capsys.readouterr()
     out = captured.out
-    assert "evaluate: model" in out and f"{run_dir / 'checkpoints' / 'best.pt'}: resnet10t" in out
+    assert "evaluate: model" in out and f"{run_dir / 'checkpoints' / 'last.pt'}: resnet10t" in out
     assert f"data: {data}, split 'test'" in out and "labelled: metrics and report" in out
     assert "views: 2 (plain,flip), logits averaged" in out
     assert "submission.csv: tta_consistent unless the run's validation split clearly prefers another variant" in out

@@ -145,7 +145,7 @@ def test_report_names_the_run_files_truth_and_confident_mistakes(tiny_run, tmp_p
         assert row["true_species"].startswith(row["true_genus"])  # demo species are named after their genus
     metrics = result["metrics"]
     context = json.loads((tmp_path / "metrics.json").read_text())["context"]
-    assert context["models"] == ["resnet10t (from scratch), 32 px, heads species, genus; checkpoint best.pt at epoch 1 of 1; "
+    assert context["models"] == ["resnet10t (from scratch), 32 px, heads species, genus; checkpoint last.pt at epoch 1 of 1; "
                                  "loss logit_adjusted, class weights none, optim adam@2e-3:0, schedule constant, augment crop_flip, "
                                  "sampler none"]
     wrong = [r for r in rows if r["species"] != r["true_species"]]

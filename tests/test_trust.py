@@ -653,7 +653,7 @@ def case_eval_not_a_run(run, data, tmp):
 
 def case_eval_truncated_checkpoint(run, data, tmp):
     folder = truncated_checkpoint_run(run, tmp / "run")
-    return ["evaluate", str(folder), "--data", str(data), *EVAL], "best.pt", folder / "eval" / "test"
+    return ["evaluate", str(folder), "--data", str(data), *EVAL], "last.pt", folder / "eval" / "test"
 
 
 def case_eval_other_classes(run, data, tmp):
@@ -678,7 +678,7 @@ def case_predict_not_a_run(run, data, tmp):
 def case_predict_truncated_checkpoint(run, data, tmp):
     folder = truncated_checkpoint_run(run, tmp / "run")
     image = next((data / "test").rglob("*.jpg"))
-    return ["predict", str(folder), str(image), "--out", str(tmp / "p.csv")], "best.pt", tmp / "p.csv"
+    return ["predict", str(folder), str(image), "--out", str(tmp / "p.csv")], "last.pt", tmp / "p.csv"
 
 
 def case_predict_pickled_checkpoint(run, data, tmp):
@@ -705,7 +705,7 @@ def case_export_not_a_run(run, data, tmp):
 
 def case_export_truncated_checkpoint(run, data, tmp):
     folder = truncated_checkpoint_run(run, tmp / "run")
-    return ["export", str(folder), "--out", str(tmp / "x")], "best.pt", tmp / "x" / "model.safetensors"
+    return ["export", str(folder), "--out", str(tmp / "x")], "last.pt", tmp / "x" / "model.safetensors"
 
 
 CASES = [case for name, case in sorted(globals().items()) if name.startswith("case_")]

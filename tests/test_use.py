@@ -14,10 +14,12 @@ from PIL import Image
 
 import herbarium
 from herbarium import cli
+from herbarium.config import TrainConfig
 from herbarium.data.images import BadImageError
 from herbarium.data.readers import read_split
 from herbarium.evaluation.runner import load_run
 from herbarium.predict import expand_images
+from herbarium.run_dir import RunDir, locate_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +32,28 @@ def image_files(data: Path) -> list[Path]:
     return [split.path(sample) for sample in split.samples]
 
 
+# ------------------------------------------------------- which checkpoint
+@pytest.mark.parametrize(("early_stop", "files", "chosen"), [
+    (None, ("last.pt", "best.pt"), "last.pt"),  # the end of the schedule, not a noisy best epoch
+    (3, ("last.pt", "best.pt"), "best.pt"),  # --early-stop ends past the best epoch by design
+    (None, ("best.pt",), "best.pt"),  # herbarium rebalance writes best.pt alone
+    (3, ("last.pt",), "last.pt"),
+])
+def test_a_run_folder_stands_for_its_last_checkpoint_unless_it_stopped_early(tmp_path, early_stop, files, chosen):
+    run = RunDir(tmp_path)
+    TrainConfig(early_stop=early_stop).save(run.config_file)
+    run.checkpoints.mkdir()
+    for name in files:
+        (run.checkpoints / name).write_bytes(b"")
+    assert locate_checkpoint(tmp_path) == (run.checkpoints / chosen, run)
+
+
 # ------------------------------------------------------------------ the API
 def test_load_exposes_model_taxonomy_and_transform(trained):
     data, run_dir = trained
     run = herbarium.load(run_dir, device="cpu")
     assert isinstance(run, herbarium.Run)
-    assert run.checkpoint == run_dir / "checkpoints" / "best.pt"
+    assert run.checkpoint == run_dir / "checkpoints" / "last.pt"  # the end of the schedule, not the best epoch
     assert run.ranks == ("genus", "species")
     assert run.taxonomy.ranks == ("family", "genus", "species")
     tensor = run.transform(Image.open(image_files(data)[0]))

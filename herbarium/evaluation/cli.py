@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Which runs and data to evaluate (written here), then one option per :class:`EvaluationSettings` field."""
     parser = ArgumentParser(prog=prog("tta_eval.py"), description="Test-time-augmentation evaluation of runs or checkpoints, "
                                      "with hierarchy-aware decoding, a report and a submission file.")
-    parser.add_argument("runs", nargs="+", help="run directories (best.pt, else last.pt) or checkpoint files; several make an ensemble")
+    parser.add_argument("runs", nargs="+", help="run directories (last.pt, else best.pt; best.pt first for an --early-stop run) or checkpoint files; several make an ensemble")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="dataset folder")
     data.add_argument("--split", default="test", help="split to evaluate (default: test)")

@@ -1,0 +1,22 @@
+"""bench/lt_splits.py: a long tail drawn from a split, and the rest of a split as a scoring split."""
+
+from __future__ import annotations
+
+from fixtures import load_bench_script, write_herbarium2020
+from herbarium.data.readers import read_json
+
+lt_splits = load_bench_script("lt_splits")
+
+
+def _ids(data, split):
+    return {a["image_id"] for a in read_json(data / split / "metadata.json")["annotations"]}  # train is latin-1
+
+
+def test_the_rest_of_a_long_tail_is_every_other_image_of_the_source(tmp_path):
+    write_herbarium2020(tmp_path)
+    assert lt_splits.main([str(tmp_path), "--source", "train", "--name", "train_lt", "--max", "3", "--min", "1"]) == 0
+    assert lt_splits.main([str(tmp_path), "--source", "train", "--name", "train_rest", "--rest-of", "train_lt"]) == 0
+    source, tail, rest = _ids(tmp_path, "train"), _ids(tmp_path, "train_lt"), _ids(tmp_path, "train_rest")
+    assert tail and rest and not tail & rest and tail | rest == source
+    images = read_json(tmp_path / "train_rest" / "metadata.json")["images"]
+    assert all((tmp_path / "train_rest" / image["file_name"]).is_file() for image in images)
