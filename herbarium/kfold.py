@@ -104,7 +104,7 @@ def check_kfold_config(cfg: TrainConfig, taxonomy_finest: str) -> None:
 
 def out_of_fold_predictions(run_dir: Path, split: DatasetSplit, assignment: np.ndarray, views: Sequence[str] = ("plain", "flip"),
                             device: str = "auto", batch_size: int = 64, workers: int | None = None) -> pd.DataFrame:
-    """Predict each fold's held-out images with that fold's model (best.pt), at the finest rank.
+    """Predict each fold's held-out images with that fold's model (its run folder's checkpoint, last.pt), at the finest rank.
 
     Columns: image_id, fold, label and predicted (category ids), probability
     (of the predicted class), label_probability, label_name, predicted_name.
