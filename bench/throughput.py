@@ -20,8 +20,9 @@ speed: a small model shows where the input path, not the model, is the
 bound. Each figure is printed as soon as it is measured, and the JSON is
 written after each model, so a run stopped by a time limit keeps what it
 finished. On one H200 (2026-12-04) the compiled run of the main model took
-under 3 minutes, but compiling efficientnet_lite0's training step took more
-than 2 minutes more (it takes about 3 on a 2-core CPU at 32 px): with a
+under 3 minutes, but efficientnet_lite0's compiled training step had not
+finished after 115 s more (its compile takes about 3 minutes on a 2-core
+CPU at 32 px): with a
 tight limit, run the main model compiled with ``--small-trunk none`` and the
 small one eagerly in a second run.
 

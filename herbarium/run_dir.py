@@ -222,10 +222,10 @@ def evaluation_order(run: RunDir) -> tuple[str, str]:
     the best epochs of three seeds were 15, 17 and 27 of 30, and on images
     neither had seen ``last.pt`` scored +0.027 and +0.019 species macro-F1
     above the first two and tied the third (BENCHMARKS.md, "Which
-    checkpoint a run stands for"). ``best.pt`` first
-    only for a run trained with ``--early-stop``, whose last epoch lies
-    past its best by design; a run with ``best.pt`` alone (``herbarium
-    rebalance``) stands for that.
+    checkpoint a run stands for"). ``best.pt`` comes first only for a run
+    trained with ``--early-stop``, whose last epoch lies past its best by
+    design; a run with ``best.pt`` alone (``herbarium rebalance``) stands
+    for that.
     """
     early_stopping = run.is_run() and bool(run.read_config().early_stop)
     return ("best", "last") if early_stopping else ("last", "best")

@@ -336,9 +336,10 @@ def settings_given(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
     A run's own ``config.json`` names every setting; only the ones it
     changes count as given, so replaying a run warns about nothing new.
     """
-    given = given_options(build_parser(), argv)  # a fresh parser: ``parser`` holds the file's and recipe's defaults
+    fresh = build_parser()  # ``parser`` holds the file's and the recipe's defaults, which would all look given
+    given = given_options(fresh, argv)
     if args.config:
-        baseline = {**{action.dest: action.default for action in build_parser()._actions}, **recipe_defaults(args.recipe)}
+        baseline = {**{action.dest: action.default for action in fresh._actions}, **recipe_defaults(args.recipe)}
         from_file = option_defaults(args.config, parser, FIELD_PATHS)
         given |= {dest for dest, value in from_file.items() if value != baseline.get(dest)}
     return given
