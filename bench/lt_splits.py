@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -65,11 +65,11 @@ def rest_of(labels: pd.DataFrame, data: Path, other: str) -> pd.DataFrame:
     return labels[~labels["image_id"].isin(taken)]
 
 
-def write_split(data: Path, source: str, name: str, most: int, fewest: int, seed: int, rest: str | None = None) -> pd.DataFrame:
-    """Write ``DATA/<name>``: a long tail drawn from ``source``, or with ``rest`` the images of ``source`` it lacks."""
+def write_split(data: Path, source: str, name: str, select: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
+    """Write ``DATA/<name>``: the images of ``source`` whose label rows ``select`` keeps (image_id, category_id)."""
     metadata = read_metadata(data, source)
     labels = pd.DataFrame(metadata["annotations"])[["image_id", "category_id"]]
-    kept = rest_of(labels, data, rest) if rest else choose_images(labels, most, fewest, seed)
+    kept = select(labels)
     ids = set(kept["image_id"])
     out = data / name
     if out.exists():
@@ -83,23 +83,41 @@ def write_split(data: Path, source: str, name: str, most: int, fewest: int, seed
     return kept
 
 
+TAIL_DEFAULTS = {"max": 70, "min": 1, "seed": 1}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="dataset folder (Herbarium 2020 layout)")
-    parser.add_argument("--source", default="train", help="split to draw from")
+    parser.add_argument("--source", default="train", help="split to draw from (default: train)")
     parser.add_argument("--name", required=True, help="the new split's folder name")
-    parser.add_argument("--max", type=int, default=70, help="images of the most frequent class")
-    parser.add_argument("--min", type=int, default=1, help="images of the rarest class")
-    parser.add_argument("--seed", type=int, default=1, help="draws the class order and the images")
+    parser.add_argument("--max", type=int, help=f"images of the most frequent class (default: {TAIL_DEFAULTS['max']})")
+    parser.add_argument("--min", type=int, help=f"images of the rarest class (default: {TAIL_DEFAULTS['min']})")
+    parser.add_argument("--seed", type=int, help=f"draws the class order and the images (default: {TAIL_DEFAULTS['seed']})")
     parser.add_argument("--rest-of", default=None, metavar="SPLIT",
                         help="instead of a long tail, the images of --source that SPLIT does not hold: a labelled split to score "
-                             "runs trained on SPLIT without touching test")
+                             "runs trained on SPLIT without touching test; takes no --max, --min or --seed")
     return parser
 
 
+def selection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """What the new split keeps: the rest of ``--rest-of``, or a long tail shaped by ``--max``/``--min``/``--seed``.
+
+    The tail's options mean nothing to ``--rest-of``; given together they are refused rather than silently ignored.
+    """
+    tail_given = [f"--{key}" for key in TAIL_DEFAULTS if getattr(args, key) is not None]
+    if args.rest_of:
+        if tail_given:
+            parser.error(f"--rest-of takes every image of --source that {args.rest_of} lacks; {', '.join(tail_given)} would be ignored")
+        return lambda labels: rest_of(labels, args.data, args.rest_of)
+    tail = {key: default if getattr(args, key) is None else getattr(args, key) for key, default in TAIL_DEFAULTS.items()}
+    return lambda labels: choose_images(labels, tail["max"], tail["min"], tail["seed"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    kept = write_split(args.data, args.source, args.name, args.max, args.min, args.seed, rest=args.rest_of)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    kept = write_split(args.data, args.source, args.name, selection(parser, args))
     counts = kept["category_id"].value_counts()
     print(f"{args.data / args.name}: {len(kept)} images, {len(counts)} classes, {counts.max()} down to {counts.min()} per class")
     return 0

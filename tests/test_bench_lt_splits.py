@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fixtures import load_bench_script, write_herbarium2020
 from herbarium.data.readers import read_json
 
@@ -20,3 +22,19 @@ def test_the_rest_of_a_long_tail_is_every_other_image_of_the_source(tmp_path):
     assert tail and rest and not tail & rest and tail | rest == source
     images = read_json(tmp_path / "train_rest" / "metadata.json")["images"]
     assert all((tmp_path / "train_rest" / image["file_name"]).is_file() for image in images)
+
+
+def test_rest_of_refuses_the_tail_options_it_would_ignore(tmp_path, capsys):
+    write_herbarium2020(tmp_path)
+    assert lt_splits.main([str(tmp_path), "--source", "train", "--name", "train_lt", "--max", "3", "--min", "1"]) == 0
+    with pytest.raises(SystemExit):
+        lt_splits.main([str(tmp_path), "--name", "train_rest", "--rest-of", "train_lt", "--max", "3", "--seed", "2"])
+    assert "--max, --seed would be ignored" in capsys.readouterr().err
+    assert not (tmp_path / "train_rest").exists()
+
+
+def test_a_tail_without_options_uses_the_documented_defaults(tmp_path):
+    write_herbarium2020(tmp_path)
+    assert lt_splits.main([str(tmp_path), "--name", "tail_default"]) == 0
+    assert lt_splits.main([str(tmp_path), "--name", "tail_given", "--max", "70", "--min", "1", "--seed", "1"]) == 0
+    assert _ids(tmp_path, "tail_default") == _ids(tmp_path, "tail_given")
