@@ -142,7 +142,7 @@ class TrainConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     precision: str = option("auto", "autocast precision", choices=PRECISIONS, default_text="auto: bf16 on CUDA, fp32 on CPU")
     channels_last: bool = option(True, "keep NCHW memory format", negate="--no-channels-last", default_text="channels_last")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(False, "torch.compile the model: minutes of compilation up front, paid back on long runs")
     log_every: int = option(20, "optimizer steps between logged values", minimum=1)
     checkpoint_every: int = option(0, "optimizer steps between mid-epoch checkpoints; 0: at epoch ends only",
                                   minimum=0)
