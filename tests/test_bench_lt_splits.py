@@ -33,8 +33,11 @@ def test_rest_of_refuses_the_tail_options_it_would_ignore(tmp_path, capsys):
     assert not (tmp_path / "train_rest").exists()
 
 
-def test_a_tail_without_options_uses_the_documented_defaults(tmp_path):
-    write_herbarium2020(tmp_path)
-    assert lt_splits.main([str(tmp_path), "--name", "tail_default"]) == 0
-    assert lt_splits.main([str(tmp_path), "--name", "tail_given", "--max", "70", "--min", "1", "--seed", "1"]) == 0
-    assert _ids(tmp_path, "tail_default") == _ids(tmp_path, "tail_given")
+def test_the_tail_options_shape_the_split_when_given_and_default_otherwise(tmp_path):
+    write_herbarium2020(tmp_path)  # 9 training images, 1 to 3 per species
+    assert lt_splits.main([str(tmp_path), "--name", "tail_default"]) == 0  # --max 70 --min 1: every image fits
+    assert lt_splits.main([str(tmp_path), "--name", "one_each", "--max", "1", "--min", "1", "--seed", "3"]) == 0
+    assert _ids(tmp_path, "tail_default") == _ids(tmp_path, "train")
+    one_each = read_json(tmp_path / "one_each" / "metadata.json")["annotations"]
+    species = [a["category_id"] for a in one_each]
+    assert len(species) == len(set(species)) == len({a["category_id"] for a in read_json(tmp_path / "train" / "metadata.json")["annotations"]})
