@@ -13,8 +13,11 @@ import shlex
 import sys
 from typing import Any, Sequence
 
+import numpy
+import PIL
 import timm
 import torch
+import torchvision
 
 from herbarium import __version__
 
@@ -27,17 +30,40 @@ def devices() -> list[str]:
 
 
 def environment(program: str, argv: Sequence[str]) -> dict[str, Any]:
-    """The command line, package versions and machine of this process, as JSON-able values."""
+    """The command line, package versions and machine of this process, as JSON-able values.
+
+    Every package whose version moves a run's numbers is named: the same
+    code, data and seed on the CPU give the same run bit for bit only with
+    the same torch, torchvision (augmentation), Pillow (decoding and
+    resizing), numpy and timm.
+    """
     return {
         "command": shlex.join([program, *argv]),
         "herbarium": __version__,
         "torch": str(torch.__version__),  # a TorchVersion object: a checkpoint holds plain values only
+        "torchvision": str(torchvision.__version__),
         "timm": str(timm.__version__),
+        "pillow": PIL.__version__,
+        "numpy": numpy.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "devices": devices(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
+
+
+# The packages whose versions move a run's numbers (see ``environment``).
+NUMERIC_PACKAGES = ("torch", "torchvision", "timm", "pillow", "numpy")
+
+
+def version_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"timm 1.0.29 -> 1.0.31"`` for each numeric package whose version differs between two environments.
+
+    A run resumed under other versions trains on, but no longer bit for bit
+    as it would have; a package either record lacks is not compared.
+    """
+    return [f"{name} {recorded[name]} -> {current[name]}" for name in NUMERIC_PACKAGES
+            if name in recorded and name in current and recorded[name] != current[name]]
 
 
 def command_line() -> list[str]:

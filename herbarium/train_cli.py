@@ -32,7 +32,7 @@ from herbarium.losses import LOSS_SETTINGS, unread_loss_settings
 from herbarium.models import ModelConfig
 from herbarium.optim import DEFAULT_LRS, parse_phases, parse_schedule
 from herbarium.options import add_options, dests, number, values_from_namespace, within
-from herbarium.provenance import command_line, environment
+from herbarium.provenance import command_line, environment, version_changes
 from herbarium.recipes import recipe_defaults
 from herbarium.run_dir import RunDir
 
@@ -359,13 +359,24 @@ def warn_unread_loss_settings(cfg: TrainConfig, given: Collection[str], parser: 
                       f"(--loss {loss.loss}, --class-weights {loss.class_weights})", stacklevel=2)
 
 
+def warn_version_changes(cfg: TrainConfig, current: dict[str, Any], resume: Path) -> None:
+    """Warn when a run resumes under other versions of the packages that move its numbers (first process only)."""
+    changes = version_changes(cfg.environment, current)
+    if changes and int(os.environ.get("RANK", "0")) == 0:
+        warnings.warn(f"resuming {resume} with other package versions than the run started with "
+                      f"({', '.join(changes)}): it trains on, but not bit for bit as it would have", stacklevel=2)
+
+
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_train_args(parser, argv)
     cfg, resume = run_config(parser, args, argv)
     warn_unread_loss_settings(cfg, settings_given(parser, args, argv), parser)
+    current = environment(parser.prog, command_line() if argv is None else argv)
     if resume is None:
-        cfg.environment = environment(parser.prog, command_line() if argv is None else argv)
+        cfg.environment = current
+    else:
+        warn_version_changes(cfg, current, resume)
     train(cfg, resume=resume, overwrite=args.overwrite and resume is None, quiet=args.quiet)
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import PIL
 import pytest
+import torchvision
 
 from herbarium.errors import UsageError
 from herbarium.train_cli import build_parser, config_from_args, main, parse_train_args
@@ -69,7 +71,8 @@ def test_a_runs_config_json_replays_the_run_and_records_its_environment(tmp_path
     saved = json.loads((tmp_path / "x" / "config.json").read_text())
     environment = saved["environment"]
     assert environment["command"].endswith(" ".join(argv[-2:])) and "--rank-weights species=1.5" in environment["command"]
-    assert {"herbarium", "torch", "timm", "python", "platform"} <= set(environment)
+    assert {"herbarium", "torch", "torchvision", "timm", "pillow", "numpy", "python", "platform"} <= set(environment)
+    assert environment["pillow"] == PIL.__version__ and environment["torchvision"] == torchvision.__version__
     assert (environment["devices"], environment["world_size"]) == (["cpu"], 1)
 
     replayed = _config("--config", str(tmp_path / "x" / "config.json"), "--out", str(tmp_path / "y"))

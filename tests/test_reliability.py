@@ -126,6 +126,20 @@ def test_resume_applies_changeable_options_records_them_and_refuses_the_others(d
     assert saved_config(run) == config  # nothing written by a refused resume
 
 
+def test_resume_under_other_package_versions_warns_naming_them(data, tmp_path, recwarn):
+    run = tmp_path / "run"
+    assert train_main([str(data), *TRAIN, "--epochs", "1", "--out", str(run)]) == 0
+    assert train_main(["--resume", str(run), "--epochs", "2"]) == 0
+    assert not [w for w in recwarn if "package versions" in str(w.message)]  # the same versions: silent
+
+    config = saved_config(run)
+    config["environment"]["timm"] = "0.0.1"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"other package versions .*\(timm 0\.0\.1 -> \d"):
+        assert train_main(["--resume", str(run), "--epochs", "3"]) == 0
+    assert saved_config(run)["environment"]["timm"] == "0.0.1"  # the record stays the run's start
+
+
 def test_every_train_option_has_a_resume_policy():
     parser = build_parser()
     for action in parser._actions:
