@@ -57,6 +57,7 @@ from herbarium.evaluation import cli as eval_cli
 from herbarium.evaluation.metrics import BOOTSTRAP_RESAMPLES, evaluate_predictions, paired_bootstrap
 from herbarium.evaluation.runner import evaluate, load_run
 from herbarium.evaluation.settings import EvaluationSettings
+from herbarium.provenance import package_versions, version_changes
 from herbarium.run_dir import RunDir
 from herbarium.runtime import resolve_device
 
@@ -321,7 +322,7 @@ def run_arm(arm: Arm, budget: Budget, out: Path, overwrite: bool = False) -> dic
         "arm": arm.name, "description": arm.description, **part, "hardware": hardware_description(budget.device),
         "load_average": {"start": load_before, "end": _load_average()},  # other jobs on the machine slow the wall times
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "budget": dataclasses.asdict(budget),
-        "commands": commands,
+        "commands": commands, "packages": package_versions(),
     }
     paths.result.write_text(json.dumps(record, indent=2))
     return record
@@ -583,6 +584,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def kept_result_caveat(arm_out: Path) -> str:
+    """What a kept result's package versions mean for comparing it with arms run now ("" when they match).
+
+    The same arm, seed and code give other numbers under other versions
+    (one seed moved by 0.024 species macro-F1 on the CPU), so such a pair
+    compares the package sets as much as the arms.
+    """
+    recorded = json.loads(ArmPaths(arm_out).result.read_text()).get("packages")
+    if recorded is None:
+        return "; it recorded no package versions: compare it only with arms run under the same ones"
+    changes = version_changes(recorded, package_versions())
+    return f"; it ran under other package versions ({', '.join(changes)})" if changes else ""
+
+
 def run_seed(args: argparse.Namespace, out: Path) -> int:
     """Every arm at ``args.seed`` into ``out``; the comparison table written after each arm."""
     budget = budget_from_args(args)
@@ -592,7 +607,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for arm in arms.values():
         if ArmPaths(out / arm.name).result.is_file() and not args.overwrite:
-            print(f"{arm.name}: result present, skipped (--overwrite runs it again)")
+            print(f"{arm.name}: result present, skipped (--overwrite runs it again){kept_result_caveat(out / arm.name)}")
             continue
         run_arm(arm, budget, out, overwrite=args.overwrite)
         write_comparison(out)

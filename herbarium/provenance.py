@@ -22,11 +22,22 @@ import torchvision
 from herbarium import __version__
 
 
+# The packages whose versions move a run's numbers (see ``environment``), by the name the records use.
+_NUMERIC_MODULES = {"torch": torch, "torchvision": torchvision, "timm": timm, "pillow": PIL, "numpy": numpy}
+NUMERIC_PACKAGES = tuple(_NUMERIC_MODULES)
+
+
 def devices() -> list[str]:
     """The accelerators this process sees by name, or ``["cpu"]``."""
     if torch.cuda.is_available():
         return [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
     return ["cpu"]
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of the packages that move a run's numbers (:data:`NUMERIC_PACKAGES`)."""
+    # str(): torch's is a TorchVersion object, and a checkpoint holds plain values only.
+    return {name: str(module.__version__) for name, module in _NUMERIC_MODULES.items()}
 
 
 def environment(program: str, argv: Sequence[str]) -> dict[str, Any]:
@@ -40,20 +51,12 @@ def environment(program: str, argv: Sequence[str]) -> dict[str, Any]:
     return {
         "command": shlex.join([program, *argv]),
         "herbarium": __version__,
-        "torch": str(torch.__version__),  # a TorchVersion object: a checkpoint holds plain values only
-        "torchvision": str(torchvision.__version__),
-        "timm": str(timm.__version__),
-        "pillow": PIL.__version__,
-        "numpy": numpy.__version__,
+        **package_versions(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "devices": devices(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
-
-
-# The packages whose versions move a run's numbers (see ``environment``).
-NUMERIC_PACKAGES = ("torch", "torchvision", "timm", "pillow", "numpy")
 
 
 def version_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

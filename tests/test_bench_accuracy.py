@@ -19,6 +19,7 @@ from herbarium.evaluation import cli as eval_cli
 from herbarium.evaluation.decoding import PathDecoder
 from herbarium.evaluation.settings import EvaluationSettings
 from herbarium.models import ModelConfig
+from herbarium.provenance import package_versions
 from herbarium.taxonomy import Taxonomy
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
@@ -200,6 +201,7 @@ def test_tiny_run_on_demo_data_writes_json_and_markdown(tmp_path):
     interval = document["table"]["margins"]["herbarium - stock_la"]["finest_interval"]
     assert interval["low"] <= interval["delta"] <= interval["high"]
     herbarium = document["results"]["herbarium"]
+    assert herbarium["packages"] == package_versions()
     assert herbarium["primary_choice"]["reason"].startswith("the run has no labelled validation split")
     markdown = (out / "comparison.md").read_text()
     assert "| herbarium |" in markdown and "| stock_la |" in markdown and "python bench/stock.py" in markdown
@@ -221,3 +223,14 @@ def test_seed_summary_gives_mean_spread_and_margins_per_seed(tmp_path):
         pytest.approx([0.10, 0.15, 0.14])
     markdown = (tmp_path / "seeds.md").read_text()
     assert "| herbarium | 0,1,2 | 64 | 540 | 0.550 ± 0.050 |" in markdown
+
+
+def test_a_kept_result_from_other_package_versions_is_named_when_skipped(tmp_path):
+    arm = tmp_path / "stock_la"
+    accuracy.ArmPaths(arm).root.mkdir()
+    record = _fake_result("stock_la", 0.4, 0.5, 0.9)
+    for packages, caveat in ((package_versions(), ""),
+                             ({**package_versions(), "timm": "0.0.1"}, f"(timm 0.0.1 -> {package_versions()['timm']})"),
+                             (None, "recorded no package versions")):
+        accuracy.ArmPaths(arm).result.write_text(json.dumps({**record, "packages": packages}))
+        assert caveat in accuracy.kept_result_caveat(arm) and bool(caveat) == bool(accuracy.kept_result_caveat(arm))
