@@ -122,7 +122,8 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit | Non
 def build_run_model(cfg: TrainConfig, taxonomy, device: torch.device) -> nn.Module:
     """The model a run of ``cfg`` trains: one head per level, on ``device``, channels_last if asked."""
     levels = tuple(cfg.loss.levels)
-    model = build_model(cfg.model, {rank: taxonomy.num_classes(rank) for rank in levels}).to(device)
+    model = build_model(cfg.model, {rank: taxonomy.num_classes(rank) for rank in levels},
+                        taxonomy.parents_among(levels)).to(device)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 

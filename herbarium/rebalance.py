@@ -232,7 +232,10 @@ METHOD_STEPS: dict[str, Callable[..., list[float]]] = {"crt": retrain_head, "lws
 
 # ----------------------------------------------------------------- the run
 def check_heads(loaded: LoadedModel) -> None:
-    """Refuse a model with any head that is not linear (one line naming the rank and its kind)."""
+    """Refuse a model with any head that is not linear, or with tree logits (one line naming why)."""
+    if len(loaded.model.tree):
+        raise UsageError(f"{loaded.source}: the model adds each parent's logits to its children's (--tree-logits), "
+                         "and rebalance re-trains each head on its own")
     for rank, head in loaded.model.heads.items():
         if not isinstance(head, LinearHead):
             raise UsageError(f"{loaded.source}: the {rank} head is {loaded.config.model.head_of(rank)}, and rebalance "

@@ -36,7 +36,7 @@ from torch import nn
 from herbarium.atomic import write_atomic
 from herbarium.checkpoint import CheckpointError
 from herbarium.config import TrainConfig
-from herbarium.models import build_model
+from herbarium.models import build_model, parents_in_state_dict
 from herbarium.stats_file import Normalization
 from herbarium.taxonomy import Taxonomy
 
@@ -269,6 +269,8 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig
     A checkpoint of a run with a weight average (``--ema-decay``) gives the average."""
     config = TrainConfig.from_dict(state["config"])
     model_config = replace(config.model, pretrained=False, weights=None)  # the checkpoint holds every weight
-    model = build_model(model_config, {rank: int(n) for rank, n in state["classes"].items()})
-    model.load_state_dict(evaluated_weights(state))
+    weights = evaluated_weights(state)
+    model = build_model(model_config, {rank: int(n) for rank, n in state["classes"].items()},
+                        parents_in_state_dict(weights))
+    model.load_state_dict(weights)
     return model, config

@@ -174,6 +174,15 @@ class Taxonomy:
             self._derived[key] = mapping
         return self._derived[key].clone()
 
+    def parents_among(self, levels: Sequence[str]) -> dict[str, tuple[str, torch.Tensor]]:
+        """Each of ``levels`` with a coarser rank among them -> (the nearest such rank, ``ancestor_map`` to it).
+
+        The tree a model sees when it trains on a subset of the ranks
+        (``--levels species,family`` makes family the parent of species).
+        """
+        order = sorted(levels, key=self.rank_index)  # coarsest first
+        return {rank: (coarser, self.ancestor_map(rank, coarser)) for coarser, rank in zip(order, order[1:])}
+
     def _full_path_table(self) -> torch.Tensor:
         """The cached LongTensor [num_categories, num_ranks] of ``paths``; callers must not modify it."""
         if "paths" not in self._derived:

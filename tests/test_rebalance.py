@@ -180,6 +180,9 @@ def test_bad_input_gets_one_line_errors(skewed_run, tmp_path, capsys):
     arcface = write_run(data, tmp_path / "arcface", embedding_dim=16, arcface_levels=("species",), dropout=0.0)
     status, err = run_cli(capsys, str(arcface), "--out", str(tmp_path / "new"))
     assert status == 2 and err.count("\n") == 1 and "species head is arcface" in err
+    tree = write_run(data, tmp_path / "tree", tree_logits=True)
+    status, err = run_cli(capsys, str(tree), "--out", str(tmp_path / "new"))
+    assert status == 2 and err.count("\n") == 1 and "--tree-logits" in err
     other = tmp_path / "other"
     make_demo_data(other, seed=1, image_size=32, max_per_class=3, min_per_class=2, test_per_class=1, num_families=1)
     status, err = run_cli(capsys, str(run), "--data", str(other), "--out", str(tmp_path / "new"))

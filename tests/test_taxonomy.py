@@ -134,6 +134,14 @@ def test_ancestor_map(tree):
         tree.ancestor_map("order", "species")
 
 
+def test_parents_among_links_each_level_to_the_nearest_coarser_level_given(tree):
+    links = tree.parents_among(("species", "family", "order"))  # genus not trained: family is species's parent
+    assert {rank: parent for rank, (parent, _) in links.items()} == {"species": "family", "family": "order"}
+    assert links["species"][1].tolist() == [1, 2, 1, 2, 0]
+    assert links["family"][1].tolist() == tree.parents("family").tolist()
+    assert tree.parents_among(("genus",)) == {}
+
+
 def test_counts(tree):
     ids = [7, 7, 2, 30, 11, 11, 11]
     assert tree.counts(ids, "species") == [1, 0, 2, 3, 1]

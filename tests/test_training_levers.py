@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from herbarium.data.mixing import RankMixup
 from herbarium.demo import make_demo_data
 from herbarium.errors import UsageError
 from herbarium.losses import FocalLoss, LogitAdjustedLoss
+from herbarium.models import MultiRankModel, build_model
 from herbarium.models.config import ModelConfig
+from herbarium.taxonomy import Taxonomy
 from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
 from herbarium.optim.param_groups import parameter_groups
 from herbarium.run_dir import model_from_checkpoint
@@ -168,3 +171,43 @@ def test_mixup_and_cutmix_train_end_to_end(demo, tmp_path):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mixup=0.2, cutmix=1.0))
     record = engine.train(cfg)
     assert np.isfinite(record["loss"])
+
+
+# ------------------------------------------------------------ tree logits
+def _tree_model(seed: int = 0) -> MultiRankModel:
+    """A linear trunk with tree logits over family (3) <- genus (5) <- species (7)."""
+    torch.manual_seed(seed)
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    parents = {"genus": ("family", torch.tensor([0, 0, 1, 2, 2])), "species": ("genus", torch.tensor([0, 1, 1, 2, 3, 4, 4]))}
+    return MultiRankModel(trunk, 8, CLASSES, ModelConfig(trunk="resnet10t", tree_logits=True), parents).eval()
+
+
+def test_tree_logits_add_each_parents_composed_logits():
+    model, images = _tree_model(), torch.rand(4, 3, 4, 4)
+    features = model.forward_features(images)
+    own = {rank: head(features) for rank, head in model.heads.items()}
+    genus_of, family_of = torch.tensor([0, 1, 1, 2, 3, 4, 4]), torch.tensor([0, 0, 1, 2, 2])
+    logits = model(images)
+    assert list(logits) == list(CLASSES)
+    assert torch.allclose(logits["family"], own["family"])
+    assert torch.allclose(logits["genus"], own["genus"] + own["family"][:, family_of])
+    assert torch.allclose(logits["species"], own["species"] + own["genus"][:, genus_of] + own["family"][:, family_of[genus_of]])
+
+
+def test_tree_logits_need_a_parent_map_of_the_right_size():
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    with pytest.raises(ValueError, match="'species' to 'genus'.*7 classes one of 5 parents"):
+        MultiRankModel(trunk, 8, CLASSES, ModelConfig(trunk="resnet10t"), {"species": ("genus", torch.tensor([0, 5, 1, 1, 1, 1, 1]))})
+    with pytest.raises(ValueError, match="tree logits need each rank's parent map"):
+        build_model(ModelConfig(pretrained=False, trunk="resnet10t", tree_logits=True), {"species": 7})
+
+
+def test_tree_logits_train_resume_exactly_and_reload_with_their_tree(demo, tmp_path):
+    straight, paused = _straight_and_paused(demo, tmp_path, model=ModelConfig(pretrained=False, trunk="resnet10t",
+                                                                              tree_logits=True))
+    assert all(torch.equal(straight["model"][k], paused["model"][k]) for k in straight["model"])
+    taxonomy = Taxonomy.from_dict(json.loads((tmp_path / "straight" / "taxonomy.json").read_text()))
+    assert torch.equal(straight["model"]["tree.species.genus"], taxonomy.parents("species"))
+    assert torch.equal(straight["model"]["tree.genus.family"], taxonomy.parents("genus"))
+    model, _ = model_from_checkpoint(straight)
+    assert len(model.tree) == 2 and all(torch.equal(v, straight["model"][k]) for k, v in model.state_dict().items())

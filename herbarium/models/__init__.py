@@ -5,7 +5,7 @@ returns a ``MultiRankModel`` whose forward gives ``{rank: logits}``.
 """
 from .config import ModelConfig
 from .heads import HEADS, ArcFaceHead, LinearHead, build_head
-from .multi_rank import MultiRankModel, build_model
+from .multi_rank import MultiRankModel, build_model, parents_in_state_dict
 from .pooling import POOLS, GeM, GlobalAvgPool, GlobalMaxPool, build_pool
 from .pretrained import (
     PACKAGED_WEIGHTS,
@@ -52,6 +52,7 @@ __all__ = [
     "load_trunk_weights",
     "map_state_by_position",
     "packaged_weights_for",
+    "parents_in_state_dict",
     "pretrained_normalization",
     "pretrained_source",
     "read_state_dict",

@@ -45,6 +45,9 @@ class ModelConfig:
     arcface_scale: float = option(30.0, "ArcFace scale: logits are scale * cosine")
     arcface_subcenters: int = option(1, "ArcFace centres per class, > 1 for sub-centre ArcFace")
     drop_path: float = option(0.0, "stochastic depth rate of the trunk, timm trunks that support it")
+    tree_logits: bool = option(False, "each class's logit is its head's score plus its parent's composed logit, up the "
+                                      "levels (tree-based priors): a species seen once starts from its genus's and "
+                                      "family's scores; every rank's loss, TTA and decoding read the composed logits")
 
     def __post_init__(self) -> None:
         self.arcface_levels = tuple(self.arcface_levels)  # JSON gives a list
