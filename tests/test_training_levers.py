@@ -18,6 +18,7 @@ from herbarium.config import DataConfig, OptimConfig
 from herbarium.data.mixing import RankMixup
 from herbarium.demo import make_demo_data
 from herbarium.errors import UsageError
+from herbarium.export import export, load_safetensors
 from herbarium.losses import FocalLoss, LogitAdjustedLoss
 from herbarium.models import MultiRankModel, build_model
 from herbarium.models.config import ModelConfig
@@ -211,3 +212,18 @@ def test_tree_logits_train_resume_exactly_and_reload_with_their_tree(demo, tmp_p
     assert torch.equal(straight["model"]["tree.genus.family"], taxonomy.parents("genus"))
     model, _ = model_from_checkpoint(straight)
     assert len(model.tree) == 2 and all(torch.equal(v, straight["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_tree_logits_survive_every_export(demo, tmp_path):
+    engine.train(tiny_train_config(demo, tmp_path / "run", epochs=1,
+                                   model=ModelConfig(pretrained=False, trunk="resnet10t", tree_logits=True)))
+    written = export(tmp_path / "run", ["safetensors", "torchscript", "export"], tmp_path / "export")
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt"))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(images)
+        outputs = [load_safetensors(tmp_path / "export")[0](images), torch.jit.load(str(written["torchscript"]))(images),
+                   torch.export.load(str(written["export"])).module()(images)]
+    for output in outputs:
+        for rank in expected:
+            torch.testing.assert_close(output[rank], expected[rank], rtol=1e-4, atol=1e-5)
