@@ -61,6 +61,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "randaugment": ("adds RandAugment (2 ops, magnitude 9) after the crop and flip", ["--augment", "crop_flip_randaugment"]),
     "erasing": ("adds RandomErasing (p 0.5) after the crop and flip", ["--augment", "crop_flip_erasing"]),
     "species_only": ("a species head alone (genus and family read off the tree)", ["--levels", "species"]),
+    "gem": ("generalized-mean pooling (p learned from 3), not average pooling", ["--pool", "gem"]),
+    "drop_path": ("stochastic depth 0.1 in the trunk", ["--drop-path", "0.1"]),
+    "tree": ("tree logits: each parent's logits added to its children's", ["--tree-logits"]),
     "coarse_light": ("the coarser ranks' losses weighted 0.5 (genus) and 0.25 (family), species 1",
                      ["--rank-weights", "genus=0.5,family=0.25"]),
 }
