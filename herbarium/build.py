@@ -26,6 +26,7 @@ from herbarium.data.sample_table import class_counts
 from herbarium.data.samplers import EpochSampler, sample_weights
 from herbarium.data.transforms import eval_transform, resize_size
 from herbarium.distributed import DistributedContext
+from herbarium.errors import UsageError
 from herbarium.losses import build_multi_rank_loss
 from herbarium.models import build_model, pretrained_normalization
 from herbarium.optim import parse_phases
@@ -122,6 +123,9 @@ def build_loaders(cfg: TrainConfig, train: DatasetSplit, val: DatasetSplit | Non
 def build_run_model(cfg: TrainConfig, taxonomy, device: torch.device) -> nn.Module:
     """The model a run of ``cfg`` trains: one head per level, on ``device``, channels_last if asked."""
     levels = tuple(cfg.loss.levels)
+    if cfg.model.tree_logits and len(levels) < 2:
+        raise UsageError(f"--tree-logits adds a parent rank's logits to its children's, and --levels {','.join(levels)} "
+                         "has no parent rank: train two levels or more, e.g. --levels species,genus,family")
     model = build_model(cfg.model, {rank: taxonomy.num_classes(rank) for rank in levels},
                         taxonomy.parents_among(levels)).to(device)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model

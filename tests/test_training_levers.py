@@ -227,3 +227,10 @@ def test_tree_logits_survive_every_export(demo, tmp_path):
     for output in outputs:
         for rank in expected:
             torch.testing.assert_close(output[rank], expected[rank], rtol=1e-4, atol=1e-5)
+
+
+def test_tree_logits_on_one_level_are_refused_naming_the_options(demo, tmp_path):
+    cfg = tiny_train_config(demo, tmp_path / "run", model=ModelConfig(pretrained=False, trunk="resnet10t", tree_logits=True))
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, levels=("species",)))
+    with pytest.raises(UsageError, match="--tree-logits.*--levels species has no parent rank"):
+        engine.train(cfg)
