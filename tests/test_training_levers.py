@@ -22,10 +22,10 @@ from herbarium.export import export, load_safetensors
 from herbarium.losses import FocalLoss, LogitAdjustedLoss
 from herbarium.models import MultiRankModel, build_model
 from herbarium.models.config import ModelConfig
-from herbarium.taxonomy import Taxonomy
 from herbarium.optim import PhasedOptimizer, parse_phases, parse_schedule
 from herbarium.optim.param_groups import parameter_groups
 from herbarium.run_dir import model_from_checkpoint
+from herbarium.taxonomy import Taxonomy
 
 CLASSES = {"family": 3, "genus": 5, "species": 7}
 
