@@ -159,7 +159,8 @@ def build_model(cfg: ModelConfig, classes_by_rank: Mapping[str, int],
     ``cfg.tree_logits`` needs ``parents`` (see :class:`MultiRankModel`).
     """
     if cfg.tree_logits and not parents:
-        raise ValueError("tree logits need each rank's parent map, and none was given: train at least two levels")
+        raise ValueError("tree logits need each rank's parent map, and none was given: train at least two levels "
+                         "(a tree-logit checkpoint carries its maps as tree.RANK.PARENT weights)")
     source = pretrained_source(cfg.trunk) if cfg.pretrained else None  # fails before spending time on the build
     trunk, num_features = create_trunk(cfg, timm_pretrained=source == "timm")
     if cfg.weights:
